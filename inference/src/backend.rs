@@ -1,0 +1,42 @@
+//! The [`Backend`] trait: the only way the rest of the system reaches a model.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InferenceError;
+use crate::request::{GenerateRequest, GenerateResult};
+
+/// The future of one submitted request. Dropping it cancels the request: the backend stops
+/// spending compute on it by its next step.
+pub type BackendFuture = Pin<Box<dyn Future<Output = Result<GenerateResult, InferenceError>> + Send>>;
+
+/// Whether a backend can take work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Ready,
+    Unavailable { reason: String },
+}
+
+/// What model a backend serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Where the model came from: a repo id or a directory.
+    pub name: String,
+    pub model_type: String,
+    pub context_window: usize,
+    pub vocab_size: usize,
+    pub device: String,
+}
+
+/// An inference backend: in-process engine or remote server, all alike to callers.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Submits a request. Validation errors, overload and prompt-too-long come back from the
+    /// future without any model compute.
+    fn generate(&self, request: GenerateRequest) -> BackendFuture;
+
+    fn health(&self) -> Health;
+
+    fn model_info(&self) -> &ModelInfo;
+}

@@ -1,0 +1,291 @@
+//! Finding and loading a model: a Hugging Face layout directory, or a hub repo resolved
+//! through the standard Hugging Face cache.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::config::{Config, token_id_list};
+use super::model::QwenModel;
+use super::tokenizer::ChatTokenizer;
+use crate::error::LoadError;
+
+/// Where the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn open(self) -> Result<Device, LoadError> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(ordinal) => {
+                Device::new_cuda(ordinal).map_err(|e| LoadError::Device(e.to_string()))
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(_) => Err(LoadError::CudaNotBuilt),
+        }
+    }
+}
+
+/// The files of one model, checked to exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer_config: Option<PathBuf>,
+    pub generation_config: Option<PathBuf>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+fn required(dir: &Path, name: &str) -> Result<PathBuf, LoadError> {
+    let path = dir.join(name);
+    if path.is_file() { Ok(path) } else { Err(LoadError::MissingFile { path }) }
+}
+
+fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
+    Some(dir.join(name)).filter(|p| p.is_file())
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LoadError::Malformed { path: path.to_owned(), reason: e.to_string() })
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, sorted and deduplicated.
+fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
+    let json = read_json(index)?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        LoadError::Malformed { path: index.to_owned(), reason: "no `weight_map` object".into() }
+    })?;
+    let mut names = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| LoadError::Malformed {
+            path: index.to_owned(),
+            reason: format!("weight_map entry {tensor} is not a file name"),
+        })?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(LoadError::Malformed {
+                path: index.to_owned(),
+                reason: format!("shard name {file:?} is not a plain file name"),
+            });
+        }
+        names.insert(file.to_owned());
+    }
+    if names.is_empty() {
+        return Err(LoadError::Malformed { path: index.to_owned(), reason: "empty weight_map".into() });
+    }
+    Ok(names.into_iter().collect())
+}
+
+impl ModelFiles {
+    /// Checks that `dir` holds a complete Hugging Face model (single or sharded safetensors).
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::MissingFile { path: dir.to_owned() });
+        }
+        let config = required(dir, "config.json")?;
+        let tokenizer = required(dir, "tokenizer.json")?;
+        let weights = match optional(dir, INDEX) {
+            Some(index) => shard_names(&index)?
+                .iter()
+                .map(|name| required(dir, name))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => vec![required(dir, SINGLE)?],
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            config,
+            tokenizer,
+            weights,
+            tokenizer_config: optional(dir, "tokenizer_config.json"),
+            generation_config: optional(dir, "generation_config.json"),
+        })
+    }
+}
+
+/// A model ready to run: weights on the device and its tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: QwenModel,
+    pub tokenizer: ChatTokenizer,
+    pub name: String,
+}
+
+/// Loads `files` onto `device` in `dtype`.
+pub fn load(files: &ModelFiles, name: &str, device: &Device, dtype: DType) -> Result<LoadedModel, LoadError> {
+    let config = Config::from_file(&files.config)?;
+    let mut eos: Vec<u32> = config.eos_token_ids.clone();
+    if let Some(path) = &files.generation_config {
+        eos.extend(token_id_list(read_json(path)?.get("eos_token_id")));
+    }
+    let tokenizer_config = files.tokenizer_config.as_deref().map(read_json).transpose()?;
+    let tokenizer = ChatTokenizer::from_file(&files.tokenizer, config.arch, config.vocab_size, eos)?;
+    let tokenizer = match tokenizer_config.as_ref().and_then(|c| c.get("eos_token")).and_then(|t| t.as_str()) {
+        Some(token) => tokenizer.with_eos_token(token),
+        None => tokenizer,
+    };
+
+    let mut tensors = HashMap::new();
+    for path in &files.weights {
+        let shard = candle_core::safetensors::load(path, device)
+            .map_err(|e| LoadError::Malformed { path: path.clone(), reason: e.to_string() })?;
+        tensors.extend(shard);
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let model = QwenModel::new(&config, vb).map_err(|e| LoadError::Malformed {
+        path: files.dir.clone(),
+        reason: format!("weights do not match config.json: {e}"),
+    })?;
+    Ok(LoadedModel { model, tokenizer, name: name.to_owned() })
+}
+
+/// A hub model reference `ORG/NAME[@REVISION]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubModel {
+    pub owner: String,
+    pub name: String,
+    pub revision: Option<String>,
+}
+
+impl std::str::FromStr for HubModel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (repo, revision) = match s.split_once('@') {
+            Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_owned())),
+            Some(_) => return Err(format!("{s:?}: empty revision after '@'")),
+            None => (s, None),
+        };
+        match repo.split_once('/') {
+            Some((owner, name)) if !owner.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self { owner: owner.to_owned(), name: name.to_owned(), revision })
+            }
+            _ => Err(format!("{s:?} is not of the form ORG/NAME[@REVISION]")),
+        }
+    }
+}
+
+impl std::fmt::Display for HubModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name)?;
+        if let Some(rev) = &self.revision {
+            write!(f, "@{rev}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The Hugging Face cache directory, as `HF_HUB_CACHE` / `HF_HOME` / the default say.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        user_home.join(".cache").join("huggingface")
+    });
+    home.join("hub")
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
+}
+
+/// Resolves a hub model to a local snapshot directory: from the cache when every file is
+/// there (no network), else by downloading into the cache. With `HF_HUB_OFFLINE=1` the
+/// network is never used.
+pub async fn resolve_hub_model(model: &HubModel) -> Result<ModelFiles, LoadError> {
+    let cache = hub_cache_dir();
+    let repo_name = model.to_string();
+    let client = hf_hub::HFClient::builder()
+        .cache_dir(cache.clone())
+        .build()
+        .map_err(|e| LoadError::Hub { repo: repo_name.clone(), reason: e.to_string() })?;
+    let repo = client.model(model.owner.clone(), model.name.clone());
+    match fetch_all(&repo, model, true).await {
+        Ok(files) => return Ok(files),
+        Err(FetchError::Load(e)) => return Err(e),
+        Err(FetchError::Hub(_)) if !hub_offline() => {}
+        Err(FetchError::Hub(reason)) => {
+            return Err(LoadError::HubUnavailable { repo: repo_name, cache, reason: format!("HF_HUB_OFFLINE is set and {reason}") });
+        }
+    }
+    fetch_all(&repo, model, false).await.map_err(|e| match e {
+        FetchError::Load(e) => e,
+        FetchError::Hub(reason) => LoadError::HubUnavailable { repo: repo_name, cache, reason },
+    })
+}
+
+enum FetchError {
+    Load(LoadError),
+    Hub(String),
+}
+
+async fn fetch_all(
+    repo: &hf_hub::HFRepository<hf_hub::RepoTypeModel>,
+    model: &HubModel,
+    local_only: bool,
+) -> Result<ModelFiles, FetchError> {
+    let get = |filename: &str| {
+        let request = repo
+            .download_file()
+            .filename(filename.to_owned())
+            .maybe_revision(model.revision.clone())
+            .local_files_only(local_only);
+        async move { request.send().await }
+    };
+    let config = get("config.json").await.map_err(|e| FetchError::Hub(e.to_string()))?;
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    get("tokenizer.json").await.map_err(|e| FetchError::Hub(e.to_string()))?;
+    for optional in ["tokenizer_config.json", "generation_config.json"] {
+        // Absent upstream is fine; a transport error is not.
+        if let Err(e) = get(optional).await
+            && !matches!(e, hf_hub::HFError::EntryNotFound { .. })
+            && !(local_only && matches!(e, hf_hub::HFError::LocalEntryNotFound { .. }))
+        {
+            return Err(FetchError::Hub(e.to_string()));
+        }
+    }
+    match get(INDEX).await {
+        Ok(index) => {
+            for shard in shard_names(&index).map_err(FetchError::Load)? {
+                get(&shard).await.map_err(|e| FetchError::Hub(e.to_string()))?;
+            }
+        }
+        Err(hf_hub::HFError::EntryNotFound { .. }) | Err(hf_hub::HFError::LocalEntryNotFound { .. }) => {
+            get(SINGLE).await.map_err(|e| FetchError::Hub(e.to_string()))?;
+        }
+        Err(e) => return Err(FetchError::Hub(e.to_string())),
+    }
+    ModelFiles::from_dir(&dir).map_err(FetchError::Load)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_model_refs_parse_and_print() {
+        let m: HubModel = "Qwen/Qwen2.5-0.5B-Instruct@main".parse().expect("valid");
+        assert_eq!(m.owner, "Qwen");
+        assert_eq!(m.name, "Qwen2.5-0.5B-Instruct");
+        assert_eq!(m.revision.as_deref(), Some("main"));
+        assert_eq!(m.to_string(), "Qwen/Qwen2.5-0.5B-Instruct@main");
+        for bad in ["Qwen", "/x", "a/", "a/b/c", "a/b@"] {
+            assert!(bad.parse::<HubModel>().is_err(), "{bad} should not parse");
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The Qwen2 / Qwen2.5 / Qwen3 decoder, written so that one forward runs a ragged batch: many
+//! sequences, each with its own number of new tokens at its own position. The tokens of all
+//! sequences are packed along one axis for the projections and the MLP (where batching pays);
+//! rotary embeddings take per-token positions; attention runs per sequence against that
+//! sequence's KV in the [`KvPool`], with its own causal mask. The model holds weights only.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::cache::{KvPool, KvShape, SlotId};
+use super::config::{Arch, Config};
+
+/// New tokens of one sequence in a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqChunk {
+    pub slot: SlotId,
+    /// Position of the first new token, i.e. how many tokens of this sequence are cached.
+    pub start: usize,
+    /// Number of new tokens.
+    pub len: usize,
+}
+
+/// Which logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per chunk: the logits after its last new token (what generation needs).
+    Last,
+    /// One row per new token, in packed order.
+    All,
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
+    if bias {
+        candle_nn::linear_b(in_dim, out_dim, true, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+#[derive(Debug)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Tables of shape `[max_positions, head_dim / 2]`, computed in f32 the way transformers does.
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let positions = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let bias = cfg.attention_bias;
+        let (q_norm, k_norm) = match cfg.arch {
+            Arch::Qwen3 => (
+                Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?),
+                Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?),
+            ),
+            Arch::Qwen2 => (None, None),
+        };
+        Ok(Self {
+            q_proj: linear(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("v_proj"))?,
+            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"))?,
+            q_norm,
+            k_norm,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f64).sqrt(),
+        })
+    }
+
+    /// `x` is `[tokens, hidden]` packed over `chunks`; `cos`/`sin` are `[tokens, head_dim/2]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layer: usize,
+        chunks: &[SeqChunk],
+        cache: &KvPool,
+    ) -> candle_core::Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let heads_first = |t: Tensor, heads: usize, norm: &Option<RmsNorm>| {
+            let t = t.reshape((tokens, heads, self.head_dim))?;
+            let t = match norm {
+                Some(n) => n.forward(&t)?,
+                None => t,
+            };
+            t.transpose(0, 1)?.unsqueeze(0)?.contiguous()
+        };
+        let q = heads_first(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
+        let k = heads_first(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = heads_first(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let v = v.squeeze(0)?;
+
+        let groups = self.heads / self.kv_heads;
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let mut offset = 0;
+        for chunk in chunks {
+            let n = chunk.len;
+            let k_new = k.narrow(1, offset, n)?.contiguous()?;
+            let v_new = v.narrow(1, offset, n)?.contiguous()?;
+            cache.write(layer, chunk.slot, chunk.start, &k_new, &v_new)?;
+            let total = chunk.start + n;
+            let (k_all, v_all) = cache.read(layer, chunk.slot, total)?;
+            // Query heads of one KV group are adjacent, so grouping is a reshape, not a copy
+            // of K and V per query head.
+            let q_chunk = q
+                .narrow(1, offset, n)?
+                .contiguous()?
+                .reshape((self.kv_heads, groups * n, self.head_dim))?;
+            let scores = (q_chunk.matmul(&k_all.t()?)? * self.scale)?;
+            let scores = if n > 1 {
+                scores.broadcast_add(&causal_mask(n, chunk.start, groups, x.device())?)?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&v_all.contiguous()?)?; // [kv_heads, groups * n, head_dim]
+            let out = out
+                .reshape((self.heads, n, self.head_dim))?
+                .transpose(0, 1)?
+                .reshape((n, self.heads * self.head_dim))?;
+            outputs.push(out);
+            offset += n;
+        }
+        let out = Tensor::cat(&outputs, 0)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive mask `[groups * n, start + n]`: new token `i` sees positions `0..=start + i`.
+fn causal_mask(n: usize, start: usize, groups: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = start + n;
+    let mut mask = Vec::with_capacity(groups * n * total);
+    for _ in 0..groups {
+        for i in 0..n {
+            mask.extend((0..total).map(|j| if j <= start + i { 0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Tensor::from_vec(mask, (groups * n, total), device)
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            gate_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("gate_proj"))?,
+            up_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("up_proj"))?,
+            down_proj: linear(cfg.intermediate_size, cfg.hidden_size, false, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Qwen causal language model: weights and rotary tables, no KV state.
+#[derive(Debug)]
+pub struct QwenModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    config: Config,
+    device: Device,
+    dtype: DType,
+}
+
+impl QwenModel {
+    /// Builds the model from weights named as transformers names them (`model.layers.N...`).
+    pub fn new(config: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let _span = tracing::info_span!("qwen_load", arch = config.arch.as_str()).entered();
+        let m = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            layers.push(DecoderLayer {
+                input_layernorm: candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, l.pp("input_layernorm"))?,
+                self_attn: Attention::new(config, l.pp("self_attn"))?,
+                post_attention_layernorm: candle_nn::rms_norm(
+                    config.hidden_size,
+                    config.rms_norm_eps,
+                    l.pp("post_attention_layernorm"),
+                )?,
+                mlp: Mlp::new(config, l.pp("mlp"))?,
+            });
+        }
+        let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(config, vb.dtype(), vb.device())?,
+            config: config.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.config.num_hidden_layers,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs `tokens` (packed in the order of `chunks`) through the model, writing their KV into
+    /// `cache`, and returns f32 logits as `logits` asks.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        chunks: &[SeqChunk],
+        logits: Logits,
+        cache: &KvPool,
+    ) -> candle_core::Result<Tensor> {
+        let _span = tracing::debug_span!("qwen_forward", tokens = tokens.len(), seqs = chunks.len()).entered();
+        let packed: usize = chunks.iter().map(|c| c.len).sum();
+        if packed != tokens.len() || chunks.iter().any(|c| c.len == 0) {
+            candle_core::bail!("chunks cover {packed} tokens, {} were given", tokens.len());
+        }
+        let mut positions = Vec::with_capacity(tokens.len());
+        for c in chunks {
+            if c.start + c.len > self.config.max_position_embeddings.min(cache.capacity()) {
+                candle_core::bail!("sequence position {} is past the context window", c.start + c.len);
+            }
+            positions.extend((c.start..c.start + c.len).map(|p| p as u32));
+        }
+        let positions = Tensor::new(positions, &self.device)?;
+        let cos = self.rotary.cos.index_select(&positions, 0)?;
+        let sin = self.rotary.sin.index_select(&positions, 0)?;
+
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, i, chunks, cache)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(chunks.len());
+                let mut end = 0u32;
+                for c in chunks {
+                    end += c.len as u32;
+                    last.push(end - 1);
+                }
+                x.index_select(&Tensor::new(last, &self.device)?, 0)?
+            }
+        };
+        let x = self.norm.forward(&x)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+/// The logits of row `i` as a host vector.
+pub fn logits_row(logits: &Tensor, i: usize) -> candle_core::Result<Vec<f32>> {
+    logits.i(i)?.to_vec1::<f32>()
+}

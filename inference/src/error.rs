@@ -1,0 +1,62 @@
+//! Typed errors at the inference boundary.
+
+use std::path::PathBuf;
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model file {path} is missing")]
+    MissingFile { path: PathBuf },
+    #[error("model file {path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("unsupported model_type {model_type:?} in {path} (supported: qwen2, qwen3)")]
+    UnsupportedModelType { model_type: String, path: PathBuf },
+    #[error("unsupported model configuration in {path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error(
+        "tokenizer and model disagree: the tokenizer has token ids up to {tokenizer_max_id} but the \
+         model's vocab_size is {model_vocab}"
+    )]
+    VocabMismatch { tokenizer_max_id: u32, model_vocab: usize },
+    #[error(
+        "model {repo} is not in the Hugging Face cache ({cache}) and the hub could not be reached: \
+         {reason}. Point --model-dir at a local model directory, or make a tiny offline model with \
+         `council dev tiny-model DIR --arch qwen2` and pass --model-dir DIR"
+    )]
+    HubUnavailable { repo: String, cache: PathBuf, reason: String },
+    #[error("model {repo}: {reason}")]
+    Hub { repo: String, reason: String },
+    #[error("a GPU was asked for, but this binary was built without CUDA (rebuild with `--features cuda`)")]
+    CudaNotBuilt,
+    #[error("device: {0}")]
+    Device(String),
+    #[error("I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("backend overloaded: {pending} requests already pending (limit {limit})")]
+    Overloaded { pending: usize, limit: usize },
+    #[error("prompt has {prompt_tokens} tokens; the context window holds {context_window}")]
+    PromptTooLong { prompt_tokens: usize, context_window: usize },
+    #[error("invalid request: {field}: {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+    #[error("request cancelled")]
+    Cancelled,
+    #[error("the engine has stopped")]
+    EngineStopped,
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("model execution failed: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl From<candle_core::Error> for InferenceError {
+    fn from(e: candle_core::Error) -> Self {
+        InferenceError::Model(e.to_string())
+    }
+}

@@ -1,0 +1,20 @@
+//! LLM inference for council: the [`Backend`] trait the rest of the system talks to, the
+//! request/response vocabulary, and the in-process candle engine that runs Qwen models.
+//!
+//! This crate knows nothing about councils, gRPC, NATS or configuration files: it takes
+//! generation requests and returns generation results.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod request;
+pub mod rng;
+pub mod tiny;
+
+pub use backend::{Backend, BackendFuture, Health, ModelInfo};
+pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
+pub use error::{InferenceError, LoadError};
+pub use request::{
+    ChatMessage, ChatRole, FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling,
+    Timings, TokenLogprob, TopLogprob, Usage,
+};

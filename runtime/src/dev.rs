@@ -1,0 +1,141 @@
+//! `council dev`: make offline models and measure the engine.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use council_inference::tiny::{self, TinyArch, TinyModelSpec, TinyShape};
+use council_inference::{Backend, GenerateRequest};
+
+use crate::model_source::ModelArgs;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DevCommand {
+    /// Write a complete Hugging Face–format Qwen model with deterministic random weights.
+    TinyModel(TinyModelArgs),
+    /// Measure prefill and decode throughput and peak memory of the engine.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TinyModelArgs {
+    /// Directory to write (created if missing).
+    pub dir: PathBuf,
+    #[arg(long, default_value = "qwen2")]
+    pub arch: TinyArch,
+    /// `tiny`, or `small` for the dimensions of Qwen2.5-0.5B (qwen2) / Qwen3-0.6B (qwen3).
+    #[arg(long, default_value = "tiny")]
+    pub shape: TinyShape,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Split the weights into shards of at most this many MiB.
+    #[arg(long)]
+    pub shard_mib: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per sequence in the decode measurement.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Batch sizes to measure decode at (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub batch: Vec<usize>,
+}
+
+pub fn run(command: DevCommand) -> anyhow::Result<()> {
+    match command {
+        DevCommand::TinyModel(args) => tiny_model(args),
+        DevCommand::Bench(args) => bench(args),
+    }
+}
+
+fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {
+    let spec = TinyModelSpec {
+        arch: args.arch,
+        shape: args.shape,
+        seed: args.seed,
+        shard_bytes: args.shard_mib.map(|m| m << 20),
+    };
+    let summary = tiny::write_tiny_model(&args.dir, &spec)?;
+    println!(
+        "wrote {} ({} parameters, vocab {}, {} files)",
+        summary.dir.display(),
+        summary.parameters,
+        summary.vocab_size,
+        summary.files.len()
+    );
+    Ok(())
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// A prompt of exactly `n` token ids that stays inside the tokenizer's ordinary vocabulary.
+fn bench_prompt(n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32).collect()
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let load_start = Instant::now();
+    let engine = args.model.start_engine()?;
+    let load = load_start.elapsed();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let run = |requests: Vec<GenerateRequest>| -> anyhow::Result<(Duration, Vec<council_inference::GenerateResult>)> {
+        let start = Instant::now();
+        let results = runtime.block_on(async {
+            let futures: Vec<_> = requests.into_iter().map(|r| engine.generate(r)).collect();
+            let mut out = Vec::new();
+            for f in futures {
+                out.push(f.await?);
+            }
+            Ok::<_, council_inference::InferenceError>(out)
+        })?;
+        Ok((start.elapsed(), results))
+    };
+    // Warm-up: first-touch allocations of the KV slots and the allocator.
+    run((0..args.batch.iter().copied().max().unwrap_or(1)).map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s), 2)).collect())?;
+
+    let info = engine.model_info().clone();
+    println!("model: {} ({}, {}), load {:.1?}", info.name, info.model_type, info.device, load);
+    // Prefill: one request, one generated token; the time is the prompt's forward.
+    let (elapsed, results) = run(vec![GenerateRequest::tokens(bench_prompt(args.prompt_tokens, 1), 1)])?;
+    let first = results[0].timings.first_token;
+    println!(
+        "prefill: {} tokens in {:.3}s -> {:.1} tok/s (request total {:.3}s)",
+        args.prompt_tokens,
+        first.as_secs_f64(),
+        args.prompt_tokens as f64 / first.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    for &batch in &args.batch {
+        let requests = (0..batch)
+            .map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s + 2), args.new_tokens))
+            .collect();
+        let (elapsed, results) = run(requests)?;
+        // Decode time: from the last first token to the end; tokens after the first of each request.
+        let first = results.iter().map(|r| r.timings.first_token).max().unwrap_or_default();
+        let decode = elapsed.saturating_sub(first).as_secs_f64();
+        let tokens: usize = results.iter().map(|r| r.usage.completion_tokens.saturating_sub(1)).sum();
+        anyhow::ensure!(
+            results.iter().all(|r| r.usage.completion_tokens == args.new_tokens),
+            "a sequence stopped early; use a prompt that does not end in EOS"
+        );
+        println!(
+            "decode batch {batch}: {tokens} tokens in {decode:.3}s -> {:.1} tok/s",
+            tokens as f64 / decode
+        );
+    }
+    println!("peak RSS: {:.0} MiB", peak_rss_mib().context("no /proc/self/status")?);
+    Ok(())
+}
