@@ -83,6 +83,11 @@ impl ChatTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The id of a vocabulary or added token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Renders messages as ChatML and opens an assistant turn. For Qwen3 the turn starts with an
     /// empty think block, which is how Qwen3 templates switch thinking off.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
