@@ -10,7 +10,8 @@ use crate::request::{GenerateRequest, GenerateResult};
 
 /// The future of one submitted request. Dropping it cancels the request: the backend stops
 /// spending compute on it by its next step.
-pub type BackendFuture = Pin<Box<dyn Future<Output = Result<GenerateResult, InferenceError>> + Send>>;
+pub type BackendFuture =
+    Pin<Box<dyn Future<Output = Result<GenerateResult, InferenceError>> + Send>>;
 
 /// Whether a backend can take work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,21 +17,33 @@ pub enum LoadError {
         "tokenizer and model disagree: the tokenizer has token ids up to {tokenizer_max_id} but the \
          model's vocab_size is {model_vocab}"
     )]
-    VocabMismatch { tokenizer_max_id: u32, model_vocab: usize },
+    VocabMismatch {
+        tokenizer_max_id: u32,
+        model_vocab: usize,
+    },
     #[error(
         "model {repo} is not in the Hugging Face cache ({cache}) and the hub could not be reached: \
          {reason}. Point --model-dir at a local model directory, or make a tiny offline model with \
          `council dev tiny-model DIR --arch qwen2` and pass --model-dir DIR"
     )]
-    HubUnavailable { repo: String, cache: PathBuf, reason: String },
+    HubUnavailable {
+        repo: String,
+        cache: PathBuf,
+        reason: String,
+    },
     #[error("model {repo}: {reason}")]
     Hub { repo: String, reason: String },
-    #[error("a GPU was asked for, but this binary was built without CUDA (rebuild with `--features cuda`)")]
+    #[error(
+        "a GPU was asked for, but this binary was built without CUDA (rebuild with `--features cuda`)"
+    )]
     CudaNotBuilt,
     #[error("device: {0}")]
     Device(String),
     #[error("I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a request failed.
@@ -40,7 +52,10 @@ pub enum InferenceError {
     #[error("backend overloaded: {pending} requests already pending (limit {limit})")]
     Overloaded { pending: usize, limit: usize },
     #[error("prompt has {prompt_tokens} tokens; the context window holds {context_window}")]
-    PromptTooLong { prompt_tokens: usize, context_window: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_window: usize,
+    },
     #[error("invalid request: {field}: {reason}")]
     InvalidRequest { field: &'static str, reason: String },
     #[error("request cancelled")]

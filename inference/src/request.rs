@@ -34,13 +34,22 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: ChatRole::System, content: content.into() }
+        Self {
+            role: ChatRole::System,
+            content: content.into(),
+        }
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: ChatRole::User, content: content.into() }
+        Self {
+            role: ChatRole::User,
+            content: content.into(),
+        }
     }
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self { role: ChatRole::Assistant, content: content.into() }
+        Self {
+            role: ChatRole::Assistant,
+            content: content.into(),
+        }
     }
 }
 
@@ -71,11 +80,23 @@ pub struct Sampling {
 
 impl Sampling {
     pub const fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 
     pub const fn with_temperature(temperature: f32, seed: u64) -> Self {
-        Self { temperature, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed }
+        Self {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed,
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -83,15 +104,19 @@ impl Sampling {
     }
 
     pub fn validate(&self) -> Result<(), InferenceError> {
-        let bad = |field: &'static str, reason: String| InferenceError::InvalidRequest {
-            field,
-            reason,
-        };
+        let bad =
+            |field: &'static str, reason: String| InferenceError::InvalidRequest { field, reason };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(bad("temperature", format!("must be finite and >= 0, got {}", self.temperature)));
+            return Err(bad(
+                "temperature",
+                format!("must be finite and >= 0, got {}", self.temperature),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+            return Err(bad(
+                "top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            ));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(bad(

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use tokenizers::models::bpe::BpeTrainerBuilder;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::BpeTrainerBuilder;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -62,7 +62,9 @@ impl std::str::FromStr for TinyShape {
         match s {
             "tiny" => Ok(Self::Tiny),
             "small" | "qwen2.5-0.5b" | "qwen3-0.6b" => Ok(Self::Small),
-            other => Err(format!("unknown shape {other:?} (tiny, or small = Qwen2.5-0.5B / Qwen3-0.6B dimensions)")),
+            other => Err(format!(
+                "unknown shape {other:?} (tiny, or small = Qwen2.5-0.5B / Qwen3-0.6B dimensions)"
+            )),
         }
     }
 }
@@ -79,14 +81,22 @@ pub struct TinyModelSpec {
 
 impl TinyModelSpec {
     pub fn new(arch: TinyArch) -> Self {
-        Self { arch, shape: TinyShape::Tiny, seed: 0, shard_bytes: None }
+        Self {
+            arch,
+            shape: TinyShape::Tiny,
+            seed: 0,
+            shard_bytes: None,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TinyModelError {
     #[error("writing {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("training the tokenizer: {0}")]
     Tokenizer(String),
     #[error("writing safetensors {path}: {reason}")]
@@ -118,26 +128,61 @@ struct Dims {
 fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
     match (spec.shape, spec.arch) {
         (TinyShape::Tiny, TinyArch::Qwen2) => Dims {
-            vocab: tokenizer_vocab, hidden: 64, intermediate: 160, layers: 2, heads: 4, kv_heads: 2,
-            head_dim: 16, max_positions: 1024, rope_theta: 10_000.0, tied: true,
+            vocab: tokenizer_vocab,
+            hidden: 64,
+            intermediate: 160,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            max_positions: 1024,
+            rope_theta: 10_000.0,
+            tied: true,
         },
         (TinyShape::Tiny, TinyArch::Qwen3) => Dims {
-            vocab: tokenizer_vocab, hidden: 64, intermediate: 160, layers: 2, heads: 4, kv_heads: 2,
-            head_dim: 24, max_positions: 1024, rope_theta: 1_000_000.0, tied: false,
+            vocab: tokenizer_vocab,
+            hidden: 64,
+            intermediate: 160,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 24,
+            max_positions: 1024,
+            rope_theta: 1_000_000.0,
+            tied: false,
         },
         (TinyShape::Small, TinyArch::Qwen2) => Dims {
-            vocab: 151_936, hidden: 896, intermediate: 4864, layers: 24, heads: 14, kv_heads: 2,
-            head_dim: 64, max_positions: 32_768, rope_theta: 1_000_000.0, tied: true,
+            vocab: 151_936,
+            hidden: 896,
+            intermediate: 4864,
+            layers: 24,
+            heads: 14,
+            kv_heads: 2,
+            head_dim: 64,
+            max_positions: 32_768,
+            rope_theta: 1_000_000.0,
+            tied: true,
         },
         (TinyShape::Small, TinyArch::Qwen3) => Dims {
-            vocab: 151_936, hidden: 1024, intermediate: 3072, layers: 28, heads: 16, kv_heads: 8,
-            head_dim: 128, max_positions: 40_960, rope_theta: 1_000_000.0, tied: true,
+            vocab: 151_936,
+            hidden: 1024,
+            intermediate: 3072,
+            layers: 28,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 128,
+            max_positions: 40_960,
+            rope_theta: 1_000_000.0,
+            tied: true,
         },
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TinyModelError + '_ {
-    move |source| TinyModelError::Io { path: path.to_owned(), source }
+    move |source| TinyModelError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TinyModelError> {
@@ -169,7 +214,12 @@ pub fn train_tokenizer(arch: TinyArch) -> Result<Tokenizer, TinyModelError> {
                    "ignore_merges": false, "vocab": {}, "merges": [] }
     });
     let mut tokenizer: Tokenizer = skeleton.to_string().parse().map_err(err)?;
-    let added = SPECIAL.len() + if arch == TinyArch::Qwen3 { THINK.len() } else { 0 };
+    let added = SPECIAL.len()
+        + if arch == TinyArch::Qwen3 {
+            THINK.len()
+        } else {
+            0
+        };
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(TINY_VOCAB - added)
         .min_frequency(1)
@@ -195,24 +245,40 @@ fn tensor_plan(arch: TinyArch, d: &Dims) -> Vec<(String, Vec<usize>, Init)> {
     // token's own embedding and greedy decoding does not just echo its input (tied embeddings).
     let out_proj = |fan_in: usize| Init::Normal(4.0 * (fan_in as f64).powf(-0.5));
     let mut plan = vec![
-        ("model.embed_tokens.weight".to_owned(), vec![d.vocab, h], Init::Normal(0.5)),
+        (
+            "model.embed_tokens.weight".to_owned(),
+            vec![d.vocab, h],
+            Init::Normal(0.5),
+        ),
         ("model.norm.weight".to_owned(), vec![h], Init::NormWeight),
     ];
     if !d.tied {
-        plan.push(("lm_head.weight".to_owned(), vec![d.vocab, h], Init::Normal(0.5)));
+        plan.push((
+            "lm_head.weight".to_owned(),
+            vec![d.vocab, h],
+            Init::Normal(0.5),
+        ));
     }
     for i in 0..d.layers {
         let p = |name: &str| format!("model.layers.{i}.{name}");
         plan.extend([
             (p("input_layernorm.weight"), vec![h], Init::NormWeight),
-            (p("post_attention_layernorm.weight"), vec![h], Init::NormWeight),
+            (
+                p("post_attention_layernorm.weight"),
+                vec![h],
+                Init::NormWeight,
+            ),
             (p("self_attn.q_proj.weight"), vec![q, h], proj(h)),
             (p("self_attn.k_proj.weight"), vec![kv, h], proj(h)),
             (p("self_attn.v_proj.weight"), vec![kv, h], proj(h)),
             (p("self_attn.o_proj.weight"), vec![h, q], out_proj(q)),
             (p("mlp.gate_proj.weight"), vec![d.intermediate, h], proj(h)),
             (p("mlp.up_proj.weight"), vec![d.intermediate, h], proj(h)),
-            (p("mlp.down_proj.weight"), vec![h, d.intermediate], out_proj(d.intermediate)),
+            (
+                p("mlp.down_proj.weight"),
+                vec![h, d.intermediate],
+                out_proj(d.intermediate),
+            ),
         ]);
         match arch {
             TinyArch::Qwen2 => plan.extend([
@@ -221,8 +287,16 @@ fn tensor_plan(arch: TinyArch, d: &Dims) -> Vec<(String, Vec<usize>, Init)> {
                 (p("self_attn.v_proj.bias"), vec![kv], Init::Normal(0.1)),
             ]),
             TinyArch::Qwen3 => plan.extend([
-                (p("self_attn.q_norm.weight"), vec![d.head_dim], Init::NormWeight),
-                (p("self_attn.k_norm.weight"), vec![d.head_dim], Init::NormWeight),
+                (
+                    p("self_attn.q_norm.weight"),
+                    vec![d.head_dim],
+                    Init::NormWeight,
+                ),
+                (
+                    p("self_attn.k_norm.weight"),
+                    vec![d.head_dim],
+                    Init::NormWeight,
+                ),
             ]),
         }
     }
@@ -260,7 +334,10 @@ fn tensor_bytes(seed: u64, name: &str, len: usize, init: Init) -> Vec<u8> {
     bytes
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<(), TinyModelError> {
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<(), TinyModelError> {
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
@@ -268,14 +345,28 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> 
                 .map(|view| (name.clone(), view))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TinyModelError::Safetensors { path: path.to_owned(), reason: e.to_string() })?;
-    let metadata = Some([("format".to_owned(), "pt".to_owned())].into_iter().collect());
-    safetensors::tensor::serialize_to_file(views, metadata, path)
-        .map_err(|e| TinyModelError::Safetensors { path: path.to_owned(), reason: e.to_string() })
+        .map_err(|e| TinyModelError::Safetensors {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let metadata = Some(
+        [("format".to_owned(), "pt".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    safetensors::tensor::serialize_to_file(views, metadata, path).map_err(|e| {
+        TinyModelError::Safetensors {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })
 }
 
 /// Writes a complete model directory into `dir` (created if needed).
-pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<TinyModelSummary, TinyModelError> {
+pub fn write_tiny_model(
+    dir: &Path,
+    spec: &TinyModelSpec,
+) -> Result<TinyModelSummary, TinyModelError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tokenizer = train_tokenizer(spec.arch)?;
     let tokenizer_vocab = tokenizer.get_vocab_size(true);
@@ -326,24 +417,30 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<TinyModelSum
     }
     let named: Vec<(&str, serde_json::Value)> = vec![
         ("config.json", config),
-        ("generation_config.json", json!({
-            "bos_token_id": eot,
-            "eos_token_id": [im_end, eot],
-            "do_sample": false,
-        })),
-        ("tokenizer_config.json", json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": d.max_positions,
-            "eos_token": SPECIAL[2],
-            "pad_token": SPECIAL[0],
-            "bos_token": null,
-            "unk_token": null,
-            "clean_up_tokenization_spaces": false,
-            "chat_template": match spec.arch {
-                TinyArch::Qwen2 => CHAT_TEMPLATE_QWEN2,
-                TinyArch::Qwen3 => CHAT_TEMPLATE_QWEN3,
-            },
-        })),
+        (
+            "generation_config.json",
+            json!({
+                "bos_token_id": eot,
+                "eos_token_id": [im_end, eot],
+                "do_sample": false,
+            }),
+        ),
+        (
+            "tokenizer_config.json",
+            json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": d.max_positions,
+                "eos_token": SPECIAL[2],
+                "pad_token": SPECIAL[0],
+                "bos_token": null,
+                "unk_token": null,
+                "clean_up_tokenization_spaces": false,
+                "chat_template": match spec.arch {
+                    TinyArch::Qwen2 => CHAT_TEMPLATE_QWEN2,
+                    TinyArch::Qwen3 => CHAT_TEMPLATE_QWEN3,
+                },
+            }),
+        ),
     ];
     for (name, value) in named {
         let path = dir.join(name);
@@ -352,7 +449,10 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<TinyModelSum
     }
 
     let plan = tensor_plan(spec.arch, &d);
-    let parameters = plan.iter().map(|(_, shape, _)| shape.iter().product::<usize>()).sum();
+    let parameters = plan
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum();
     let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
     let mut shard_size = 0;
     for (name, shape, init) in plan {
@@ -388,10 +488,18 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) -> Result<TinyModelSum
             files.push(path);
         }
         let index = dir.join("model.safetensors.index.json");
-        write_json(&index, &json!({ "metadata": { "total_size": parameters * 4 }, "weight_map": weight_map }))?;
+        write_json(
+            &index,
+            &json!({ "metadata": { "total_size": parameters * 4 }, "weight_map": weight_map }),
+        )?;
         files.push(index);
     }
-    Ok(TinyModelSummary { dir: dir.to_owned(), parameters, vocab_size: d.vocab, files })
+    Ok(TinyModelSummary {
+        dir: dir.to_owned(),
+        parameters,
+        vocab_size: d.vocab,
+        files,
+    })
 }
 
 #[cfg(test)]
@@ -404,9 +512,17 @@ mod tests {
         let b = train_tokenizer(TinyArch::Qwen3).expect("trains");
         assert_eq!(a.to_string(false).ok(), b.to_string(false).ok());
         assert_eq!(a.get_vocab_size(true), TINY_VOCAB);
-        let ids = a.encode("The council met at dawn.", false).expect("encodes");
-        assert!(ids.get_ids().len() < "The council met at dawn.".len(), "BPE learned no merges");
-        assert_eq!(a.decode(ids.get_ids(), true).expect("decodes"), "The council met at dawn.");
+        let ids = a
+            .encode("The council met at dawn.", false)
+            .expect("encodes");
+        assert!(
+            ids.get_ids().len() < "The council met at dawn.".len(),
+            "BPE learned no merges"
+        );
+        assert_eq!(
+            a.decode(ids.get_ids(), true).expect("decodes"),
+            "The council met at dawn."
+        );
     }
 
     #[test]

@@ -83,14 +83,18 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// A prompt of exactly `n` token ids that stays inside the tokenizer's ordinary vocabulary.
 fn bench_prompt(n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32)
+        .collect()
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let engine = args.model.start_engine()?;
     let load = load_start.elapsed();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let run = |requests: Vec<GenerateRequest>| -> anyhow::Result<(Duration, Vec<council_inference::GenerateResult>)> {
         let start = Instant::now();
         let results = runtime.block_on(async {
@@ -104,12 +108,20 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Ok((start.elapsed(), results))
     };
     // Warm-up: first-touch allocations of the KV slots and the allocator.
-    run((0..args.batch.iter().copied().max().unwrap_or(1)).map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s), 2)).collect())?;
+    run((0..args.batch.iter().copied().max().unwrap_or(1))
+        .map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s), 2))
+        .collect())?;
 
     let info = engine.model_info().clone();
-    println!("model: {} ({}, {}), load {:.1?}", info.name, info.model_type, info.device, load);
+    println!(
+        "model: {} ({}, {}), load {:.1?}",
+        info.name, info.model_type, info.device, load
+    );
     // Prefill: one request, one generated token; the time is the prompt's forward.
-    let (elapsed, results) = run(vec![GenerateRequest::tokens(bench_prompt(args.prompt_tokens, 1), 1)])?;
+    let (elapsed, results) = run(vec![GenerateRequest::tokens(
+        bench_prompt(args.prompt_tokens, 1),
+        1,
+    )])?;
     let first = results[0].timings.first_token;
     println!(
         "prefill: {} tokens in {:.3}s -> {:.1} tok/s (request total {:.3}s)",
@@ -120,15 +132,26 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     for &batch in &args.batch {
         let requests = (0..batch)
-            .map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s + 2), args.new_tokens))
+            .map(|s| {
+                GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s + 2), args.new_tokens)
+            })
             .collect();
         let (elapsed, results) = run(requests)?;
         // Decode time: from the last first token to the end; tokens after the first of each request.
-        let first = results.iter().map(|r| r.timings.first_token).max().unwrap_or_default();
+        let first = results
+            .iter()
+            .map(|r| r.timings.first_token)
+            .max()
+            .unwrap_or_default();
         let decode = elapsed.saturating_sub(first).as_secs_f64();
-        let tokens: usize = results.iter().map(|r| r.usage.completion_tokens.saturating_sub(1)).sum();
+        let tokens: usize = results
+            .iter()
+            .map(|r| r.usage.completion_tokens.saturating_sub(1))
+            .sum();
         anyhow::ensure!(
-            results.iter().all(|r| r.usage.completion_tokens == args.new_tokens),
+            results
+                .iter()
+                .all(|r| r.usage.completion_tokens == args.new_tokens),
             "a sequence stopped early; use a prompt that does not end in EOS"
         );
         println!(
@@ -136,6 +159,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             tokens as f64 / decode
         );
     }
-    println!("peak RSS: {:.0} MiB", peak_rss_mib().context("no /proc/self/status")?);
+    println!(
+        "peak RSS: {:.0} MiB",
+        peak_rss_mib().context("no /proc/self/status")?
+    );
     Ok(())
 }

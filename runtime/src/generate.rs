@@ -42,16 +42,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         messages.push(ChatMessage::system(system.clone()));
     }
     messages.push(ChatMessage::user(args.prompt.clone()));
-    let mut request = GenerateRequest::chat(messages, args.max_new_tokens).with_sampling(Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-    });
+    let mut request =
+        GenerateRequest::chat(messages, args.max_new_tokens).with_sampling(Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        });
     request.stop = args.stop.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let result = runtime.block_on(engine.generate(request)).context("generation failed")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime
+        .block_on(engine.generate(request))
+        .context("generation failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {

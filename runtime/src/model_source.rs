@@ -44,8 +44,14 @@ impl ModelArgs {
         if let Some(dir) = &self.model_dir {
             return Ok((ModelFiles::from_dir(dir)?, dir.display().to_string()));
         }
-        let hub: HubModel = self.model.parse().map_err(anyhow::Error::msg).context("--model")?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let hub: HubModel = self
+            .model
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("--model")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let files = runtime.block_on(loader::resolve_hub_model(&hub))?;
         Ok((files, hub.to_string()))
     }

@@ -24,5 +24,7 @@ pub fn engine(dir: &Path, config: EngineConfig) -> EngineHandle {
 
 /// Token prompts of distinct lengths and contents, inside the ordinary vocabulary.
 pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 31 + salt * 17) % 250 + 3).collect()
+    (0..len as u32)
+        .map(|i| (i * 31 + salt * 17) % 250 + 3)
+        .collect()
 }

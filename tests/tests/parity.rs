@@ -39,11 +39,22 @@ async fn check(arch: TinyArch, name: &str) {
     let fixture = fixture(name);
     let dir = tiny_model(arch);
     let files = ModelFiles::from_dir(dir.path()).expect("complete model dir");
-    let loaded = loader::load(&files, name, &candle_core::Device::Cpu, candle_core::DType::F32).expect("loads");
+    let loaded = loader::load(
+        &files,
+        name,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("loads");
     let handle = engine(dir.path(), EngineConfig::default());
 
     for case in &fixture.cases {
-        assert_eq!(loaded.tokenizer.encode(&case.text).expect("encodes"), case.input_ids, "{name}: tokenization of {:?}", case.text);
+        assert_eq!(
+            loaded.tokenizer.encode(&case.text).expect("encodes"),
+            case.input_ids,
+            "{name}: tokenization of {:?}",
+            case.text
+        );
         let logits = sequence_logits(&loaded.model, &case.input_ids).expect("forward");
         assert_eq!(logits.len(), case.logits.len());
         let mut max_diff = 0f32;
@@ -53,16 +64,35 @@ async fn check(arch: TinyArch, name: &str) {
                 max_diff = max_diff.max((a - b).abs());
             }
         }
-        assert!(max_diff <= 1e-4, "{name}: max |logit diff| vs transformers = {max_diff}");
+        assert!(
+            max_diff <= 1e-4,
+            "{name}: max |logit diff| vs transformers = {max_diff}"
+        );
 
         let request = GenerateRequest::tokens(case.input_ids.clone(), fixture.greedy_new_tokens);
         let result = handle.generate(request).await.expect("generates");
-        assert_eq!(result.token_ids, case.greedy_ids, "{name}: greedy tokens of {:?}", case.text);
+        assert_eq!(
+            result.token_ids, case.greedy_ids,
+            "{name}: greedy tokens of {:?}",
+            case.text
+        );
     }
 
-    assert!(fixture.chat.messages.iter().any(|m| m.role == ChatRole::System));
-    let chat = loaded.tokenizer.encode_chat(&fixture.chat.messages).expect("renders chat");
-    assert_eq!(chat, fixture.chat.ids, "{name}: chat template disagrees with the model's Jinja template");
+    assert!(
+        fixture
+            .chat
+            .messages
+            .iter()
+            .any(|m| m.role == ChatRole::System)
+    );
+    let chat = loaded
+        .tokenizer
+        .encode_chat(&fixture.chat.messages)
+        .expect("renders chat");
+    assert_eq!(
+        chat, fixture.chat.ids,
+        "{name}: chat template disagrees with the model's Jinja template"
+    );
 }
 
 #[tokio::test]

@@ -37,7 +37,13 @@ pub struct KvPool {
 
 impl KvPool {
     /// `slots` sequences of at most `capacity` tokens each.
-    pub fn new(shape: KvShape, slots: usize, capacity: usize, dtype: DType, device: Device) -> Self {
+    pub fn new(
+        shape: KvShape,
+        slots: usize,
+        capacity: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
         Self {
             shape,
             capacity,
@@ -60,11 +66,16 @@ impl KvPool {
 
     /// Bytes of KV storage one token takes.
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * self.dtype.size_in_bytes()
+        2 * self.shape.layers
+            * self.shape.kv_heads
+            * self.shape.head_dim
+            * self.dtype.size_in_bytes()
     }
 
     pub fn allocate(&mut self) -> candle_core::Result<Option<SlotId>> {
-        let Some(slot) = self.free.pop() else { return Ok(None) };
+        let Some(slot) = self.free.pop() else {
+            return Ok(None);
+        };
         if self.storage[slot.0].is_none() {
             let dims = (self.shape.kv_heads, self.capacity, self.shape.head_dim);
             let mut k = Vec::with_capacity(self.shape.layers);
@@ -111,9 +122,17 @@ impl KvPool {
     }
 
     /// Keys and values of positions `0..len` of `layer` in `slot`, `[kv_heads, len, head_dim]`.
-    pub fn read(&self, layer: usize, slot: SlotId, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn read(
+        &self,
+        layer: usize,
+        slot: SlotId,
+        len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let storage = self.slot(slot)?;
-        Ok((storage.k[layer].narrow(1, 0, len)?, storage.v[layer].narrow(1, 0, len)?))
+        Ok((
+            storage.k[layer].narrow(1, 0, len)?,
+            storage.v[layer].narrow(1, 0, len)?,
+        ))
     }
 }
 
@@ -123,7 +142,11 @@ mod tests {
 
     #[test]
     fn slots_are_bounded_reused_and_written_in_place() -> candle_core::Result<()> {
-        let shape = KvShape { layers: 1, kv_heads: 2, head_dim: 3 };
+        let shape = KvShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 3,
+        };
         let mut pool = KvPool::new(shape, 2, 4, DType::F32, Device::Cpu);
         let a = pool.allocate()?.expect("first slot");
         let b = pool.allocate()?.expect("second slot");
@@ -132,8 +155,14 @@ mod tests {
         let k = Tensor::arange(0f32, 12., &Device::Cpu)?.reshape((2, 2, 3))?;
         pool.write(0, a, 1, &k, &k)?;
         let (rk, _) = pool.read(0, a, 3)?;
-        assert_eq!(rk.narrow(1, 1, 2)?.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?);
-        assert!(pool.write(0, a, 3, &k, &k).is_err(), "write past capacity must fail");
+        assert_eq!(
+            rk.narrow(1, 1, 2)?.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert!(
+            pool.write(0, a, 3, &k, &k).is_err(),
+            "write past capacity must fail"
+        );
         pool.release(a);
         assert_eq!(pool.allocate()?, Some(a));
         Ok(())

@@ -73,9 +73,11 @@ pub struct Config {
 pub(crate) fn token_id_list(value: Option<&serde_json::Value>) -> Vec<u32> {
     match value {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(items)) => {
-            items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
-        }
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -83,17 +85,26 @@ pub(crate) fn token_id_list(value: Option<&serde_json::Value>) -> Vec<u32> {
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => LoadError::MissingFile { path: path.to_owned() },
-            _ => LoadError::Io { path: path.to_owned(), source: e },
+            std::io::ErrorKind::NotFound => LoadError::MissingFile {
+                path: path.to_owned(),
+            },
+            _ => LoadError::Io {
+                path: path.to_owned(),
+                source: e,
+            },
         })?;
         Self::from_json(&text, path)
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<Self, LoadError> {
-        let malformed =
-            |reason: String| LoadError::Malformed { path: path.to_owned(), reason };
-        let unsupported =
-            |reason: String| LoadError::Unsupported { path: path.to_owned(), reason };
+        let malformed = |reason: String| LoadError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
+        let unsupported = |reason: String| LoadError::Unsupported {
+            path: path.to_owned(),
+            reason,
+        };
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
         let arch = match raw.model_type.as_deref() {
             Some("qwen2") => Arch::Qwen2,
@@ -112,14 +123,20 @@ impl Config {
             return Err(unsupported(format!("hidden_act {act:?} (only silu)")));
         }
         if raw.use_sliding_window
-            || raw.layer_types.iter().flatten().any(|t| t != "full_attention")
+            || raw
+                .layer_types
+                .iter()
+                .flatten()
+                .any(|t| t != "full_attention")
         {
             return Err(unsupported("sliding-window attention".into()));
         }
         let rope_theta = rope_theta(&raw).map_err(unsupported)?;
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        let head_dim = raw.head_dim.unwrap_or_else(|| raw.hidden_size / heads.max(1));
+        let head_dim = raw
+            .head_dim
+            .unwrap_or_else(|| raw.hidden_size / heads.max(1));
         for (name, value) in [
             ("vocab_size", raw.vocab_size),
             ("hidden_size", raw.hidden_size),
@@ -140,7 +157,9 @@ impl Config {
             )));
         }
         if head_dim % 2 != 0 {
-            return Err(malformed(format!("head_dim {head_dim} must be even for rotary embeddings")));
+            return Err(malformed(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            )));
         }
         if !(raw.rms_norm_eps > 0.0) {
             return Err(malformed("rms_norm_eps must be positive".into()));
@@ -168,7 +187,10 @@ impl Config {
 /// variants are refused rather than silently run unscaled.
 fn rope_theta(raw: &RawConfig) -> Result<f64, String> {
     let default_type = |v: &serde_json::Value| {
-        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str());
         matches!(kind, None | Some("default"))
     };
     if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null())
@@ -214,16 +236,24 @@ mod tests {
     fn unknown_model_type_is_a_typed_error() {
         let json = QWEN3.replace("\"qwen3\"", "\"llama\"");
         match parse(&json) {
-            Err(LoadError::UnsupportedModelType { model_type, .. }) => assert_eq!(model_type, "llama"),
+            Err(LoadError::UnsupportedModelType { model_type, .. }) => {
+                assert_eq!(model_type, "llama")
+            }
             other => panic!("expected UnsupportedModelType, got {other:?}"),
         }
     }
 
     #[test]
     fn scaled_rope_and_sliding_window_are_refused() {
-        let json = QWEN3.replace("\"rope_theta\"", "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4.0},\"rope_theta\"");
+        let json = QWEN3.replace(
+            "\"rope_theta\"",
+            "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4.0},\"rope_theta\"",
+        );
         assert!(matches!(parse(&json), Err(LoadError::Unsupported { .. })));
-        let json = QWEN3.replace("\"rope_theta\"", "\"use_sliding_window\":true,\"rope_theta\"");
+        let json = QWEN3.replace(
+            "\"rope_theta\"",
+            "\"use_sliding_window\":true,\"rope_theta\"",
+        );
         assert!(matches!(parse(&json), Err(LoadError::Unsupported { .. })));
     }
 
@@ -238,8 +268,14 @@ mod tests {
 
     #[test]
     fn malformed_and_inconsistent_configs_are_typed_errors() {
-        assert!(matches!(parse("{not json"), Err(LoadError::Malformed { .. })));
-        assert!(matches!(parse(r#"{"model_type":"qwen2"}"#), Err(LoadError::Malformed { .. })));
+        assert!(matches!(
+            parse("{not json"),
+            Err(LoadError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"model_type":"qwen2"}"#),
+            Err(LoadError::Malformed { .. })
+        ));
         let json = QWEN3.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
         assert!(matches!(parse(&json), Err(LoadError::Malformed { .. })));
     }

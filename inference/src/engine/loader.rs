@@ -50,7 +50,11 @@ const SINGLE: &str = "model.safetensors";
 
 fn required(dir: &Path, name: &str) -> Result<PathBuf, LoadError> {
     let path = dir.join(name);
-    if path.is_file() { Ok(path) } else { Err(LoadError::MissingFile { path }) }
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LoadError::MissingFile { path })
+    }
 }
 
 fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -58,18 +62,26 @@ fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
-    serde_json::from_str(&text)
-        .map_err(|e| LoadError::Malformed { path: path.to_owned(), reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Malformed {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// The shard file names listed by a `model.safetensors.index.json`, sorted and deduplicated.
 fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
     let json = read_json(index)?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        LoadError::Malformed { path: index.to_owned(), reason: "no `weight_map` object".into() }
-    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| LoadError::Malformed {
+            path: index.to_owned(),
+            reason: "no `weight_map` object".into(),
+        })?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| LoadError::Malformed {
@@ -85,7 +97,10 @@ fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
         names.insert(file.to_owned());
     }
     if names.is_empty() {
-        return Err(LoadError::Malformed { path: index.to_owned(), reason: "empty weight_map".into() });
+        return Err(LoadError::Malformed {
+            path: index.to_owned(),
+            reason: "empty weight_map".into(),
+        });
     }
     Ok(names.into_iter().collect())
 }
@@ -94,7 +109,9 @@ impl ModelFiles {
     /// Checks that `dir` holds a complete Hugging Face model (single or sharded safetensors).
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
         if !dir.is_dir() {
-            return Err(LoadError::MissingFile { path: dir.to_owned() });
+            return Err(LoadError::MissingFile {
+                path: dir.to_owned(),
+            });
         }
         let config = required(dir, "config.json")?;
         let tokenizer = required(dir, "tokenizer.json")?;
@@ -125,23 +142,40 @@ pub struct LoadedModel {
 }
 
 /// Loads `files` onto `device` in `dtype`.
-pub fn load(files: &ModelFiles, name: &str, device: &Device, dtype: DType) -> Result<LoadedModel, LoadError> {
+pub fn load(
+    files: &ModelFiles,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, LoadError> {
     let config = Config::from_file(&files.config)?;
     let mut eos: Vec<u32> = config.eos_token_ids.clone();
     if let Some(path) = &files.generation_config {
         eos.extend(token_id_list(read_json(path)?.get("eos_token_id")));
     }
-    let tokenizer_config = files.tokenizer_config.as_deref().map(read_json).transpose()?;
-    let tokenizer = ChatTokenizer::from_file(&files.tokenizer, config.arch, config.vocab_size, eos)?;
-    let tokenizer = match tokenizer_config.as_ref().and_then(|c| c.get("eos_token")).and_then(|t| t.as_str()) {
+    let tokenizer_config = files
+        .tokenizer_config
+        .as_deref()
+        .map(read_json)
+        .transpose()?;
+    let tokenizer =
+        ChatTokenizer::from_file(&files.tokenizer, config.arch, config.vocab_size, eos)?;
+    let tokenizer = match tokenizer_config
+        .as_ref()
+        .and_then(|c| c.get("eos_token"))
+        .and_then(|t| t.as_str())
+    {
         Some(token) => tokenizer.with_eos_token(token),
         None => tokenizer,
     };
 
     let mut tensors = HashMap::new();
     for path in &files.weights {
-        let shard = candle_core::safetensors::load(path, device)
-            .map_err(|e| LoadError::Malformed { path: path.clone(), reason: e.to_string() })?;
+        let shard =
+            candle_core::safetensors::load(path, device).map_err(|e| LoadError::Malformed {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         tensors.extend(shard);
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
@@ -149,7 +183,11 @@ pub fn load(files: &ModelFiles, name: &str, device: &Device, dtype: DType) -> Re
         path: files.dir.clone(),
         reason: format!("weights do not match config.json: {e}"),
     })?;
-    Ok(LoadedModel { model, tokenizer, name: name.to_owned() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        name: name.to_owned(),
+    })
 }
 
 /// A hub model reference `ORG/NAME[@REVISION]`.
@@ -171,7 +209,11 @@ impl std::str::FromStr for HubModel {
         };
         match repo.split_once('/') {
             Some((owner, name)) if !owner.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(Self { owner: owner.to_owned(), name: name.to_owned(), revision })
+                Ok(Self {
+                    owner: owner.to_owned(),
+                    name: name.to_owned(),
+                    revision,
+                })
             }
             _ => Err(format!("{s:?} is not of the form ORG/NAME[@REVISION]")),
         }
@@ -193,15 +235,20 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        user_home.join(".cache").join("huggingface")
-    });
+    let home = std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let user_home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            user_home.join(".cache").join("huggingface")
+        });
     home.join("hub")
 }
 
 fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
 }
 
 /// Resolves a hub model to a local snapshot directory: from the cache when every file is
@@ -213,19 +260,30 @@ pub async fn resolve_hub_model(model: &HubModel) -> Result<ModelFiles, LoadError
     let client = hf_hub::HFClient::builder()
         .cache_dir(cache.clone())
         .build()
-        .map_err(|e| LoadError::Hub { repo: repo_name.clone(), reason: e.to_string() })?;
+        .map_err(|e| LoadError::Hub {
+            repo: repo_name.clone(),
+            reason: e.to_string(),
+        })?;
     let repo = client.model(model.owner.clone(), model.name.clone());
     match fetch_all(&repo, model, true).await {
         Ok(files) => return Ok(files),
         Err(FetchError::Load(e)) => return Err(e),
         Err(FetchError::Hub(_)) if !hub_offline() => {}
         Err(FetchError::Hub(reason)) => {
-            return Err(LoadError::HubUnavailable { repo: repo_name, cache, reason: format!("HF_HUB_OFFLINE is set and {reason}") });
+            return Err(LoadError::HubUnavailable {
+                repo: repo_name,
+                cache,
+                reason: format!("HF_HUB_OFFLINE is set and {reason}"),
+            });
         }
     }
     fetch_all(&repo, model, false).await.map_err(|e| match e {
         FetchError::Load(e) => e,
-        FetchError::Hub(reason) => LoadError::HubUnavailable { repo: repo_name, cache, reason },
+        FetchError::Hub(reason) => LoadError::HubUnavailable {
+            repo: repo_name,
+            cache,
+            reason,
+        },
     })
 }
 
@@ -247,9 +305,13 @@ async fn fetch_all(
             .local_files_only(local_only);
         async move { request.send().await }
     };
-    let config = get("config.json").await.map_err(|e| FetchError::Hub(e.to_string()))?;
+    let config = get("config.json")
+        .await
+        .map_err(|e| FetchError::Hub(e.to_string()))?;
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-    get("tokenizer.json").await.map_err(|e| FetchError::Hub(e.to_string()))?;
+    get("tokenizer.json")
+        .await
+        .map_err(|e| FetchError::Hub(e.to_string()))?;
     for optional in ["tokenizer_config.json", "generation_config.json"] {
         // Absent upstream is fine; a transport error is not.
         if let Err(e) = get(optional).await
@@ -262,11 +324,16 @@ async fn fetch_all(
     match get(INDEX).await {
         Ok(index) => {
             for shard in shard_names(&index).map_err(FetchError::Load)? {
-                get(&shard).await.map_err(|e| FetchError::Hub(e.to_string()))?;
+                get(&shard)
+                    .await
+                    .map_err(|e| FetchError::Hub(e.to_string()))?;
             }
         }
-        Err(hf_hub::HFError::EntryNotFound { .. }) | Err(hf_hub::HFError::LocalEntryNotFound { .. }) => {
-            get(SINGLE).await.map_err(|e| FetchError::Hub(e.to_string()))?;
+        Err(hf_hub::HFError::EntryNotFound { .. })
+        | Err(hf_hub::HFError::LocalEntryNotFound { .. }) => {
+            get(SINGLE)
+                .await
+                .map_err(|e| FetchError::Hub(e.to_string()))?;
         }
         Err(e) => return Err(FetchError::Hub(e.to_string())),
     }

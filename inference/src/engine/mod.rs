@@ -30,7 +30,9 @@ use self::sampler::Sampler;
 use self::tokenizer::ChatTokenizer;
 use crate::backend::{Backend, BackendFuture, Health, ModelInfo};
 use crate::error::{InferenceError, LoadError};
-use crate::request::{FinishReason, GenerateRequest, GenerateResult, Prompt, Timings, TokenLogprob, Usage};
+use crate::request::{
+    FinishReason, GenerateRequest, GenerateResult, Prompt, Timings, TokenLogprob, Usage,
+};
 
 /// Limits of one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +48,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 8, max_seq_len: 4096, max_pending: 256, device: DeviceChoice::Cpu }
+        Self {
+            max_batch: 8,
+            max_seq_len: 4096,
+            max_pending: 256,
+            device: DeviceChoice::Cpu,
+        }
     }
 }
 
@@ -58,7 +65,9 @@ impl EngineConfig {
             ("max_pending", self.max_pending),
         ] {
             if value == 0 {
-                return Err(LoadError::Device(format!("engine {field} must be at least 1")));
+                return Err(LoadError::Device(format!(
+                    "engine {field} must be at least 1"
+                )));
             }
         }
         Ok(())
@@ -113,7 +122,11 @@ impl Engine {
     }
 
     /// Loads `files` and starts the engine thread.
-    pub fn load(files: &ModelFiles, name: &str, config: EngineConfig) -> Result<EngineHandle, LoadError> {
+    pub fn load(
+        files: &ModelFiles,
+        name: &str,
+        config: EngineConfig,
+    ) -> Result<EngineHandle, LoadError> {
         config.validate()?;
         let device = config.device.open()?;
         let loaded = loader::load(files, name, &device, DType::F32)?;
@@ -123,8 +136,14 @@ impl Engine {
     /// Starts the engine thread on an already loaded model.
     pub fn start(loaded: LoadedModel, config: EngineConfig) -> Result<EngineHandle, LoadError> {
         config.validate()?;
-        let LoadedModel { model, tokenizer, name } = loaded;
-        let context_window = config.max_seq_len.min(model.config().max_position_embeddings);
+        let LoadedModel {
+            model,
+            tokenizer,
+            name,
+        } = loaded;
+        let context_window = config
+            .max_seq_len
+            .min(model.config().max_position_embeddings);
         let info = ModelInfo {
             name,
             model_type: model.config().arch.as_str().to_owned(),
@@ -132,7 +151,13 @@ impl Engine {
             vocab_size: model.config().vocab_size,
             device: format!("{:?}", model.device()),
         };
-        let pool = KvPool::new(model.kv_shape(), config.max_batch, context_window, model.dtype(), model.device().clone());
+        let pool = KvPool::new(
+            model.kv_shape(),
+            config.max_batch,
+            context_window,
+            model.dtype(),
+            model.device().clone(),
+        );
         let (tx, rx) = mpsc::channel(config.max_pending);
         let tokenizer = Arc::new(tokenizer);
         let counters = Arc::new(Counters::default());
@@ -214,20 +239,37 @@ impl EngineHandle {
         }
     }
 
-    fn submit(&self, request: GenerateRequest) -> Result<oneshot::Receiver<Result<GenerateResult, InferenceError>>, InferenceError> {
+    fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<oneshot::Receiver<Result<GenerateResult, InferenceError>>, InferenceError> {
         let submitted = Instant::now();
         request.validate()?;
         let prompt = self.prompt_tokens(&request)?;
         let window = self.inner.info.context_window;
         if prompt.len() > window {
-            return Err(InferenceError::PromptTooLong { prompt_tokens: prompt.len(), context_window: window });
+            return Err(InferenceError::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context_window: window,
+            });
         }
-        let permit = self.inner.permits.clone().try_acquire_owned().map_err(|_| InferenceError::Overloaded {
-            pending: self.inner.max_pending - self.inner.permits.available_permits(),
-            limit: self.inner.max_pending,
-        })?;
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferenceError::Overloaded {
+                pending: self.inner.max_pending - self.inner.permits.available_permits(),
+                limit: self.inner.max_pending,
+            })?;
         let (reply, rx) = oneshot::channel();
-        let job = Job { prompt, request, reply, submitted, _permit: permit };
+        let job = Job {
+            prompt,
+            request,
+            reply,
+            submitted,
+            _permit: permit,
+        };
         self.inner.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InferenceError::Overloaded {
                 pending: self.inner.max_pending,
@@ -251,7 +293,9 @@ impl Backend for EngineHandle {
 
     fn health(&self) -> Health {
         if self.inner.tx.is_closed() {
-            Health::Unavailable { reason: "the engine thread has stopped".into() }
+            Health::Unavailable {
+                reason: "the engine thread has stopped".into(),
+            }
         } else {
             Health::Ready
         }
@@ -330,12 +374,16 @@ impl Worker {
             keep
         });
         let dropped = before - self.waiting.len() - self.running.len();
-        self.counters.cancelled.fetch_add(dropped as u64, Ordering::Relaxed);
+        self.counters
+            .cancelled
+            .fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
     fn admit(&mut self) {
         while self.pool.free_slots() > 0 {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
             let slot = match self.pool.allocate() {
                 Ok(Some(slot)) => slot,
                 Ok(None) => {
@@ -343,7 +391,9 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
-                    let _ = job.reply.send(Err(InferenceError::Model(format!("KV allocation failed: {e}"))));
+                    let _ = job.reply.send(Err(InferenceError::Model(format!(
+                        "KV allocation failed: {e}"
+                    ))));
                     continue;
                 }
             };
@@ -368,20 +418,34 @@ impl Worker {
             .map(|seq| {
                 let new = &seq.history[seq.cached..];
                 tokens.extend_from_slice(new);
-                SeqChunk { slot: seq.slot, start: seq.cached, len: new.len() }
+                SeqChunk {
+                    slot: seq.slot,
+                    start: seq.cached,
+                    len: new.len(),
+                }
             })
             .collect();
         let prefill: usize = chunks.iter().filter(|c| c.start == 0).map(|c| c.len).sum();
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.counters.prompt_tokens.fetch_add(prefill as u64, Ordering::Relaxed);
-        let logits = match self.model.forward(&tokens, &chunks, Logits::Last, &self.pool) {
+        self.counters
+            .prompt_tokens
+            .fetch_add(prefill as u64, Ordering::Relaxed);
+        let logits = match self
+            .model
+            .forward(&tokens, &chunks, Logits::Last, &self.pool)
+        {
             Ok(logits) => logits,
             Err(e) => {
                 tracing::error!(error = %e, "forward failed; failing the batch");
-                self.counters.failed.fetch_add(self.running.len() as u64, Ordering::Relaxed);
+                self.counters
+                    .failed
+                    .fetch_add(self.running.len() as u64, Ordering::Relaxed);
                 for seq in self.running.drain(..) {
                     self.pool.release(seq.slot);
-                    let _ = seq.job.reply.send(Err(InferenceError::Model(e.to_string())));
+                    let _ = seq
+                        .job
+                        .reply
+                        .send(Err(InferenceError::Model(e.to_string())));
                 }
                 return;
             }
@@ -402,7 +466,9 @@ impl Worker {
                 lps.push(sampler::token_logprob(&row, token, top));
             }
             seq.first_token.get_or_insert(now);
-            self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .generated_tokens
+                .fetch_add(1, Ordering::Relaxed);
             seq.history.push(token);
             if let Some(outcome) = finish(seq, token, &self.tokenizer, self.context_window) {
                 finished.push((i, outcome));
@@ -411,7 +477,11 @@ impl Worker {
         for (i, outcome) in finished.into_iter().rev() {
             let seq = self.running.swap_remove(i);
             self.pool.release(seq.slot);
-            let counter = if outcome.is_ok() { &self.counters.finished } else { &self.counters.failed };
+            let counter = if outcome.is_ok() {
+                &self.counters.finished
+            } else {
+                &self.counters.failed
+            };
             counter.fetch_add(1, Ordering::Relaxed);
             let result = outcome.map(|(reason, text)| result(seq_parts(&seq), reason, text, now));
             let _ = seq.job.reply.send(result);
@@ -430,10 +500,18 @@ fn finish(
     let request = &seq.job.request;
     let without_last = &generated[..generated.len() - 1];
     if tokenizer.eos_ids().contains(&token) {
-        return Some(tokenizer.decode(without_last).map(|t| (FinishReason::Eos, t)));
+        return Some(
+            tokenizer
+                .decode(without_last)
+                .map(|t| (FinishReason::Eos, t)),
+        );
     }
     if request.stop_token_ids.contains(&token) {
-        return Some(tokenizer.decode(without_last).map(|t| (FinishReason::Stop, t)));
+        return Some(
+            tokenizer
+                .decode(without_last)
+                .map(|t| (FinishReason::Stop, t)),
+        );
     }
     let at_limit = generated.len() >= request.max_new_tokens || seq.history.len() > window;
     if request.stop.is_empty() && !at_limit {
@@ -443,7 +521,11 @@ fn finish(
         Ok(text) => text,
         Err(e) => return Some(Err(e)),
     };
-    let first_stop = request.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+    let first_stop = request
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min();
     match first_stop {
         Some(cut) => Some(Ok((FinishReason::Stop, text[..cut].to_owned()))),
         None if at_limit => Some(Ok((FinishReason::Length, text))),
@@ -471,7 +553,12 @@ fn seq_parts(seq: &Sequence) -> SeqParts<'_> {
     }
 }
 
-fn result(parts: SeqParts<'_>, finish_reason: FinishReason, text: String, now: Instant) -> GenerateResult {
+fn result(
+    parts: SeqParts<'_>,
+    finish_reason: FinishReason,
+    text: String,
+    now: Instant,
+) -> GenerateResult {
     GenerateResult {
         text,
         token_ids: parts.generated.to_vec(),
@@ -493,10 +580,22 @@ fn result(parts: SeqParts<'_>, finish_reason: FinishReason, text: String, now: I
 /// Full-sequence logits `[tokens, vocab]` of one token sequence, computed directly on a model
 /// with a private one-slot cache (no engine thread). For parity checks and scoring tools.
 pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
-    let mut pool = KvPool::new(model.kv_shape(), 1, tokens.len(), model.dtype(), model.device().clone());
+    let mut pool = KvPool::new(
+        model.kv_shape(),
+        1,
+        tokens.len(),
+        model.dtype(),
+        model.device().clone(),
+    );
     let slot = pool
         .allocate()?
         .ok_or_else(|| candle_core::Error::Msg("no KV slot".into()))?;
-    let chunk = SeqChunk { slot, start: 0, len: tokens.len() };
-    model.forward(tokens, &[chunk], Logits::All, &pool)?.to_vec2::<f32>()
+    let chunk = SeqChunk {
+        slot,
+        start: 0,
+        len: tokens.len(),
+    };
+    model
+        .forward(tokens, &[chunk], Logits::All, &pool)?
+        .to_vec2::<f32>()
 }

@@ -29,7 +29,12 @@ pub enum Logits {
     All,
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
     if bias {
         candle_nn::linear_b(in_dim, out_dim, true, vb)
     } else {
@@ -84,7 +89,11 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let bias = cfg.attention_bias;
         let (q_norm, k_norm) = match cfg.arch {
             Arch::Qwen3 => (
@@ -145,10 +154,11 @@ impl Attention {
             let (k_all, v_all) = cache.read(layer, chunk.slot, total)?;
             // Query heads of one KV group are adjacent, so grouping is a reshape, not a copy
             // of K and V per query head.
-            let q_chunk = q
-                .narrow(1, offset, n)?
-                .contiguous()?
-                .reshape((self.kv_heads, groups * n, self.head_dim))?;
+            let q_chunk = q.narrow(1, offset, n)?.contiguous()?.reshape((
+                self.kv_heads,
+                groups * n,
+                self.head_dim,
+            ))?;
             let scores = (q_chunk.matmul(&k_all.t()?)? * self.scale)?;
             let scores = if n > 1 {
                 scores.broadcast_add(&causal_mask(n, chunk.start, groups, x.device())?)?
@@ -170,12 +180,23 @@ impl Attention {
 }
 
 /// Additive mask `[groups * n, start + n]`: new token `i` sees positions `0..=start + i`.
-fn causal_mask(n: usize, start: usize, groups: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn causal_mask(
+    n: usize,
+    start: usize,
+    groups: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let total = start + n;
     let mut mask = Vec::with_capacity(groups * n * total);
     for _ in 0..groups {
         for i in 0..n {
-            mask.extend((0..total).map(|j| if j <= start + i { 0f32 } else { f32::NEG_INFINITY }));
+            mask.extend((0..total).map(|j| {
+                if j <= start + i {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
     }
     Tensor::from_vec(mask, (groups * n, total), device)
@@ -191,9 +212,24 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            gate_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("gate_proj"))?,
-            up_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("up_proj"))?,
-            down_proj: linear(cfg.intermediate_size, cfg.hidden_size, false, vb.pp("down_proj"))?,
+            gate_proj: linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                false,
+                vb.pp("gate_proj"),
+            )?,
+            up_proj: linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                false,
+                vb.pp("up_proj"),
+            )?,
+            down_proj: linear(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                false,
+                vb.pp("down_proj"),
+            )?,
         })
     }
 
@@ -229,12 +265,17 @@ impl QwenModel {
     pub fn new(config: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let _span = tracing::info_span!("qwen_load", arch = config.arch.as_str()).entered();
         let m = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
+        let embed_tokens =
+            candle_nn::embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             layers.push(DecoderLayer {
-                input_layernorm: candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, l.pp("input_layernorm"))?,
+                input_layernorm: candle_nn::rms_norm(
+                    config.hidden_size,
+                    config.rms_norm_eps,
+                    l.pp("input_layernorm"),
+                )?,
                 self_attn: Attention::new(config, l.pp("self_attn"))?,
                 post_attention_layernorm: candle_nn::rms_norm(
                     config.hidden_size,
@@ -291,7 +332,9 @@ impl QwenModel {
         logits: Logits,
         cache: &KvPool,
     ) -> candle_core::Result<Tensor> {
-        let _span = tracing::debug_span!("qwen_forward", tokens = tokens.len(), seqs = chunks.len()).entered();
+        let _span =
+            tracing::debug_span!("qwen_forward", tokens = tokens.len(), seqs = chunks.len())
+                .entered();
         let packed: usize = chunks.iter().map(|c| c.len).sum();
         if packed != tokens.len() || chunks.iter().any(|c| c.len == 0) {
             candle_core::bail!("chunks cover {packed} tokens, {} were given", tokens.len());
@@ -299,7 +342,10 @@ impl QwenModel {
         let mut positions = Vec::with_capacity(tokens.len());
         for c in chunks {
             if c.start + c.len > self.config.max_position_embeddings.min(cache.capacity()) {
-                candle_core::bail!("sequence position {} is past the context window", c.start + c.len);
+                candle_core::bail!(
+                    "sequence position {} is past the context window",
+                    c.start + c.len
+                );
             }
             positions.extend((c.start..c.start + c.len).map(|p| p as u32));
         }
@@ -313,7 +359,9 @@ impl QwenModel {
             let h = layer.input_layernorm.forward(&x)?;
             let h = layer.self_attn.forward(&h, &cos, &sin, i, chunks, cache)?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
         let x = match logits {

@@ -24,7 +24,10 @@ pub fn argmax(values: &[f32]) -> u32 {
 
 impl Sampler {
     pub fn new(sampling: Sampling) -> Self {
-        Self { sampling, rng: Rng::new(sampling.seed) }
+        Self {
+            sampling,
+            rng: Rng::new(sampling.seed),
+        }
     }
 
     /// Picks the next token from raw logits; `history` is prompt plus generated tokens.
@@ -45,15 +48,21 @@ impl Sampler {
             return argmax(&logits);
         }
         let t = self.sampling.temperature;
-        let mut candidates: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, l)| (i as u32, l / t)).collect();
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u32, l / t))
+            .collect();
         // Stable order: by logit descending, then by id, so equal logits never depend on sort internals.
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.sampling.top_k > 0 {
             candidates.truncate(self.sampling.top_k);
         }
         let max = candidates[0].1;
-        let mut probs: Vec<f64> = candidates.iter().map(|(_, l)| f64::from(l - max).exp()).collect();
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|(_, l)| f64::from(l - max).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.sampling.top_p < 1.0 {
@@ -90,17 +99,26 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     let top = top.min(logits.len());
     if top > 0 {
         order.select_nth_unstable_by(top - 1, |a, b| {
-            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
         });
     }
     order.truncate(top);
-    order.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b)));
+    order.sort_by(|a, b| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    });
     TokenLogprob {
         token_id: token,
         logprob: logits[token as usize] - log_sum,
         top: order
             .into_iter()
-            .map(|id| TopLogprob { token_id: id, logprob: logits[id as usize] - log_sum })
+            .map(|id| TopLogprob {
+                token_id: id,
+                logprob: logits[id as usize] - log_sum,
+            })
             .collect(),
     }
 }
@@ -117,7 +135,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_pushes_seen_tokens_down() {
-        let sampling = Sampling { repetition_penalty: 4.0, ..Sampling::greedy() };
+        let sampling = Sampling {
+            repetition_penalty: 4.0,
+            ..Sampling::greedy()
+        };
         let mut s = Sampler::new(sampling);
         // token 0 (logit 2.0) was seen: 2.0 / 4 = 0.5 < 1.0
         assert_eq!(s.sample(&[2.0, 1.0], &[0]), 1);
@@ -128,22 +149,36 @@ mod tests {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draws = |seed| {
             let mut s = Sampler::new(Sampling::with_temperature(1.0, seed));
-            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..4000)
+                .map(|_| s.sample(&logits, &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draws(3), draws(3));
         assert_ne!(draws(3), draws(4));
         let d = draws(3);
-        assert!(d.iter().all(|t| *t < 2), "a token with zero probability was drawn");
+        assert!(
+            d.iter().all(|t| *t < 2),
+            "a token with zero probability was drawn"
+        );
         let ones = d.iter().filter(|t| **t == 1).count() as f64 / d.len() as f64;
-        assert!((ones - 0.75).abs() < 0.03, "token 1 should have p=0.75, drew {ones}");
+        assert!(
+            (ones - 0.75).abs() < 0.03,
+            "token 1 should have p=0.75, drew {ones}"
+        );
     }
 
     #[test]
     fn top_k_and_top_p_cut_the_tail() {
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let mut k1 = Sampler::new(Sampling { top_k: 1, ..Sampling::with_temperature(5.0, 9) });
+        let mut k1 = Sampler::new(Sampling {
+            top_k: 1,
+            ..Sampling::with_temperature(5.0, 9)
+        });
         assert!((0..200).all(|_| k1.sample(&logits, &[]) == 0));
-        let mut p = Sampler::new(Sampling { top_p: 0.5, ..Sampling::with_temperature(1.0, 9) });
+        let mut p = Sampler::new(Sampling {
+            top_p: 0.5,
+            ..Sampling::with_temperature(1.0, 9)
+        });
         // p(0) = 0.64 >= 0.5 so the nucleus is {0}.
         assert!((0..200).all(|_| p.sample(&logits, &[]) == 0));
     }
@@ -151,9 +186,15 @@ mod tests {
     #[test]
     fn logprobs_are_normalised_and_sorted() {
         let lp = token_logprob(&[1.0, 2.0, 3.0], 1, 2);
-        let total: f32 = [1.0f32, 2.0, 3.0].iter().map(|l| (l - 3.0 - (1.0 + (-1.0f32).exp() + (-2.0f32).exp()).ln()).exp()).sum();
+        let total: f32 = [1.0f32, 2.0, 3.0]
+            .iter()
+            .map(|l| (l - 3.0 - (1.0 + (-1.0f32).exp() + (-2.0f32).exp()).ln()).exp())
+            .sum();
         assert!((total - 1.0).abs() < 1e-5);
-        assert_eq!(lp.top.iter().map(|t| t.token_id).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(
+            lp.top.iter().map(|t| t.token_id).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
         assert!((lp.logprob - lp.top[1].logprob).abs() < 1e-6);
         assert!(lp.top[0].logprob < 0.0);
     }

@@ -37,9 +37,14 @@ impl ChatTokenizer {
         eos_ids: impl IntoIterator<Item = u32>,
     ) -> Result<Self, LoadError> {
         if !path.exists() {
-            return Err(LoadError::MissingFile { path: path.to_owned() });
+            return Err(LoadError::MissingFile {
+                path: path.to_owned(),
+            });
         }
-        let malformed = |reason: String| LoadError::Malformed { path: path.to_owned(), reason };
+        let malformed = |reason: String| LoadError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
         let mut inner = Tokenizer::from_file(path).map_err(|e| malformed(e.to_string()))?;
         // Text given to `encode` is data: special tokens inside it are encoded as plain text.
         inner.set_encode_special_tokens(true);
@@ -52,7 +57,10 @@ impl ChatTokenizer {
         let im_end = id(IM_END)?;
         let max_id = inner.get_vocab(true).values().copied().max().unwrap_or(0);
         if max_id as usize >= model_vocab {
-            return Err(LoadError::VocabMismatch { tokenizer_max_id: max_id, model_vocab });
+            return Err(LoadError::VocabMismatch {
+                tokenizer_max_id: max_id,
+                model_vocab,
+            });
         }
         let mut eos_ids: BTreeSet<u32> = eos_ids.into_iter().collect();
         // ChatML turns end with <|im_end|>; a chat model that emits it is done.
@@ -60,7 +68,13 @@ impl ChatTokenizer {
         if let Some(eot) = inner.token_to_id(END_OF_TEXT) {
             eos_ids.insert(eot);
         }
-        Ok(Self { inner, im_start, im_end, arch, eos_ids })
+        Ok(Self {
+            inner,
+            im_start,
+            im_end,
+            arch,
+            eos_ids,
+        })
     }
 
     /// Adds the id of `token` (as `tokenizer_config.json` names it) to the end-of-sequence ids.
@@ -154,7 +168,10 @@ mod tests {
 
     #[test]
     fn think_blocks_are_stripped() {
-        assert_eq!(strip_think("<think>\nhmm\n</think>\n\nAnswer: 4"), "Answer: 4");
+        assert_eq!(
+            strip_think("<think>\nhmm\n</think>\n\nAnswer: 4"),
+            "Answer: 4"
+        );
         assert_eq!(strip_think("A <think>x</think> B"), "A B");
         assert_eq!(strip_think("no thinking here"), "no thinking here");
         assert_eq!(strip_think("start <think>never closed"), "start ");
