@@ -1,1 +1,46 @@
-fn main() {}
+//! Engine throughput on a tiny generated model: prefill of one prompt, and decode of a batch.
+//! A regression guard for the engine's own overhead; real-shape figures come from
+//! `council dev bench` (docs/PERFORMANCE.md).
+
+use council_inference::tiny::{TinyArch, TinyModelSpec, write_tiny_model};
+use council_inference::{Backend, Engine, EngineConfig, GenerateRequest};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 31 + salt * 17) % 250 + 3).collect()
+}
+
+fn engine_benches(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_tiny_model(dir.path(), &TinyModelSpec::new(TinyArch::Qwen2)).expect("tiny model");
+    let engine = Engine::load_dir(dir.path(), EngineConfig::default()).expect("loads");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+
+    let mut group = c.benchmark_group("tiny_qwen2");
+    for len in [64usize, 256] {
+        group.throughput(Throughput::Elements(len as u64));
+        group.bench_with_input(BenchmarkId::new("prefill", len), &len, |b, &len| {
+            b.iter(|| runtime.block_on(engine.generate(GenerateRequest::tokens(prompt(len, 1), 1))).expect("generates"))
+        });
+    }
+    for batch in [1usize, 4] {
+        let new_tokens = 32;
+        group.throughput(Throughput::Elements((batch * new_tokens) as u64));
+        group.bench_with_input(BenchmarkId::new("decode_32", batch), &batch, |b, &batch| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let futures: Vec<_> = (0..batch)
+                        .map(|s| engine.generate(GenerateRequest::tokens(prompt(16, s as u32), new_tokens)))
+                        .collect();
+                    for f in futures {
+                        f.await.expect("generates");
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engine_benches);
+criterion_main!(benches);

@@ -334,9 +334,12 @@ fn tensor_bytes(seed: u64, name: &str, len: usize, init: Init) -> Vec<u8> {
     bytes
 }
 
+/// A tensor ready to write: name, shape, little-endian f32 bytes.
+type NamedTensor = (String, Vec<usize>, Vec<u8>);
+
 fn write_safetensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    tensors: &[NamedTensor],
 ) -> Result<(), TinyModelError> {
     let views = tensors
         .iter()
@@ -453,7 +456,7 @@ pub fn write_tiny_model(
         .iter()
         .map(|(_, shape, _)| shape.iter().product::<usize>())
         .sum();
-    let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<NamedTensor>> = vec![Vec::new()];
     let mut shard_size = 0;
     for (name, shape, init) in plan {
         let len: usize = shape.iter().product();

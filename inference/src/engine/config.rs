@@ -151,17 +151,17 @@ impl Config {
                 return Err(malformed(format!("{name} must be positive")));
             }
         }
-        if heads % kv_heads != 0 {
+        if !heads.is_multiple_of(kv_heads) {
             return Err(malformed(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(malformed(format!(
                 "head_dim {head_dim} must be even for rotary embeddings"
             )));
         }
-        if !(raw.rms_norm_eps > 0.0) {
+        if raw.rms_norm_eps.is_nan() || raw.rms_norm_eps <= 0.0 {
             return Err(malformed("rms_norm_eps must be positive".into()));
         }
         Ok(Config {
