@@ -171,12 +171,7 @@ pub fn load(
 
     let mut tensors = HashMap::new();
     for path in &files.weights {
-        let shard =
-            candle_core::safetensors::load(path, device).map_err(|e| LoadError::Malformed {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        tensors.extend(shard);
+        read_safetensors(path, device, dtype, &mut tensors)?;
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = QwenModel::new(&config, vb).map_err(|e| LoadError::Malformed {
@@ -188,6 +183,79 @@ pub fn load(
         tokenizer,
         name: name.to_owned(),
     })
+}
+
+#[derive(serde::Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// Headers larger than this are refused rather than allocated.
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Reads the tensors of one safetensors file into `out`, converted to `dtype` on `device`,
+/// one tensor at a time: peak memory is the weights plus the largest tensor, not the weights
+/// plus the whole file.
+fn read_safetensors(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    out: &mut HashMap<String, candle_core::Tensor>,
+) -> Result<(), LoadError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let malformed = |reason: String| LoadError::Malformed { path: path.to_owned(), reason };
+    let io = |source: std::io::Error| LoadError::Io { path: path.to_owned(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| malformed("shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_SAFETENSORS_HEADER || header_len + 8 > file_len {
+        return Err(malformed(format!("header length {header_len} does not fit a {file_len}-byte file")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| malformed(format!("header is not a JSON object: {e}")))?;
+    entries.remove("__metadata__");
+    let mut entries = entries
+        .into_iter()
+        .map(|(name, value)| {
+            serde_json::from_value::<TensorEntry>(value)
+                .map(|entry| (name.clone(), entry))
+                .map_err(|e| malformed(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|(_, e)| e.data_offsets.0);
+    let data_start = 8 + header_len;
+    let mut buffer = Vec::new();
+    for (name, entry) in entries {
+        let file_dtype = match entry.dtype.as_str() {
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            other => return Err(malformed(format!("tensor {name} has unsupported dtype {other}"))),
+        };
+        let (start, end) = entry.data_offsets;
+        let expected = entry.shape.iter().product::<usize>() * file_dtype.size_in_bytes();
+        if end < start || end - start != expected || data_start + end as u64 > file_len {
+            return Err(malformed(format!(
+                "tensor {name}: offsets {start}..{end} do not hold shape {:?} of {}",
+                entry.shape, entry.dtype
+            )));
+        }
+        buffer.resize(end - start, 0);
+        file.seek(SeekFrom::Start(data_start + start as u64)).map_err(io)?;
+        file.read_exact(&mut buffer).map_err(io)?;
+        let tensor = candle_core::Tensor::from_raw_buffer(&buffer, file_dtype, &entry.shape, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| malformed(format!("tensor {name}: {e}")))?;
+        out.insert(name, tensor);
+    }
+    Ok(())
 }
 
 /// A hub model reference `ORG/NAME[@REVISION]`.
