@@ -7,20 +7,29 @@ use council_inference::{Backend, Engine, EngineConfig, GenerateRequest};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 31 + salt * 17) % 250 + 3).collect()
+    (0..len as u32)
+        .map(|i| (i * 31 + salt * 17) % 250 + 3)
+        .collect()
 }
 
 fn engine_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     write_tiny_model(dir.path(), &TinyModelSpec::new(TinyArch::Qwen2)).expect("tiny model");
     let engine = Engine::load_dir(dir.path(), EngineConfig::default()).expect("loads");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
 
     let mut group = c.benchmark_group("tiny_qwen2");
     for len in [64usize, 256] {
         group.throughput(Throughput::Elements(len as u64));
         group.bench_with_input(BenchmarkId::new("prefill", len), &len, |b, &len| {
-            b.iter(|| runtime.block_on(engine.generate(GenerateRequest::tokens(prompt(len, 1), 1))).expect("generates"))
+            b.iter(|| {
+                runtime
+                    .block_on(engine.generate(GenerateRequest::tokens(prompt(len, 1), 1)))
+                    .expect("generates")
+            })
         });
     }
     for batch in [1usize, 4] {
@@ -30,7 +39,10 @@ fn engine_benches(c: &mut Criterion) {
             b.iter(|| {
                 runtime.block_on(async {
                     let futures: Vec<_> = (0..batch)
-                        .map(|s| engine.generate(GenerateRequest::tokens(prompt(16, s as u32), new_tokens)))
+                        .map(|s| {
+                            engine
+                                .generate(GenerateRequest::tokens(prompt(16, s as u32), new_tokens))
+                        })
                         .collect();
                     for f in futures {
                         f.await.expect("generates");

@@ -337,10 +337,7 @@ fn tensor_bytes(seed: u64, name: &str, len: usize, init: Init) -> Vec<u8> {
 /// A tensor ready to write: name, shape, little-endian f32 bytes.
 type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
-fn write_safetensors(
-    path: &Path,
-    tensors: &[NamedTensor],
-) -> Result<(), TinyModelError> {
+fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), TinyModelError> {
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {

@@ -205,8 +205,14 @@ fn read_safetensors(
     out: &mut HashMap<String, candle_core::Tensor>,
 ) -> Result<(), LoadError> {
     use std::io::{Read, Seek, SeekFrom};
-    let malformed = |reason: String| LoadError::Malformed { path: path.to_owned(), reason };
-    let io = |source: std::io::Error| LoadError::Io { path: path.to_owned(), source };
+    let malformed = |reason: String| LoadError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
+    let io = |source: std::io::Error| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut len_bytes = [0u8; 8];
@@ -214,7 +220,9 @@ fn read_safetensors(
         .map_err(|_| malformed("shorter than a safetensors header".into()))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_SAFETENSORS_HEADER || header_len + 8 > file_len {
-        return Err(malformed(format!("header length {header_len} does not fit a {file_len}-byte file")));
+        return Err(malformed(format!(
+            "header length {header_len} does not fit a {file_len}-byte file"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(io)?;
@@ -237,7 +245,11 @@ fn read_safetensors(
             "F32" => DType::F32,
             "BF16" => DType::BF16,
             "F16" => DType::F16,
-            other => return Err(malformed(format!("tensor {name} has unsupported dtype {other}"))),
+            other => {
+                return Err(malformed(format!(
+                    "tensor {name} has unsupported dtype {other}"
+                )));
+            }
         };
         let (start, end) = entry.data_offsets;
         let expected = entry.shape.iter().product::<usize>() * file_dtype.size_in_bytes();
@@ -248,11 +260,13 @@ fn read_safetensors(
             )));
         }
         buffer.resize(end - start, 0);
-        file.seek(SeekFrom::Start(data_start + start as u64)).map_err(io)?;
+        file.seek(SeekFrom::Start(data_start + start as u64))
+            .map_err(io)?;
         file.read_exact(&mut buffer).map_err(io)?;
-        let tensor = candle_core::Tensor::from_raw_buffer(&buffer, file_dtype, &entry.shape, device)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| malformed(format!("tensor {name}: {e}")))?;
+        let tensor =
+            candle_core::Tensor::from_raw_buffer(&buffer, file_dtype, &entry.shape, device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| malformed(format!("tensor {name}: {e}")))?;
         out.insert(name, tensor);
     }
     Ok(())
