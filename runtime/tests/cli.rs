@@ -32,7 +32,7 @@ fn tiny_model_then_generate_end_to_end() {
             stderr(&made)
         );
 
-        let out = council(&[
+        let generate = [
             "generate",
             "--model-dir",
             model,
@@ -40,7 +40,8 @@ fn tiny_model_then_generate_end_to_end() {
             "12",
             "--json",
             "Hello, council.",
-        ]);
+        ];
+        let out = council(&generate);
         assert!(out.status.success(), "generate failed: {}", stderr(&out));
         let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON result");
         let completion = result["usage"]["completion_tokens"]
@@ -59,15 +60,7 @@ fn tiny_model_then_generate_end_to_end() {
         );
 
         // Same command, same output: greedy generation is deterministic.
-        let again = council(&[
-            "generate",
-            "--model-dir",
-            model,
-            "--max-new-tokens",
-            "12",
-            "--json",
-            "Hello, council.",
-        ]);
+        let again = council(&generate);
         let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON result");
         assert_eq!(again["token_ids"], result["token_ids"]);
     }
@@ -107,4 +100,11 @@ fn bad_model_sources_fail_with_a_clear_message() {
     ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("max_new_tokens"), "{}", stderr(&out));
+
+    // A GPU asked of a CPU-only build is a clear error, not a silent fallback to CPU.
+    if !cfg!(feature = "cuda") {
+        let out = council(&["generate", "--model-dir", model, "--cuda", "0", "hi"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("without CUDA"), "{}", stderr(&out));
+    }
 }

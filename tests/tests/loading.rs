@@ -186,3 +186,34 @@ fn engine_config_must_be_positive() {
     .expect_err("max_batch 0");
     assert!(err.to_string().contains("max_batch"), "{err}");
 }
+
+#[test]
+fn bf16_checkpoints_load_and_run_in_f32() {
+    // Real Qwen checkpoints ship bf16 weights; the loader converts them tensor by tensor.
+    let dir = tiny_model(TinyArch::Qwen2);
+    let path = dir.path().join("model.safetensors");
+    let f32_logits =
+        sequence_logits(&load(dir.path()).expect("f32").model, &prompt(10, 2)).expect("forward");
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("read");
+    let bf16: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| (name, t.to_dtype(candle_core::DType::BF16).expect("to bf16")))
+        .collect();
+    candle_core::safetensors::save(&bf16, &path).expect("write bf16");
+    let bf16_logits =
+        sequence_logits(&load(dir.path()).expect("bf16").model, &prompt(10, 2)).expect("forward");
+    let max_diff = f32_logits
+        .iter()
+        .flatten()
+        .zip(bf16_logits.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff > 0.0,
+        "bf16 rounding should change the logits a little"
+    );
+    assert!(
+        max_diff < 0.5,
+        "bf16 weights changed the logits by {max_diff}"
+    );
+}
