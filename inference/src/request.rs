@@ -147,6 +147,10 @@ pub struct GenerateRequest {
     /// When set, every generated token comes with its log-probability and the `n` most likely
     /// alternatives.
     pub top_logprobs: Option<usize>,
+    /// Let thinking models (Qwen3) think before answering. Off by default: the prompt opens the
+    /// assistant turn with an empty think block. Think blocks are stripped from the text either way.
+    #[serde(default)]
+    pub enable_thinking: bool,
 }
 
 impl GenerateRequest {
@@ -158,6 +162,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             top_logprobs: None,
+            enable_thinking: false,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Command-line grammar of the `council` binary and its dispatch.
 
-use crate::{dev, generate};
+use crate::{deliberate, dev, generate};
 
 /// Councils of role agents that deliberate, score and rank, on one batched inference engine.
 #[derive(Debug, clap::Parser)]
@@ -12,6 +12,8 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Run one deliberation of a council on a task and print the ranked outcome.
+    Deliberate(deliberate::DeliberateArgs),
     /// Generate one chat completion with the in-process engine.
     Generate(generate::GenerateArgs),
     /// Developer tools: tiny models, engine benchmarks.
@@ -21,6 +23,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Deliberate(args) => deliberate::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Dev(command) => dev::run(command),
     }

@@ -2,6 +2,8 @@
 //! It is the only crate that knows files, configuration, gRPC and NATS.
 
 pub mod cli;
+pub mod deliberate;
 pub mod dev;
+pub mod driver;
 pub mod generate;
 pub mod model_source;

@@ -87,7 +87,7 @@ async fn check(arch: TinyArch, name: &str) {
     );
     let chat = loaded
         .tokenizer
-        .encode_chat(&fixture.chat.messages)
+        .encode_chat(&fixture.chat.messages, false)
         .expect("renders chat");
     assert_eq!(
         chat, fixture.chat.ids,

@@ -225,7 +225,10 @@ impl EngineHandle {
     /// Tokenizes the prompt of `request` as the engine will.
     pub fn prompt_tokens(&self, request: &GenerateRequest) -> Result<Vec<u32>, InferenceError> {
         match &request.prompt {
-            Prompt::Chat(messages) => self.inner.tokenizer.encode_chat(messages),
+            Prompt::Chat(messages) => self
+                .inner
+                .tokenizer
+                .encode_chat(messages, request.enable_thinking),
             Prompt::Tokens(tokens) => {
                 let vocab = self.inner.info.vocab_size;
                 if let Some(bad) = tokens.iter().find(|t| **t as usize >= vocab) {

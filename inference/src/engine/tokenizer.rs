@@ -102,9 +102,13 @@ impl ChatTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Renders messages as ChatML and opens an assistant turn. For Qwen3 the turn starts with an
-    /// empty think block, which is how Qwen3 templates switch thinking off.
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
+    /// Renders messages as ChatML and opens an assistant turn. For Qwen3 without `thinking` the
+    /// turn starts with an empty think block, which is how Qwen3 templates switch thinking off.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        thinking: bool,
+    ) -> Result<Vec<u32>, InferenceError> {
         let newline = self.encode("\n")?;
         let mut ids = Vec::new();
         for m in messages {
@@ -115,8 +119,8 @@ impl ChatTokenizer {
         }
         ids.push(self.im_start);
         let opening = match self.arch {
-            Arch::Qwen2 => "assistant\n".to_owned(),
-            Arch::Qwen3 => format!("assistant\n{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"),
+            Arch::Qwen3 if !thinking => format!("assistant\n{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"),
+            _ => "assistant\n".to_owned(),
         };
         // The think markers are added (non-special) tokens: they must be matched here.
         let encoding = self

@@ -1,0 +1,87 @@
+//! Runs deliberations against a `Backend`: every call of a phase is submitted at once, so the
+//! engine batches them (and the calls of every other deliberation running at the same time).
+
+use council_councils::prompts::MessageRole;
+use council_councils::{
+    CallKind, Completion, Deliberation, LlmCall, Outcome, Reply, Step, StepError,
+};
+use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
+
+/// The driver could not finish a deliberation (a protocol bug, never a model failure: failed
+/// calls are data inside the outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("deliberation protocol: {0}")]
+    Protocol(#[from] StepError),
+    #[error("a backend task panicked or was aborted: {0}")]
+    Join(String),
+}
+
+fn request(call: &LlmCall) -> GenerateRequest {
+    let messages = call
+        .messages
+        .iter()
+        .map(|m| match m.role {
+            MessageRole::System => ChatMessage::system(m.content.clone()),
+            MessageRole::User => ChatMessage::user(m.content.clone()),
+        })
+        .collect();
+    GenerateRequest::chat(messages, call.sampling.max_tokens as usize).with_sampling(Sampling {
+        temperature: call.sampling.temperature,
+        top_k: 0,
+        top_p: call.sampling.top_p,
+        repetition_penalty: 1.0,
+        seed: call.sampling.seed,
+    })
+}
+
+fn completion(result: council_inference::GenerateResult) -> Completion {
+    Completion {
+        text: result.text,
+        prompt_tokens: result.usage.prompt_tokens as u64,
+        completion_tokens: result.usage.completion_tokens as u64,
+        choice_logprobs: None,
+    }
+}
+
+/// Answers every call of one phase concurrently. Dropping the returned future aborts the
+/// tasks, which drops their backend futures and so cancels the requests.
+async fn answer_all(backend: &dyn Backend, calls: Vec<LlmCall>) -> Result<Vec<Reply>, DriverError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut replies = Vec::with_capacity(calls.len());
+    for call in calls {
+        match call.kind {
+            CallKind::Generate => {
+                let future = backend.generate(request(&call));
+                tasks.spawn(async move {
+                    Reply {
+                        call: call.id,
+                        result: future.await.map(completion).map_err(|e| e.to_string()),
+                    }
+                });
+            }
+            CallKind::ScoreChoices { .. } => replies.push(Reply {
+                call: call.id,
+                result: Err("this backend cannot score choices".to_owned()),
+            }),
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        replies.push(joined.map_err(|e| DriverError::Join(e.to_string()))?);
+    }
+    Ok(replies)
+}
+
+/// Drives `deliberation` to its outcome on `backend`.
+pub async fn run(
+    backend: &dyn Backend,
+    mut deliberation: Deliberation,
+) -> Result<Outcome, DriverError> {
+    let mut replies = Vec::new();
+    loop {
+        match deliberation.step(std::mem::take(&mut replies))? {
+            Step::Done(outcome) => return Ok(*outcome),
+            Step::Calls(calls) => replies = answer_all(backend, calls).await?,
+        }
+    }
+}
