@@ -328,8 +328,14 @@ impl Deliberation {
                 self.agents[a].round = 0;
             }
             CallMeta::Critique { labels, authors } => {
-                for (section, author) in split_sections(&c.text, &labels).into_iter().zip(authors) {
-                    if let Some(s) = section {
+                let sections = split_sections(&c.text, &labels);
+                // A review without per-proposal headings still reaches every author it covered.
+                let whole = sections
+                    .iter()
+                    .all(Option::is_none)
+                    .then(|| c.text.trim().to_owned());
+                for (section, author) in sections.into_iter().zip(authors) {
+                    if let Some(s) = section.or_else(|| whole.clone()) {
                         self.critiques[author].push(s);
                     }
                 }

@@ -108,3 +108,98 @@ fn bad_model_sources_fail_with_a_clear_message() {
         assert!(stderr(&out).contains("without CUDA"), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn deliberate_end_to_end_on_a_tiny_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = dir.path().to_str().expect("utf-8");
+    assert!(council(&["dev", "tiny-model", model]).status.success());
+    let args = [
+        "deliberate",
+        "--model-dir",
+        model,
+        "--role",
+        "DEV",
+        "--rounds",
+        "2",
+        "--max-tokens-per-call",
+        "64",
+        "--seed",
+        "3",
+        "--json",
+        "Propose a retry policy for a flaky job queue.",
+    ];
+    let out = council(&args);
+    assert!(out.status.success(), "deliberate failed: {}", stderr(&out));
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON outcome");
+    assert_eq!(o["status"]["state"], "completed", "{o}");
+    let proposals = o["proposals"].as_array().expect("proposals");
+    assert!(proposals.len() >= 2, "{o}");
+    let ranks: Vec<u64> = proposals
+        .iter()
+        .map(|p| p["rank"].as_u64().expect("rank"))
+        .collect();
+    assert_eq!(ranks, (1..=proposals.len() as u64).collect::<Vec<_>>());
+    assert_eq!(o["winner"], proposals[0]["agent"]);
+    assert!(
+        proposals
+            .iter()
+            .all(|p| p["content"].as_str().is_some_and(|c| !c.trim().is_empty()))
+    );
+
+    // Usage accounting adds up over the transcript.
+    let transcript = o["transcript"].as_array().expect("transcript");
+    assert_eq!(o["usage"]["calls"].as_u64(), Some(transcript.len() as u64));
+    let sum = |key: &str| {
+        transcript
+            .iter()
+            .map(|r| r[key].as_u64().expect("tokens"))
+            .sum::<u64>()
+    };
+    assert_eq!(
+        o["usage"]["prompt_tokens"].as_u64(),
+        Some(sum("prompt_tokens"))
+    );
+    assert_eq!(
+        o["usage"]["completion_tokens"].as_u64(),
+        Some(sum("completion_tokens"))
+    );
+    assert!(
+        transcript
+            .iter()
+            .all(|r| r["completion_tokens"].as_u64().expect("n") <= 64)
+    );
+    let phases: std::collections::BTreeSet<&str> = transcript
+        .iter()
+        .filter_map(|r| r["phase"].as_str())
+        .collect();
+    assert!(
+        phases.contains("propose") && phases.contains("critique"),
+        "{phases:?}"
+    );
+
+    // Same seed, same model: the same outcome, byte for byte.
+    let again = council(&args);
+    assert_eq!(
+        again.stdout, out.stdout,
+        "deliberation is not deterministic"
+    );
+
+    // Bad arguments are named before any model loads.
+    for (flag, value) in [
+        ("--role", "9bad"),
+        ("--rounds", "99"),
+        ("--visibility", "sideways"),
+        ("--agents", "0"),
+    ] {
+        let mut bad: Vec<&str> = vec!["deliberate", "--model-dir", model, "task"];
+        bad.extend([flag, value]);
+        let out = council(&bad);
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains(flag.trim_start_matches("--")) || err.contains(value),
+            "{flag}: {err}"
+        );
+    }
+}
