@@ -660,3 +660,103 @@ fn injected_instructions_do_not_change_other_prompts_or_parsing() {
     b.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(a, b);
 }
+
+#[test]
+fn logprob_judging_uses_expected_scores_of_choice_calls() {
+    use council_councils::CallKind;
+    use council_councils::spec::JudgeMode;
+    let config = DeliberationConfig {
+        rounds: 0,
+        judge: JudgeMode::LogProb,
+        ..Default::default()
+    };
+    let mut d = Deliberation::new(council(3, config), task(None), config, 2);
+    let mut replies = Vec::new();
+    let mut choice_calls = 0;
+    let outcome = loop {
+        match d.step(replies).expect("protocol") {
+            Step::Done(o) => break *o,
+            Step::Calls(calls) => {
+                replies = calls
+                    .iter()
+                    .map(|c| match &c.kind {
+                        CallKind::ScoreChoices { choices } => {
+                            choice_calls += 1;
+                            assert_eq!(choices.len(), 10);
+                            // dev-1's proposal always gets a sure 10, everyone else a sure 1.
+                            let best = user_text(c).contains("token1");
+                            let sure = if best { 10 } else { 1 };
+                            let lp: Vec<f64> = (1..=10)
+                                .map(|v| if v == sure { 0.0 } else { -50.0 })
+                                .collect();
+                            Reply {
+                                call: c.id,
+                                result: Ok(Completion {
+                                    text: String::new(),
+                                    prompt_tokens: 10,
+                                    completion_tokens: 0,
+                                    choice_logprobs: Some(lp),
+                                }),
+                            }
+                        }
+                        CallKind::Generate => reply(c, &good),
+                    })
+                    .collect();
+            }
+        }
+    };
+    // 3 judges × 2 peers × 2 criteria.
+    assert_eq!(choice_calls, 12);
+    let score = |id: &str| {
+        outcome
+            .proposals
+            .iter()
+            .find(|p| p.agent.as_str() == id)
+            .and_then(|p| p.scores.rubric)
+    };
+    assert!((score("dev-1").expect("scored") - 1.0).abs() < 1e-9);
+    assert!(score("dev-2").expect("scored").abs() < 1e-9);
+}
+
+#[test]
+fn progress_events_tell_the_story_in_order() {
+    use council_councils::Progress;
+    let config = DeliberationConfig {
+        rounds: 1,
+        early_stop: false,
+        ..Default::default()
+    };
+    let mut d = Deliberation::new(council(2, config), task(None), config, 2);
+    let mut replies = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let step = d.step(replies).expect("protocol");
+        events.extend(d.drain_progress());
+        match step {
+            Step::Done(_) => break,
+            Step::Calls(calls) => replies = calls.iter().map(|c| reply(c, &good)).collect(),
+        }
+    }
+    let started: Vec<(Phase, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Progress::PhaseStarted { phase, round, .. } => Some((*phase, *round)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        started,
+        vec![
+            (Phase::Propose, 0),
+            (Phase::Critique, 1),
+            (Phase::Revise, 1),
+            (Phase::Score, 1)
+        ]
+    );
+    let done = events
+        .iter()
+        .filter(|e| matches!(e, Progress::AgentDone { ok: true, .. }))
+        .count();
+    assert_eq!(done, 8, "2 agents × 4 phases");
+    assert_eq!(events.last(), Some(&Progress::ScoresReady));
+}
