@@ -158,6 +158,8 @@ pub struct Deliberation {
     /// Replies taken by each step after the first: the whole state, for checkpoints.
     history: Vec<Vec<crate::checkpoint::ReplyDto>>,
     fingerprint: u64,
+    /// The absolute-majority answer at the previous round boundary, if there was one.
+    last_majority: Option<String>,
 }
 
 const DEFAULT_CRITERIA: [&str; 3] = ["correctness", "completeness", "clarity"];
@@ -176,6 +178,7 @@ impl Deliberation {
         Self {
             history: Vec::new(),
             fingerprint,
+            last_majority: None,
             council,
             task,
             config,
@@ -486,7 +489,7 @@ impl Deliberation {
     }
 
     /// Whether round `round` should not start.
-    fn early_stop(&self, round: u32) -> Option<StopReason> {
+    fn early_stop(&mut self, round: u32) -> Option<StopReason> {
         if round > self.config.rounds {
             return Some(StopReason::RoundsCompleted);
         }
@@ -511,6 +514,15 @@ impl Deliberation {
                 .collect();
             if answers.iter().all(Option::is_some) && answers.windows(2).all(|w| w[0] == w[1]) {
                 return Some(StopReason::Consensus);
+            }
+            let majority = aggregate::majority_vote(&answers);
+            let absolute = majority
+                .winner
+                .filter(|_| majority.votes * 2 > working.len());
+            let stable = absolute.is_some() && absolute == self.last_majority;
+            self.last_majority = absolute;
+            if stable {
+                return Some(StopReason::StableMajority);
             }
         }
         None

@@ -35,6 +35,9 @@ pub enum StopReason {
     Consensus,
     /// No revision changed any proposal.
     Converged,
+    /// The same answer held an absolute majority before and after a round of critique: the
+    /// leader survived its peers' review and majority voting will pick it.
+    StableMajority,
     /// The token budget ran out; the deliberation ended with what it had.
     BudgetExhausted,
     /// Too few agents were left working.

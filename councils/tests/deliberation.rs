@@ -234,7 +234,11 @@ fn peers_are_anonymous_and_labels_shuffled_per_reviewer() {
 
 fn answering(answer: impl Fn(&LlmCall) -> String + 'static) -> Box<Script> {
     Box::new(move |call: &LlmCall| match call.phase {
-        Phase::Propose | Phase::Revise => Ok(format!("Work shown.\nANSWER: {}", answer(call))),
+        Phase::Propose | Phase::Revise => Ok(format!(
+            "Work shown in round {}.\nANSWER: {}",
+            call.round,
+            answer(call)
+        )),
         _ => good(call),
     })
 }
@@ -285,7 +289,17 @@ fn consensus_stops_rounds_early_and_majority_scores() {
         ),
         &*script,
     );
-    assert!(batches.len() > 2);
+    // The 2-1 majority survives round 1's critique unchanged: rounds 2 and 3 are skipped.
+    assert_eq!(
+        phases(&batches),
+        vec![
+            (Phase::Propose, 0, 3),
+            (Phase::Critique, 1, 3),
+            (Phase::Revise, 1, 3),
+            (Phase::Score, 1, 3)
+        ]
+    );
+    assert_eq!(outcome.stop_reason, StopReason::StableMajority);
     let minority = outcome
         .proposals
         .iter()
@@ -293,6 +307,33 @@ fn consensus_stops_rounds_early_and_majority_scores() {
         .expect("dev-3");
     assert_eq!(minority.scores.majority, Some(0.0));
     assert_eq!(outcome.majority_answer.as_deref(), Some("42"));
+}
+
+#[test]
+fn a_majority_that_flips_keeps_the_council_deliberating() {
+    let config = DeliberationConfig {
+        rounds: 3,
+        ..Default::default()
+    };
+    // dev-1 and dev-2 agree on a different answer every round: no majority is ever stable.
+    let script = answering(|call| {
+        if call.agent.as_str() == "dev-3" {
+            "7".into()
+        } else {
+            (40 + call.round).to_string()
+        }
+    });
+    let (outcome, _) = drive(
+        Deliberation::new(
+            council(3, config),
+            task(Some(AnswerFormat::Integer)),
+            config,
+            1,
+        ),
+        &*script,
+    );
+    assert_eq!(outcome.stop_reason, StopReason::RoundsCompleted);
+    assert_eq!(outcome.rounds_run, 3);
 }
 
 #[test]
