@@ -123,6 +123,9 @@ struct Pending {
     messages: Vec<Message>,
 }
 
+/// A call about to be emitted: agent index, messages, what it is for, what it wants back.
+type NewCall = (usize, Vec<Message>, CallMeta, CallKind);
+
 /// Scores gathered in the score phase.
 #[derive(Debug, Clone, Default)]
 struct Judgements {
@@ -543,12 +546,7 @@ impl Deliberation {
         Ok(self.emit(Phase::Score, self.round, calls))
     }
 
-    fn emit(
-        &mut self,
-        phase: Phase,
-        round: u32,
-        calls: Vec<(usize, Vec<Message>, CallMeta, CallKind)>,
-    ) -> Step {
+    fn emit(&mut self, phase: Phase, round: u32, calls: Vec<NewCall>) -> Step {
         self.phase = phase;
         let mut out = Vec::with_capacity(calls.len());
         for (agent, messages, meta, kind) in calls {
@@ -608,7 +606,7 @@ impl Deliberation {
         Step::Calls(out)
     }
 
-    fn propose_calls(&self) -> Vec<(usize, Vec<Message>, CallMeta, CallKind)> {
+    fn propose_calls(&self) -> Vec<NewCall> {
         (0..self.council.agents.len())
             .map(|i| {
                 (
@@ -649,7 +647,21 @@ impl Deliberation {
         (labels, peers)
     }
 
-    fn critique_calls(&mut self) -> Vec<(usize, Vec<Message>, CallMeta, CallKind)> {
+    /// (label, current proposal) of each author, for quoting in a prompt.
+    fn labelled<'a>(&'a self, labels: &[String], authors: &[usize]) -> Vec<(String, &'a str)> {
+        labels
+            .iter()
+            .zip(authors)
+            .map(|(l, &a)| {
+                (
+                    l.clone(),
+                    self.agents[a].proposal.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn critique_calls(&mut self) -> Vec<NewCall> {
         self.critiques = vec![Vec::new(); self.agents.len()];
         let mut calls = Vec::new();
         for reviewer in self.working() {
@@ -657,16 +669,7 @@ impl Deliberation {
             if authors.is_empty() {
                 continue;
             }
-            let peers: Vec<(String, &str)> = labels
-                .iter()
-                .zip(&authors)
-                .map(|(l, &a)| {
-                    (
-                        l.clone(),
-                        self.agents[a].proposal.as_deref().unwrap_or_default(),
-                    )
-                })
-                .collect();
+            let peers = self.labelled(&labels, &authors);
             let messages = prompts::critique(
                 &self.council.agents[reviewer],
                 &self.task,
@@ -683,7 +686,7 @@ impl Deliberation {
         calls
     }
 
-    fn revise_calls(&mut self) -> Vec<(usize, Vec<Message>, CallMeta, CallKind)> {
+    fn revise_calls(&mut self) -> Vec<NewCall> {
         let mut calls = Vec::new();
         for author in self.working() {
             if self.critiques[author].is_empty() {
@@ -710,7 +713,7 @@ impl Deliberation {
         calls
     }
 
-    fn score_calls(&self) -> Vec<(usize, Vec<Message>, CallMeta, CallKind)> {
+    fn score_calls(&self) -> Vec<NewCall> {
         let working = self.working();
         if working.len() < 2 {
             return Vec::new();
@@ -722,16 +725,7 @@ impl Deliberation {
             SplitMix::new(mix(&[self.seed, 3, u64::from(self.round), judge as u64]))
                 .shuffle(&mut authors);
             let labels: Vec<String> = (0..authors.len()).map(label).collect();
-            let peers: Vec<(String, &str)> = labels
-                .iter()
-                .zip(&authors)
-                .map(|(l, &a)| {
-                    (
-                        l.clone(),
-                        self.agents[a].proposal.as_deref().unwrap_or_default(),
-                    )
-                })
-                .collect();
+            let peers = self.labelled(&labels, &authors);
             let agent = &self.council.agents[judge];
             if self.config.judge == JudgeMode::LogProb {
                 for (l, &author) in labels.iter().zip(&authors) {
