@@ -218,6 +218,17 @@ fn print_table(o: &Outcome) {
             f.reason
         );
     }
+    let unscored = o.proposals.iter().all(|p| {
+        let s = p.scores;
+        [s.peer_ranking, s.rubric, s.majority, s.checks]
+            .iter()
+            .all(Option::is_none)
+    });
+    if unscored && !o.proposals.is_empty() {
+        println!(
+            "note: no scoring method could score any proposal; the order is the deterministic tie-break"
+        );
+    }
     match (&o.winner, o.margin) {
         (Some(w), Some(m)) => {
             println!("winner: {w} (margin: wins over the runner-up with p = {m:.2})")
