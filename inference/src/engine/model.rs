@@ -166,7 +166,8 @@ impl Attention {
                 scores
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = probs.matmul(&v_all.contiguous()?)?; // [kv_heads, groups * n, head_dim]
+            // The cached view is strided only in its batch dim, which matmul takes as it is.
+            let out = probs.matmul(&v_all)?; // [kv_heads, groups * n, head_dim]
             let out = out
                 .reshape((self.heads, n, self.head_dim))?
                 .transpose(0, 1)?
