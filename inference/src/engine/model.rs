@@ -5,7 +5,7 @@
 //! sequence's KV in the [`KvPool`], with its own causal mask. The model holds weights only.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::cache::{KvPool, KvShape, SlotId};
 use super::config::{Arch, Config};
@@ -29,17 +29,44 @@ pub enum Logits {
     All,
 }
 
-fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> candle_core::Result<Linear> {
-    if bias {
-        candle_nn::linear_b(in_dim, out_dim, true, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+/// Rows up to which a projection is computed as `(W·xᵀ)ᵀ` (see [`Proj::forward`]).
+const FEW_ROWS: usize = 8;
+
+/// A projection `y = x·Wᵀ + b` over packed rows, `W` being `[out, in]` as checkpoints store it.
+#[derive(Debug)]
+struct Proj {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Proj {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
     }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if x.dim(0)? <= FEW_ROWS {
+            // Decode steps have a handful of rows: with the weight as the left operand the
+            // CPU gemm streams it instead of repacking all of it for every call.
+            self.weight.matmul(&x.t()?)?.t()?.contiguous()?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Proj> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Proj::new(weight, bias))
 }
 
 #[derive(Debug)]
@@ -75,10 +102,10 @@ impl Rotary {
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
@@ -205,9 +232,9 @@ fn causal_mask(
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
@@ -254,7 +281,7 @@ pub struct QwenModel {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: Rotary,
     config: Config,
     device: Device,
@@ -288,9 +315,14 @@ impl QwenModel {
         }
         let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Proj::new(embed_tokens.embeddings().clone(), None)
         } else {
-            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+            linear(
+                config.hidden_size,
+                config.vocab_size,
+                false,
+                vb.pp("lm_head"),
+            )?
         };
         Ok(Self {
             embed_tokens,
