@@ -7,3 +7,4 @@ pub mod dev;
 pub mod driver;
 pub mod generate;
 pub mod model_source;
+pub mod store;
