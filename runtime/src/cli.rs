@@ -1,6 +1,6 @@
 //! Command-line grammar of the `council` binary and its dispatch.
 
-use crate::{deliberate, dev, generate};
+use crate::{deliberate, dev, generate, serve};
 
 /// Councils of role agents that deliberate, score and rank, on one batched inference engine.
 #[derive(Debug, clap::Parser)]
@@ -14,6 +14,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one deliberation of a council on a task and print the ranked outcome.
     Deliberate(deliberate::DeliberateArgs),
+    /// Serve the fleet.orchestrator.v1 gRPC API.
+    Serve(serve::ServeArgs),
     /// Generate one chat completion with the in-process engine.
     Generate(generate::GenerateArgs),
     /// Developer tools: tiny models, engine benchmarks.
@@ -25,6 +27,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Deliberate(args) => deliberate::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Dev(command) => dev::run(command),
     }
 }

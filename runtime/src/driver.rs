@@ -1,9 +1,11 @@
 //! Runs deliberations against a `Backend`: every call of a phase is submitted at once, so the
 //! engine batches them (and the calls of every other deliberation running at the same time).
 
+use std::time::SystemTime;
+
 use council_councils::prompts::MessageRole;
 use council_councils::{
-    CallKind, Completion, Deliberation, LlmCall, Outcome, Reply, Step, StepError,
+    CallKind, Completion, Deliberation, LlmCall, Outcome, Phase, Reply, Step, StepError,
 };
 use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
 
@@ -72,16 +74,36 @@ async fn answer_all(backend: &dyn Backend, calls: Vec<LlmCall>) -> Result<Vec<Re
     Ok(replies)
 }
 
+/// When each phase of a deliberation finished, by (phase, round).
+pub type Timeline = Vec<(Phase, u32, SystemTime)>;
+
 /// Drives `deliberation` to its outcome on `backend`.
 pub async fn run(
     backend: &dyn Backend,
-    mut deliberation: Deliberation,
+    deliberation: Deliberation,
 ) -> Result<Outcome, DriverError> {
+    run_timed(backend, deliberation)
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
+/// Like [`run`], also recording when each phase finished (for proposal timestamps).
+pub async fn run_timed(
+    backend: &dyn Backend,
+    mut deliberation: Deliberation,
+) -> Result<(Outcome, Timeline), DriverError> {
     let mut replies = Vec::new();
+    let mut timeline = Timeline::new();
     loop {
         match deliberation.step(std::mem::take(&mut replies))? {
-            Step::Done(outcome) => return Ok(*outcome),
-            Step::Calls(calls) => replies = answer_all(backend, calls).await?,
+            Step::Done(outcome) => return Ok((*outcome, timeline)),
+            Step::Calls(calls) => {
+                let phase = calls.first().map(|c| (c.phase, c.round));
+                replies = answer_all(backend, calls).await?;
+                if let Some((phase, round)) = phase {
+                    timeline.push((phase, round, SystemTime::now()));
+                }
+            }
         }
     }
 }

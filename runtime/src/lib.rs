@@ -7,4 +7,6 @@ pub mod dev;
 pub mod driver;
 pub mod generate;
 pub mod model_source;
+pub mod serve;
+pub mod service;
 pub mod store;

@@ -1,0 +1,228 @@
+//! Conversions between wire messages and domain types. Proto types stop here.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use council_councils::checks::{CheckReport, CheckStatus};
+use council_councils::outcome::{Outcome, Phase, RankedProposal, StopReason};
+use council_councils::{CouncilSpec, Task, TaskId};
+use council_proto::fleet::orchestrator::v1 as pb;
+
+use super::status::{ServiceError, invalid};
+use crate::driver::Timeline;
+
+pub fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The task of a `DeliberateRequest`, validated.
+pub fn task(req: &pb::DeliberateRequest) -> Result<Task, ServiceError> {
+    let id = TaskId::new(req.task_id.clone()).map_err(|e| invalid("task_id", e.to_string()))?;
+    let mut task = Task::new(id, req.task_description.clone())
+        .map_err(|e| invalid("task_description", e.to_string()))?;
+    if let Some(c) = &req.constraints {
+        task.rubric = c.rubric.clone();
+        task.requirements = c.requirements.clone();
+        let mut metadata: Vec<(String, String)> = c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        metadata.sort();
+        task.metadata = metadata;
+    }
+    task.validate()
+        .map_err(|e| invalid("constraints", e.to_string()))?;
+    Ok(task)
+}
+
+/// The council to deliberate with: the stored one, cut to `num_agents` when asked.
+pub fn council_for(
+    mut council: CouncilSpec,
+    req: &pb::DeliberateRequest,
+) -> Result<CouncilSpec, ServiceError> {
+    let size = council.agents.len();
+    match req.num_agents {
+        n if n < 0 => return Err(invalid("num_agents", format!("{n} is negative"))),
+        0 => {}
+        n if n as usize > size => {
+            return Err(invalid(
+                "num_agents",
+                format!("{n} exceeds the council's {size} agents"),
+            ));
+        }
+        n => council.agents.truncate(n as usize),
+    }
+    if !(0..=i64::from(council_councils::spec::DeliberationConfig::MAX_ROUNDS))
+        .contains(&i64::from(req.rounds))
+    {
+        return Err(invalid(
+            "rounds",
+            format!(
+                "{} is outside 0..={}",
+                req.rounds,
+                council_councils::spec::DeliberationConfig::MAX_ROUNDS
+            ),
+        ));
+    }
+    // Rounds are honoured exactly, 0 included.
+    council.config.rounds = req.rounds as u32;
+    Ok(council)
+}
+
+/// The deadline a request asks for, bounded by `max`.
+pub fn timeout(
+    req: &pb::DeliberateRequest,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, ServiceError> {
+    match req.constraints.as_ref().map_or(0, |c| c.timeout_seconds) {
+        s if s < 0 => Err(invalid(
+            "constraints.timeout_seconds",
+            format!("{s} is negative"),
+        )),
+        0 => Ok(default),
+        s => Ok(Duration::from_secs(s as u64).min(max)),
+    }
+}
+
+fn stop_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::RoundsCompleted => "rounds_completed",
+        StopReason::Consensus => "consensus",
+        StopReason::StableMajority => "stable_majority",
+        StopReason::Converged => "converged",
+        StopReason::BudgetExhausted => "budget_exhausted",
+        StopReason::QuorumLost => "quorum_lost",
+    }
+}
+
+fn check_result(r: &CheckReport) -> pb::CheckResult {
+    let (passed, status, message) = match &r.status {
+        CheckStatus::Passed => (true, "passed", String::new()),
+        CheckStatus::Failed { reason } => (false, "failed", reason.clone()),
+        CheckStatus::Skipped { reason } => (false, "skipped", reason.clone()),
+    };
+    pb::CheckResult {
+        check_type: r.name.clone(),
+        passed,
+        score: if passed { 1.0 } else { 0.0 },
+        message,
+        details: HashMap::from([("status".to_owned(), status.to_owned())]),
+    }
+}
+
+const NOT_RUN: &str = "skipped: this check is not configured on this service";
+
+fn check_suite(p: &RankedProposal) -> pb::CheckSuite {
+    let additional: Vec<pb::CheckResult> = p.checks.iter().map(check_result).collect();
+    pb::CheckSuite {
+        policy: Some(pb::PolicyResult {
+            passed: false,
+            violations: Vec::new(),
+            message: NOT_RUN.into(),
+        }),
+        lint: Some(pb::LintResult {
+            passed: false,
+            error_count: 0,
+            warning_count: 0,
+            errors: Vec::new(),
+        }),
+        dryrun: Some(pb::DryRunResult {
+            passed: false,
+            output: String::new(),
+            exit_code: 0,
+            message: NOT_RUN.into(),
+        }),
+        // Policy, lint and dry-run did not run, so the suite did not pass.
+        all_passed: false,
+        additional_checks: additional,
+    }
+}
+
+fn created_at(p: &RankedProposal, timeline: &Timeline) -> i64 {
+    let phase = if p.round == 0 {
+        Phase::Propose
+    } else {
+        Phase::Revise
+    };
+    timeline
+        .iter()
+        .find(|(ph, r, _)| *ph == phase && *r == p.round)
+        .map_or(0, |(_, _, t)| millis(*t))
+}
+
+pub fn result(p: &RankedProposal, timeline: &Timeline) -> pb::DeliberationResult {
+    pb::DeliberationResult {
+        proposal: Some(pb::Proposal {
+            author_id: p.agent.to_string(),
+            author_role: p.role.to_string(),
+            content: p.content.clone(),
+            created_at_ms: created_at(p, timeline),
+            revisions: p.revisions.clone(),
+        }),
+        checks: Some(check_suite(p)),
+        score: p.score,
+        rank: p.rank as i32,
+        method_scores: Some(pb::MethodScores {
+            peer_ranking: p.scores.peer_ranking,
+            condorcet: p.scores.condorcet,
+            rubric: p.scores.rubric,
+            majority: p.scores.majority,
+            checks: p.scores.checks,
+        }),
+        answer: p.answer.clone().unwrap_or_default(),
+    }
+}
+
+pub fn summary(o: &Outcome) -> pb::DeliberationSummary {
+    pb::DeliberationSummary {
+        margin: o.margin.unwrap_or(0.0),
+        stop_reason: stop_reason(o.stop_reason).to_owned(),
+        rounds_run: o.rounds_run as i32,
+        majority_answer: o.majority_answer.clone().unwrap_or_default(),
+        calls: o.usage.calls as i64,
+        failed_calls: o.usage.failed_calls as i64,
+        prompt_tokens: o.usage.prompt_tokens as i64,
+        completion_tokens: o.usage.completion_tokens as i64,
+        failed_agents: o
+            .failed_agents
+            .iter()
+            .map(|f| pb::FailedAgent {
+                agent_id: f.agent.to_string(),
+                phase: f.phase.as_str().to_owned(),
+                round: f.round as i32,
+                reason: f.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn council_info(c: &CouncilSpec, include_agents: bool, model: &str) -> pb::CouncilInfo {
+    pb::CouncilInfo {
+        council_id: c.id.to_string(),
+        role: c.role.to_string(),
+        num_agents: c.agents.len() as i32,
+        agents: if include_agents {
+            c.agents
+                .iter()
+                .map(|a| pb::AgentInfo {
+                    agent_id: a.id.to_string(),
+                    role: a.role.to_string(),
+                    status: "ready".into(),
+                    capabilities: Some(pb::AgentCapabilities {
+                        supported_tasks: vec!["deliberate".into()],
+                        model_profile: a.model_profile.clone(),
+                        max_concurrent_tasks: 0,
+                        languages: Vec::new(),
+                    }),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        status: "ready".into(),
+        model: model.to_owned(),
+    }
+}
