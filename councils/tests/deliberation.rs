@@ -801,3 +801,46 @@ fn progress_events_tell_the_story_in_order() {
     assert_eq!(done, 8, "2 agents × 4 phases");
     assert_eq!(events.last(), Some(&Progress::ScoresReady));
 }
+
+#[test]
+fn pluggable_checks_score_proposals() {
+    use council_councils::checks::{Check, CheckStatus};
+    /// Passes proposals that mention jitter; cannot judge empty ones.
+    #[derive(Debug)]
+    struct MentionsJitter;
+    impl Check for MentionsJitter {
+        fn name(&self) -> &str {
+            "mentions_jitter"
+        }
+        fn run(&self, _task: &Task, proposal: &str) -> CheckStatus {
+            if proposal.contains("jitter") {
+                CheckStatus::Passed
+            } else {
+                CheckStatus::Failed {
+                    reason: "no jitter".into(),
+                }
+            }
+        }
+    }
+    let config = DeliberationConfig {
+        rounds: 0,
+        ..Default::default()
+    };
+    let script: Box<Script> = Box::new(|call: &LlmCall| match (call.phase, call.agent.as_str()) {
+        (Phase::Propose, "dev-2") => Ok("Backoff with jitter.".into()),
+        _ => good(call),
+    });
+    let d = Deliberation::new(council(3, config), task(None), config, 1)
+        .with_check(Box::new(MentionsJitter));
+    let (outcome, _) = drive(d, &*script);
+    for p in &outcome.proposals {
+        let expected = if p.agent.as_str() == "dev-2" {
+            1.0
+        } else {
+            0.0
+        };
+        // The answer-format check is skipped (no format) and so does not dilute the rate.
+        assert_eq!(p.scores.checks, Some(expected), "{}", p.agent);
+        assert_eq!(p.checks.len(), 2);
+    }
+}

@@ -74,11 +74,10 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(OrchestratorServiceServer::new(orchestrator))
-        .serve_with_incoming_shutdown(tokio_stream_from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
         .await?;
     Ok(())
-}
-
-fn tokio_stream_from(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
 }
