@@ -37,6 +37,8 @@ pub enum LoadError {
         "a GPU was asked for, but this binary was built without CUDA (rebuild with `--features cuda`)"
     )]
     CudaNotBuilt,
+    #[error("engine configuration: {field} {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
     #[error("device: {0}")]
     Device(String),
     #[error("I/O on {path}: {source}")]

@@ -184,7 +184,16 @@ fn engine_config_must_be_positive() {
         },
     )
     .expect_err("max_batch 0");
-    assert!(err.to_string().contains("max_batch"), "{err}");
+    assert!(
+        matches!(
+            err,
+            LoadError::InvalidConfig {
+                field: "max_batch",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -65,9 +65,10 @@ impl EngineConfig {
             ("max_pending", self.max_pending),
         ] {
             if value == 0 {
-                return Err(LoadError::Device(format!(
-                    "engine {field} must be at least 1"
-                )));
+                return Err(LoadError::InvalidConfig {
+                    field,
+                    reason: "must be at least 1".into(),
+                });
             }
         }
         Ok(())
@@ -324,9 +325,47 @@ struct Sequence {
     first_token: Option<Instant>,
 }
 
+type ReplySender = oneshot::Sender<Result<GenerateResult, InferenceError>>;
+
 impl Sequence {
     fn generated(&self) -> &[u32] {
         &self.history[self.job.prompt.len()..]
+    }
+
+    /// Consumes a finished sequence into its reply channel and what to send on it.
+    fn into_result(
+        self,
+        outcome: Result<(FinishReason, String), InferenceError>,
+        now: Instant,
+    ) -> (ReplySender, Result<GenerateResult, InferenceError>) {
+        let Sequence {
+            job,
+            mut history,
+            admitted,
+            first_token,
+            logprobs,
+            ..
+        } = self;
+        let prompt_tokens = job.prompt.len();
+        let token_ids = history.split_off(prompt_tokens);
+        let submitted = job.submitted;
+        let result = outcome.map(|(finish_reason, text)| GenerateResult {
+            text,
+            usage: Usage {
+                prompt_tokens,
+                cached_prompt_tokens: 0,
+                completion_tokens: token_ids.len(),
+            },
+            token_ids,
+            finish_reason,
+            timings: Timings {
+                queue: admitted - submitted,
+                first_token: first_token.unwrap_or(now) - submitted,
+                total: now - submitted,
+            },
+            logprobs,
+        });
+        (job.reply, result)
     }
 }
 
@@ -486,8 +525,8 @@ impl Worker {
                 &self.counters.failed
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            let result = outcome.map(|(reason, text)| result(seq_parts(&seq), reason, text, now));
-            let _ = seq.job.reply.send(result);
+            let (reply, result) = seq.into_result(outcome, now);
+            let _ = reply.send(result);
         }
     }
 }
@@ -533,50 +572,6 @@ fn finish(
         Some(cut) => Some(Ok((FinishReason::Stop, text[..cut].to_owned()))),
         None if at_limit => Some(Ok((FinishReason::Length, text))),
         None => None,
-    }
-}
-
-struct SeqParts<'a> {
-    prompt_tokens: usize,
-    generated: &'a [u32],
-    submitted: Instant,
-    admitted: Instant,
-    first_token: Option<Instant>,
-    logprobs: Option<Vec<TokenLogprob>>,
-}
-
-fn seq_parts(seq: &Sequence) -> SeqParts<'_> {
-    SeqParts {
-        prompt_tokens: seq.job.prompt.len(),
-        generated: seq.generated(),
-        submitted: seq.job.submitted,
-        admitted: seq.admitted,
-        first_token: seq.first_token,
-        logprobs: seq.logprobs.clone(),
-    }
-}
-
-fn result(
-    parts: SeqParts<'_>,
-    finish_reason: FinishReason,
-    text: String,
-    now: Instant,
-) -> GenerateResult {
-    GenerateResult {
-        text,
-        token_ids: parts.generated.to_vec(),
-        finish_reason,
-        usage: Usage {
-            prompt_tokens: parts.prompt_tokens,
-            cached_prompt_tokens: 0,
-            completion_tokens: parts.generated.len(),
-        },
-        timings: Timings {
-            queue: parts.admitted - parts.submitted,
-            first_token: parts.first_token.unwrap_or(now) - parts.submitted,
-            total: now - parts.submitted,
-        },
-        logprobs: parts.logprobs,
     }
 }
 
