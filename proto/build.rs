@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/fleet/orchestrator/v1/orchestrator.proto"];
+    let protos = [
+        "proto/fleet/orchestrator/v1/orchestrator.proto",
+        "proto/council/store/v1/record.proto",
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -40,4 +40,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn health(&self) -> Health;
 
     fn model_info(&self) -> &ModelInfo;
+
+    /// How busy the backend is, and what it has done since it started (for metrics).
+    fn load(&self) -> BackendLoad;
+}
+
+/// A snapshot of a backend's queue and work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendLoad {
+    /// Requests accepted and waiting for a place in the batch.
+    pub waiting: u64,
+    /// Requests in the batch now.
+    pub running: u64,
+    /// Forward passes (or server round trips) run.
+    pub steps: u64,
+    /// Sequences per forward pass, summed over passes: mean batch size = this / steps.
+    pub batched_sequences: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// (hits, lookups) of the prefix cache, for a backend that has one.
+    pub prefix_cache: Option<(u64, u64)>,
 }

@@ -11,7 +11,7 @@ pub mod request;
 pub mod rng;
 pub mod tiny;
 
-pub use backend::{Backend, BackendFuture, Health, ModelInfo};
+pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use error::{InferenceError, LoadError};
 pub use request::{

@@ -12,6 +12,16 @@ pub mod fleet {
     }
 }
 
+/// `council.store.v1`: council's own storage format (deliberation records).
+pub mod council {
+    pub mod store {
+        pub mod v1 {
+            #![allow(missing_debug_implementations, clippy::all)]
+            tonic::include_proto!("council.store.v1");
+        }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every proto in this crate.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fleet_descriptor.bin"));

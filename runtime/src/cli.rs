@@ -6,8 +6,28 @@ use crate::{deliberate, dev, generate, serve};
 #[derive(Debug, clap::Parser)]
 #[command(name = "council", version, about)]
 pub struct Cli {
+    /// Log lines as text or as JSON objects (one per line); the filter comes from RUST_LOG.
+    #[arg(long, global = true, env = "COUNCIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Cli {
+    /// The log filter when RUST_LOG is unset: a service logs its life, a CLI only warnings.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]

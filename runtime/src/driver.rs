@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use council_councils::prompts::MessageRole;
 use council_councils::{
-    CallKind, Completion, Deliberation, LlmCall, Outcome, Phase, Reply, Step, StepError,
+    AgentId, CallKind, Completion, Deliberation, LlmCall, Outcome, Phase, Reply, Step, StepError,
 };
 use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
 
@@ -46,12 +46,37 @@ fn completion(result: council_inference::GenerateResult) -> Completion {
     }
 }
 
-/// Answers every call of one phase concurrently. Dropping the returned future aborts the
-/// tasks, which drops their backend futures and so cancels the requests.
-async fn answer_all(backend: &dyn Backend, calls: Vec<LlmCall>) -> Result<Vec<Reply>, DriverError> {
+/// What a watcher of a running deliberation hears, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The calls of a phase were submitted.
+    PhaseStarted {
+        phase: Phase,
+        round: u32,
+        calls: usize,
+    },
+    /// One call of the current phase came back.
+    CallDone {
+        agent: AgentId,
+        phase: Phase,
+        round: u32,
+        ok: bool,
+    },
+}
+
+/// Answers every call of one phase concurrently, reporting each as it comes back. Dropping the
+/// returned future aborts the tasks, which drops their backend futures and so cancels the
+/// requests.
+async fn answer_all(
+    backend: &dyn Backend,
+    calls: Vec<LlmCall>,
+    on_event: &mut (dyn FnMut(Event) + Send),
+) -> Result<Vec<Reply>, DriverError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut replies = Vec::with_capacity(calls.len());
+    let mut callers = std::collections::HashMap::new();
     for call in calls {
+        callers.insert(call.id, (call.agent.clone(), call.phase, call.round));
         match call.kind {
             CallKind::Generate => {
                 let future = backend.generate(request(&call));
@@ -68,8 +93,23 @@ async fn answer_all(backend: &dyn Backend, calls: Vec<LlmCall>) -> Result<Vec<Re
             }),
         }
     }
+    let mut report = |reply: &Reply| {
+        if let Some((agent, phase, round)) = callers.remove(&reply.call) {
+            on_event(Event::CallDone {
+                agent,
+                phase,
+                round,
+                ok: reply.result.is_ok(),
+            });
+        }
+    };
+    for reply in &replies {
+        report(reply);
+    }
     while let Some(joined) = tasks.join_next().await {
-        replies.push(joined.map_err(|e| DriverError::Join(e.to_string()))?);
+        let reply = joined.map_err(|e| DriverError::Join(e.to_string()))?;
+        report(&reply);
+        replies.push(reply);
     }
     Ok(replies)
 }
@@ -82,15 +122,17 @@ pub async fn run(
     backend: &dyn Backend,
     deliberation: Deliberation,
 ) -> Result<Outcome, DriverError> {
-    run_timed(backend, deliberation)
+    run_timed(backend, deliberation, &mut |_| {})
         .await
         .map(|(outcome, _)| outcome)
 }
 
-/// Like [`run`], also recording when each phase finished (for proposal timestamps).
+/// Like [`run`], also recording when each phase finished (for proposal timestamps) and telling
+/// `on_event` what happens as it happens.
 pub async fn run_timed(
     backend: &dyn Backend,
     mut deliberation: Deliberation,
+    on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<(Outcome, Timeline), DriverError> {
     let mut replies = Vec::new();
     let mut timeline = Timeline::new();
@@ -99,7 +141,14 @@ pub async fn run_timed(
             Step::Done(outcome) => return Ok((*outcome, timeline)),
             Step::Calls(calls) => {
                 let phase = calls.first().map(|c| (c.phase, c.round));
-                replies = answer_all(backend, calls).await?;
+                if let Some((phase, round)) = phase {
+                    on_event(Event::PhaseStarted {
+                        phase,
+                        round,
+                        calls: calls.len(),
+                    });
+                }
+                replies = answer_all(backend, calls, on_event).await?;
                 if let Some((phase, round)) = phase {
                     timeline.push((phase, round, SystemTime::now()));
                 }

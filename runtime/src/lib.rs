@@ -2,6 +2,7 @@
 //! It is the only crate that knows files, configuration, gRPC and NATS.
 
 pub mod cli;
+pub mod config;
 pub mod deliberate;
 pub mod dev;
 pub mod driver;

@@ -1,33 +1,124 @@
-//! `council serve`: load the engine, open the council store, apply the default councils, serve
-//! gRPC until SIGTERM or Ctrl-C.
+//! `council serve`: read the config (file, environment, flags), open the council store, apply
+//! the default councils, load the engine, serve gRPC (and metrics) until SIGTERM or Ctrl-C,
+//! then drain.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::model_source::ModelArgs;
-use crate::service::{self, Limits};
+use crate::config::{RawConfig, RawLimits, RawModel, RawServer, RawStore, ServeConfig};
+use crate::service::{self, Options};
 use crate::store::{FileStore, apply_default_councils};
 
-#[derive(Debug, Clone, clap::Args)]
+/// Flags of `council serve`. Each also reads its environment variable; both override the
+/// config file, whose keys are named in brackets.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Address of the gRPC server (port 0 picks a free port; the bound address is printed).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
-    /// Directory of the persistent council store.
-    #[arg(long, default_value = "council-data")]
-    pub data_dir: PathBuf,
-    /// Deliberations running at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 16)]
-    pub max_concurrent: usize,
-    /// Deadline of a deliberation whose request sets no timeout_seconds.
-    #[arg(long, default_value_t = 600)]
-    pub default_timeout_secs: u64,
+    /// A TOML config file (sections model, server, limits, store).
+    #[arg(long, env = "COUNCIL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// [model.dir] A local Hugging Face model directory.
+    #[arg(long, env = "COUNCIL_MODEL_DIR", value_name = "DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// [model.repo] A hub model ORG/NAME[@REV], resolved through the Hugging Face cache.
+    #[arg(long, env = "COUNCIL_MODEL", value_name = "ORG/NAME[@REV]")]
+    pub model: Option<String>,
+    /// [model.cuda] Run on this CUDA GPU (needs a build with `--features cuda`).
+    #[arg(long, env = "COUNCIL_CUDA", value_name = "ORDINAL")]
+    pub cuda: Option<usize>,
+    /// [model.max_batch] Sequences decoded together (default 8).
+    #[arg(long, env = "COUNCIL_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// [model.max_seq_len] Tokens one sequence may hold (default 4096).
+    #[arg(long, env = "COUNCIL_MAX_SEQ_LEN")]
+    pub max_seq_len: Option<usize>,
+    /// [server.listen] gRPC address (default 127.0.0.1:50051; port 0 picks one, printed).
+    #[arg(long, env = "COUNCIL_LISTEN", value_name = "IP:PORT")]
+    pub listen: Option<String>,
+    /// [server.metrics_listen] Prometheus /metrics address, or "off" (default 127.0.0.1:9090).
+    #[arg(long, env = "COUNCIL_METRICS_LISTEN", value_name = "IP:PORT|off")]
+    pub metrics_listen: Option<String>,
+    /// [server.reflection] Serve gRPC reflection (default true).
+    #[arg(long, env = "COUNCIL_REFLECTION", value_name = "BOOL")]
+    pub reflection: Option<bool>,
+    /// [server.grace_secs] How long running deliberations may finish after SIGTERM (default 30).
+    #[arg(long, env = "COUNCIL_GRACE_SECS")]
+    pub grace_secs: Option<u64>,
+    /// [server.auth_token] Require `authorization: Bearer <token>` (prefer the file form).
+    #[arg(long, env = "COUNCIL_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// [server.auth_token_file] Read the bearer token from this file.
+    #[arg(long, env = "COUNCIL_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// [server.tls_cert] PEM certificate chain of the gRPC port (TLS with tls_key).
+    #[arg(long, env = "COUNCIL_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// [server.tls_key] PEM private key of the gRPC port.
+    #[arg(long, env = "COUNCIL_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// [server.tls_client_ca] PEM CA that client certificates must chain to (mTLS).
+    #[arg(long, env = "COUNCIL_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// [limits.max_concurrent] Deliberations at once; more get RESOURCE_EXHAUSTED (default 16).
+    #[arg(long, env = "COUNCIL_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+    /// [limits.default_timeout_secs] Deadline when a request sets none (default 600).
+    #[arg(long, env = "COUNCIL_DEFAULT_TIMEOUT_SECS")]
+    pub default_timeout_secs: Option<u64>,
+    /// [limits.max_timeout_secs] Longest deadline a request may ask for (default 3600).
+    #[arg(long, env = "COUNCIL_MAX_TIMEOUT_SECS")]
+    pub max_timeout_secs: Option<u64>,
+    /// [store.data_dir] Directory of the persistent store (default council-data).
+    #[arg(long, env = "COUNCIL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// [store.retention_secs] How long finished deliberation records are kept (default 7 days).
+    #[arg(long, env = "COUNCIL_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+}
+
+impl ServeArgs {
+    fn layer(&self) -> RawConfig {
+        let a = self.clone();
+        RawConfig {
+            model: RawModel {
+                dir: a.model_dir,
+                repo: a.model,
+                cuda: a.cuda,
+                max_batch: a.max_batch,
+                max_seq_len: a.max_seq_len,
+            },
+            server: RawServer {
+                listen: a.listen,
+                metrics_listen: a.metrics_listen,
+                reflection: a.reflection,
+                grace_secs: a.grace_secs,
+                auth_token: a.auth_token,
+                auth_token_file: a.auth_token_file,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
+                tls_client_ca: a.tls_client_ca,
+            },
+            limits: RawLimits {
+                max_concurrent: a.max_concurrent,
+                default_timeout_secs: a.default_timeout_secs,
+                max_timeout_secs: a.max_timeout_secs,
+            },
+            store: RawStore {
+                data_dir: a.data_dir,
+                retention_secs: a.retention_secs,
+            },
+        }
+    }
+
+    /// File, then environment and flags over it, validated.
+    pub fn config(&self) -> anyhow::Result<ServeConfig> {
+        let base = match &self.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        Ok(base.overlay(self.layer()).validate()?)
+    }
 }
 
 async fn shutdown_signal() {
@@ -55,31 +146,44 @@ async fn shutdown_signal() {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if args.max_concurrent == 0 {
-        anyhow::bail!("--max-concurrent must be at least 1");
-    }
-    let store = FileStore::open(&args.data_dir).context("--data-dir")?;
-    let created = apply_default_councils(&store)?;
-    tracing::info!(created, path = %store.path().display(), "council store ready");
-    let engine = args.model.start_engine()?;
-    let limits = Limits {
-        max_concurrent: args.max_concurrent,
-        default_timeout: Duration::from_secs(args.default_timeout_secs),
-        ..Limits::default()
-    };
+    let config = args.config()?;
+    tracing::info!(config = %config.redacted(), "effective config");
+    let store = FileStore::open(&config.data_dir).context("store.data_dir")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let created = runtime.block_on(apply_default_councils(&store))?;
+    tracing::info!(created, path = %store.dir().display(), "council store ready");
+    let engine = config.model.start_engine()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .with_context(|| format!("--listen {}", args.listen))?;
+            .with_context(|| format!("server.listen {}", config.listen))?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("server.metrics_listen {addr}"))?,
+            ),
+            None => None,
+        };
+        // The one line on stdout: scripts and tests read the bound address from it (the
+        // metrics address is in the log).
         println!("listening on {}", listener.local_addr()?);
+        let options = Options {
+            limits: config.limits,
+            grace: config.grace,
+            retention: config.retention,
+            auth_token: config.auth_token,
+            reflection: config.reflection,
+            tls: config.tls,
+            metrics,
+        };
         service::serve(
             listener,
             Arc::new(engine),
             Arc::new(store),
-            limits,
+            options,
             shutdown_signal(),
         )
         .await

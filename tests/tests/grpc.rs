@@ -1,45 +1,235 @@
-//! The gRPC service end to end on 127.0.0.1:0 with a tiny generated model and a file store.
+//! The gRPC service end to end on 127.0.0.1:0 with a tiny generated model and a file store:
+//! every RPC, every error code, health, auth, reflection, metrics, streaming, cancellation and
+//! the shutdown drain.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use council_inference::EngineConfig;
+use council_councils::{CouncilSpec, Role};
 use council_inference::tiny::TinyArch;
+use council_inference::{
+    Backend, BackendFuture, BackendLoad, EngineConfig, EngineHandle, GenerateRequest, Health,
+    ModelInfo,
+};
+use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
+use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
-use council_runtime::service::{self, Limits};
-use council_runtime::store::{FileStore, apply_default_councils};
+use council_runtime::service::{self, Limits, Options};
+use council_runtime::store::{
+    Claim, CouncilStore, Created, FileStore, StoreError, apply_default_councils,
+};
 use council_tests::{engine, tiny_model};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The engine, with a switch that makes it report itself unhealthy (a test double).
+#[derive(Debug)]
+struct Switchable {
+    inner: EngineHandle,
+    sick: Arc<AtomicBool>,
+}
+
+impl Backend for Switchable {
+    fn generate(&self, request: GenerateRequest) -> BackendFuture {
+        self.inner.generate(request)
+    }
+    fn health(&self) -> Health {
+        if self.sick.load(Ordering::SeqCst) {
+            Health::Unavailable {
+                reason: "switched off by the test".into(),
+            }
+        } else {
+            self.inner.health()
+        }
+    }
+    fn model_info(&self) -> &ModelInfo {
+        self.inner.model_info()
+    }
+    fn load(&self) -> BackendLoad {
+        self.inner.load()
+    }
+}
+
+/// The file store, with a switch that makes every call fail as unreachable (a test double).
+#[derive(Debug)]
+struct Flaky {
+    inner: FileStore,
+    down: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable {
+                store: "flaky".into(),
+                reason: "switched off by the test".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CouncilStore for Flaky {
+    async fn list(&self) -> Result<Vec<CouncilSpec>, StoreError> {
+        self.check()?;
+        self.inner.list().await
+    }
+    async fn get(&self, role: &Role) -> Result<Option<CouncilSpec>, StoreError> {
+        self.check()?;
+        self.inner.get(role).await
+    }
+    async fn create(&self, spec: CouncilSpec) -> Result<Created, StoreError> {
+        self.check()?;
+        self.inner.create(spec).await
+    }
+    async fn delete(&self, role: &Role) -> Result<CouncilSpec, StoreError> {
+        self.check()?;
+        self.inner.delete(role).await
+    }
+    async fn replace(&self, expected: &CouncilSpec, new: CouncilSpec) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.replace(expected, new).await
+    }
+    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError> {
+        self.check()?;
+        self.inner.record(task_id).await
+    }
+    async fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError> {
+        self.check()?;
+        self.inner.claim(record, now_ms).await
+    }
+    async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update_record(record).await
+    }
+    async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.purge_records(before_ms).await
+    }
+}
 
 struct Server {
     client: OrchestratorServiceClient<Channel>,
     channel: Channel,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
-    engine: council_inference::EngineHandle,
+    engine: EngineHandle,
+    sick: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+    metrics: SocketAddr,
     _model: tempfile::TempDir,
     _data: tempfile::TempDir,
 }
 
+impl Server {
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    async fn stopped(&mut self) {
+        self.shutdown();
+        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
+            .await
+            .expect("stops")
+            .expect("task")
+            .expect("clean exit");
+    }
+
+    async fn record(&self, task: &str) -> Result<pb::GetDeliberationResultResponse, tonic::Status> {
+        self.client
+            .clone()
+            .get_deliberation_result(pb::GetDeliberationResultRequest {
+                task_id: task.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Polls the record of `task` until `done` says so (bounded).
+    async fn wait_record(
+        &self,
+        task: &str,
+        done: impl Fn(&pb::GetDeliberationResultResponse) -> bool,
+    ) -> pb::GetDeliberationResultResponse {
+        for _ in 0..600 {
+            if let Ok(r) = self.record(task).await
+                && done(&r)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the record of {task} never reached the expected state");
+    }
+
+    async fn health(&self) -> ServingStatus {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "fleet.orchestrator.v1.OrchestratorService".into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status()
+    }
+
+    async fn wait_health(&self, want: ServingStatus) {
+        for _ in 0..100 {
+            if self.health().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("health never became {want:?}");
+    }
+}
+
 async fn start(limits: Limits) -> Server {
+    start_with(Options::new(limits)).await
+}
+
+async fn start_with(mut options: Options) -> Server {
     let model = tiny_model(TinyArch::Qwen2);
     let data = tempfile::tempdir().expect("data dir");
     let store = FileStore::open(data.path()).expect("store");
-    apply_default_councils(&store).expect("defaults");
-    let backend = engine(model.path(), EngineConfig::default());
+    apply_default_councils(&store).await.expect("defaults");
+    let down = Arc::new(AtomicBool::new(false));
+    let store = Flaky {
+        inner: store,
+        down: down.clone(),
+    };
+    let engine_handle = engine(model.path(), EngineConfig::default());
+    let sick = Arc::new(AtomicBool::new(false));
+    let backend = Switchable {
+        inner: engine_handle.clone(),
+        sick: sick.clone(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics_addr = metrics.local_addr().expect("metrics addr");
+    options.metrics = Some(metrics);
+    let token = options.auth_token.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let engine_handle = backend.clone();
     let done = tokio::spawn(service::serve(
         listener,
         Arc::new(backend),
         Arc::new(store),
-        limits,
+        options,
         async move {
             let _ = stopped.await;
         },
@@ -49,15 +239,23 @@ async fn start(limits: Limits) -> Server {
         .connect()
         .await
         .expect("connects");
-    Server {
-        client: OrchestratorServiceClient::new(channel.clone()),
+    let client = OrchestratorServiceClient::new(channel.clone());
+    let server = Server {
+        client,
         channel,
         stop: Some(stop),
         done,
         engine: engine_handle,
+        sick,
+        down,
+        metrics: metrics_addr,
         _model: model,
         _data: data,
+    };
+    if token.is_none() {
+        server.wait_health(ServingStatus::Serving).await;
     }
+    server
 }
 
 fn request(task_id: &str, role: &str, rounds: i32) -> pb::DeliberateRequest {
@@ -75,6 +273,26 @@ fn request(task_id: &str, role: &str, rounds: i32) -> pb::DeliberateRequest {
         rounds,
         num_agents: 3,
     }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("writes");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("reads");
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, response)
 }
 
 #[tokio::test]
@@ -96,7 +314,7 @@ async fn deliberate_and_manage_councils_over_grpc() {
         listed
             .councils
             .iter()
-            .all(|c| c.agents.len() == 3 && c.num_agents == 3)
+            .all(|c| c.agents.len() == 3 && c.num_agents == 3 && c.status == "ready")
     );
 
     let response = c
@@ -129,19 +347,24 @@ async fn deliberate_and_manage_councils_over_grpc() {
     );
     assert!(response.metadata.as_ref().expect("metadata").timestamp_ms > 0);
 
-    // The same task id deliberates the same way.
-    let again = c
+    // The record holds the same result.
+    let record = s.record("task-1").await.expect("record");
+    assert_eq!(record.status(), DeliberationStatus::Completed);
+    assert_eq!(record.winner_id, response.winner_id);
+    assert_eq!(record.results, response.results);
+    assert!(record.error_message.is_empty());
+
+    // The same task id again is answered from its record: nothing runs twice.
+    let steps = s.engine.stats().steps;
+    let again = s
+        .client
         .deliberate(request("task-1", "DEV", 1))
         .await
         .expect("again")
         .into_inner();
-    let contents = |r: &pb::DeliberateResponse| {
-        r.results
-            .iter()
-            .map(|x| x.proposal.as_ref().map(|p| p.content.clone()))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(contents(&again), contents(&response));
+    assert_eq!(again, response);
+    assert_eq!(s.engine.stats().steps, steps, "no model work for a repeat");
+    let c = &mut s.client;
 
     // Councils: idempotent create, conflicting create, delete, not found.
     let create = |rounds: i32| pb::CreateCouncilRequest {
@@ -200,30 +423,14 @@ async fn deliberate_and_manage_councils_over_grpc() {
         .expect("status")
         .into_inner();
     assert_eq!(status.status, "SERVING");
-    assert_eq!(status.stats.expect("stats").total_deliberations, 2);
+    let stats = status.stats.expect("stats");
+    assert_eq!(stats.total_deliberations, 1);
+    assert!(stats.avg_deliberation_time_ms > 0.0);
+    assert_eq!(stats.role_counts.get("DEV"), Some(&3));
 
     // Health: serving now, not serving once shutdown starts.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
-    let check = |svc: &str| tonic_health::pb::HealthCheckRequest {
-        service: svc.into(),
-    };
-    let serving = health
-        .check(check("fleet.orchestrator.v1.OrchestratorService"))
-        .await
-        .expect("health")
-        .into_inner();
-    assert_eq!(
-        serving.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
-    if let Some(stop) = s.stop.take() {
-        let _ = stop.send(());
-    }
-    tokio::time::timeout(Duration::from_secs(30), &mut s.done)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("clean exit");
+    assert_eq!(s.health().await, ServingStatus::Serving);
+    s.stopped().await;
 }
 
 #[tokio::test]
@@ -267,17 +474,41 @@ async fn bad_requests_get_precise_codes_before_any_llm_call() {
             Code::InvalidArgument,
             "task_description",
         ),
+        (
+            pb::DeliberateRequest {
+                constraints: Some(pb::TaskConstraints {
+                    timeout_seconds: -1,
+                    ..Default::default()
+                }),
+                ..request("x", "DEV", 1)
+            },
+            Code::InvalidArgument,
+            "timeout_seconds",
+        ),
     ];
     for (req, code, needle) in cases {
-        let err = c.deliberate(req).await.expect_err(needle);
+        let err = c.deliberate(req.clone()).await.expect_err(needle);
         assert_eq!(err.code(), code, "{needle}: {err:?}");
         assert!(
             err.message().contains(needle),
             "{needle} not named in {:?}",
             err.message()
         );
+        // The stream refuses the same way, before sending anything.
+        let err = c.stream_deliberation(req).await.expect_err(needle);
+        assert_eq!(err.code(), code, "stream {needle}: {err:?}");
     }
-    let status = c
+    // Nothing was recorded for refused requests.
+    assert_eq!(
+        s.record("x").await.expect_err("none").code(),
+        Code::NotFound
+    );
+    let bad_id = s.record("../etc").await.expect_err("invalid id");
+    assert_eq!(bad_id.code(), Code::InvalidArgument);
+    assert!(bad_id.message().contains("task_id"), "{}", bad_id.message());
+    assert_eq!(s.engine.stats().steps, 0, "no LLM call for bad input");
+    let status = s
+        .client
         .get_status(pb::GetStatusRequest {
             include_stats: true,
         })
@@ -321,6 +552,524 @@ async fn overload_and_deadlines_have_their_codes() {
         "{}",
         refused.message()
     );
+    // A second call for a task that is running is refused too, and names the task.
+    let dup = s
+        .client
+        .deliberate(request("long", "DEV", 3))
+        .await
+        .expect_err("busy");
+    assert!(
+        matches!(dup.code(), Code::ResourceExhausted | Code::Aborted),
+        "{dup:?}"
+    );
     let err = first.await.expect("joined").expect_err("deadline");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let record = s
+        .wait_record("long", |r| r.status() != DeliberationStatus::InProgress)
+        .await;
+    assert_eq!(record.status(), DeliberationStatus::Timeout);
+    assert!(record.error_message.contains("deadline"), "{record:?}");
+    // The refused task left no record.
+    assert_eq!(
+        s.record("second").await.expect_err("none").code(),
+        Code::NotFound
+    );
+
+    // The client's own grpc-timeout bounds the deliberation the same way: the server answers
+    // DEADLINE_EXCEEDED itself and records TIMEOUT (not a cancellation).
+    let mut timed = tonic::Request::new(request("client-deadline", "DEV", 3));
+    timed.set_timeout(Duration::from_millis(1500));
+    let err = s.client.deliberate(timed).await.expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let record = s
+        .wait_record("client-deadline", |r| {
+            r.status() != DeliberationStatus::InProgress
+        })
+        .await;
+    assert_eq!(record.status(), DeliberationStatus::Timeout, "{record:?}");
+    // A timed-out task may be run again.
+    let mut retry = request("client-deadline", "DEV", 0);
+    retry.num_agents = 1;
+    s.client.deliberate(retry).await.expect("retry runs");
+}
+
+#[tokio::test]
+async fn stream_delivers_ordered_progress_then_the_result() {
+    let s = start(Limits::default()).await;
+    let mut stream = s
+        .client
+        .clone()
+        .stream_deliberation(request("streamed", "DEV", 1))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(update) = stream.message().await.expect("no error") {
+        updates.push(update);
+    }
+    let last = updates.last().expect("updates").clone();
+    assert_eq!(last.status, "complete");
+    assert_eq!(last.progress_percent, 100);
+    let response = last.response.expect("final response");
+    assert_eq!(response.results.len(), 3);
+    assert_eq!(last.partial_result.as_ref(), response.results.first());
+    assert_eq!(last.current_agent, response.winner_id);
+    // Progress only rises, and phases come in protocol order.
+    let percents: Vec<i32> = updates.iter().map(|u| u.progress_percent).collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+    assert!(percents[..percents.len() - 1].iter().all(|p| *p < 100));
+    let mut phases: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
+    phases.dedup();
+    assert_eq!(
+        phases,
+        vec![
+            "generating",
+            "reviewing",
+            "generating",
+            "scoring",
+            "complete"
+        ],
+        "propose, critique, revise, score"
+    );
+    // Every agent is reported by name as its call comes back, in the first phase too.
+    let propose_agents: Vec<&str> = updates
+        .iter()
+        .take_while(|u| u.status == "generating")
+        .filter(|u| !u.current_agent.is_empty())
+        .map(|u| u.current_agent.as_str())
+        .collect();
+    assert_eq!(
+        propose_agents.len(),
+        3,
+        "{:#?}",
+        updates
+            .iter()
+            .map(|u| (&u.status, u.progress_percent, &u.current_step))
+            .collect::<Vec<_>>()
+    );
+    let record = s.record("streamed").await.expect("record");
+    assert_eq!(record.status(), DeliberationStatus::Completed);
+    assert_eq!(record.results, response.results);
+
+    // Streaming a finished task again gives its result at once.
+    let mut again = s
+        .client
+        .clone()
+        .stream_deliberation(request("streamed", "DEV", 1))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let only = again.message().await.expect("ok").expect("one update");
+    assert_eq!(only.status, "complete");
+    assert_eq!(only.response.expect("response").results, response.results);
+    assert!(again.message().await.expect("ok").is_none());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_deliberation() {
+    let s = start(Limits::default()).await;
+    let mut stream = s
+        .client
+        .clone()
+        .stream_deliberation(request("abandoned", "DEV", 10))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    // Wait until the model is working on it, then hang up.
+    stream.message().await.expect("ok").expect("first update");
+    drop(stream);
+    let record = s
+        .wait_record("abandoned", |r| {
+            r.status() != DeliberationStatus::InProgress
+        })
+        .await;
+    assert_eq!(record.status(), DeliberationStatus::Failed);
+    assert!(
+        record.error_message.contains("cancelled by the client"),
+        "{record:?}"
+    );
+    let tags = record.metadata.expect("metadata").tags;
+    assert_eq!(tags.get("retryable").map(String::as_str), Some("true"));
+    // Its backend requests were dropped too; the engine goes idle.
+    for _ in 0..200 {
+        let load = s.engine.load();
+        if load.running == 0 && load.waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let load = s.engine.load();
+    assert_eq!((load.running, load.waiting), (0, 0), "{load:?}");
+    assert!(s.engine.stats().cancelled > 0, "{:?}", s.engine.stats());
+
+    // A unary call cancelled by its client ends the same way.
+    let mut client = s.client.clone();
+    let call = tokio::spawn(async move { client.deliberate(request("hung-up", "QA", 10)).await });
+    s.wait_record("hung-up", |r| r.status() == DeliberationStatus::InProgress)
+        .await;
+    call.abort();
+    let record = s
+        .wait_record("hung-up", |r| r.status() != DeliberationStatus::InProgress)
+        .await;
+    assert!(
+        record.error_message.contains("cancelled by the client"),
+        "{record:?}"
+    );
+}
+
+#[tokio::test]
+async fn agents_register_and_unregister() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    let register = |id: &str, role: &str, persona: &str| pb::RegisterAgentRequest {
+        agent_id: id.into(),
+        role: role.into(),
+        capabilities: Some(pb::AgentCapabilities {
+            supported_tasks: vec!["deliberate".into()],
+            model_profile: "default".into(),
+            max_concurrent_tasks: 0,
+            languages: vec![],
+        }),
+        endpoint: String::new(),
+        metadata: [("persona".to_owned(), persona.to_owned())].into(),
+    };
+    let made = c
+        .register_agent(register("dev-extra", "DEV", "You distrust shared state."))
+        .await
+        .expect("registers")
+        .into_inner();
+    assert!(made.success && !made.council_id.is_empty(), "{made:?}");
+    let dev = |c: &mut OrchestratorServiceClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.list_councils(pb::ListCouncilsRequest {
+                role_filter: "DEV".into(),
+                include_agents: true,
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .councils
+            .remove(0)
+        }
+    };
+    let council = dev(&mut c).await;
+    assert_eq!(council.council_id, made.council_id);
+    let ids: Vec<&str> = council.agents.iter().map(|a| a.agent_id.as_str()).collect();
+    assert_eq!(ids, vec!["dev-1", "dev-2", "dev-3", "dev-extra"]);
+    // The same registration again is fine and changes nothing.
+    let again = c
+        .register_agent(register("dev-extra", "DEV", "You distrust shared state."))
+        .await
+        .expect("idempotent")
+        .into_inner();
+    assert!(again.success && again.message.contains("already"));
+    assert_eq!(dev(&mut c).await.agents.len(), 4);
+    // A deliberation now hears all four.
+    let mut all = request("four", "DEV", 0);
+    all.num_agents = 0;
+    let response = c.deliberate(all).await.expect("deliberates").into_inner();
+    assert_eq!(response.results.len(), 4);
+
+    let code = |r: Result<tonic::Response<pb::RegisterAgentResponse>, tonic::Status>| {
+        r.expect_err("refused").code()
+    };
+    assert_eq!(
+        code(
+            c.register_agent(register("dev-extra", "DEV", "Another angle."))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.register_agent(register("sec-1", "SECURITY", "x")).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.register_agent(register("bad id!", "DEV", "x")).await),
+        Code::InvalidArgument
+    );
+    let mut remote = register("remote", "DEV", "x");
+    remote.endpoint = "http://elsewhere:1234".into();
+    let err = c.register_agent(remote).await.expect_err("endpoint");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("endpoint"), "{}", err.message());
+
+    let unregister = |id: &str, role: &str| pb::UnregisterAgentRequest {
+        agent_id: id.into(),
+        role: role.into(),
+    };
+    let gone = c
+        .unregister_agent(unregister("dev-extra", "DEV"))
+        .await
+        .expect("unregisters")
+        .into_inner();
+    assert!(gone.success);
+    assert_eq!(dev(&mut c).await.agents.len(), 3);
+    assert_eq!(
+        c.unregister_agent(unregister("dev-extra", "DEV"))
+            .await
+            .expect_err("unknown")
+            .code(),
+        Code::NotFound
+    );
+    c.create_council(pb::CreateCouncilRequest {
+        role: "SOLO".into(),
+        num_agents: 1,
+        config: None,
+    })
+    .await
+    .expect("create");
+    let last = c
+        .unregister_agent(unregister("solo-1", "SOLO"))
+        .await
+        .expect_err("last member");
+    assert_eq!(last.code(), Code::FailedPrecondition, "{last:?}");
+}
+
+#[tokio::test]
+async fn metrics_over_grpc_and_prometheus() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    c.deliberate(request("measured", "DEV", 0))
+        .await
+        .expect("deliberates");
+    let all = c
+        .get_metrics(pb::GetMetricsRequest {
+            metric_type: String::new(),
+            time_range_ms: 0,
+        })
+        .await
+        .expect("metrics")
+        .into_inner();
+    let perf = all.performance.expect("performance");
+    assert!(perf.p50_latency_ms > 0.0 && perf.p50_latency_ms <= perf.p99_latency_ms);
+    assert!(
+        (perf.avg_deliberation_ms - perf.p50_latency_ms).abs() < 1e-6,
+        "one sample"
+    );
+    let agents = all.agents.expect("agents");
+    assert_eq!(agents.total_agents, 15);
+    assert_eq!(agents.active_agents, 0);
+    assert_eq!(agents.agents_per_role.get("QA"), Some(&3));
+    assert!(agents.avg_agent_response_time_ms > 0.0);
+    let councils = all.councils.expect("councils");
+    assert_eq!(councils.total_councils, 5);
+    let dev = councils
+        .health_per_council
+        .values()
+        .find(|h| h.success_rate > 0.0)
+        .expect("the DEV council has a success");
+    assert_eq!(
+        (dev.success_rate, dev.available_agents, dev.busy_agents),
+        (1.0, 3, 0)
+    );
+
+    let only = c
+        .get_metrics(pb::GetMetricsRequest {
+            metric_type: "agents".into(),
+            time_range_ms: 60_000,
+        })
+        .await
+        .expect("metrics")
+        .into_inner();
+    assert!(only.agents.is_some() && only.performance.is_none() && only.councils.is_none());
+    for (metric_type, range, field) in [("bogus", 0, "metric_type"), ("", -5, "time_range_ms")] {
+        let err = c
+            .get_metrics(pb::GetMetricsRequest {
+                metric_type: metric_type.into(),
+                time_range_ms: range,
+            })
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+
+    let (code, body) = http_get(s.metrics, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    for line in [
+        "council_deliberations_total{outcome=\"completed\"} 1",
+        "council_deliberations_in_flight 0",
+        "council_deliberation_duration_seconds_count 1",
+        "council_backend_queue_depth 0",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+    assert!(body.contains("council_tokens_total{kind=\"prompt\"}"));
+    assert_eq!(http_get(s.metrics, "/readyz").await.0, 200);
+    assert_eq!(http_get(s.metrics, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn health_follows_the_backend_and_the_shutdown() {
+    let mut s = start(Limits::default()).await;
+    s.sick.store(true, Ordering::SeqCst);
+    s.wait_health(ServingStatus::NotServing).await;
+    assert_eq!(http_get(s.metrics, "/readyz").await.0, 503);
+    let status = s
+        .client
+        .get_status(pb::GetStatusRequest {
+            include_stats: false,
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.status.starts_with("NOT_SERVING"), "{status:?}");
+    s.sick.store(false, Ordering::SeqCst);
+    s.wait_health(ServingStatus::Serving).await;
+    s.shutdown();
+    s.wait_health(ServingStatus::NotServing).await;
+    s.stopped().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_unavailable() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    s.down.store(true, Ordering::SeqCst);
+    let list = c
+        .list_councils(pb::ListCouncilsRequest::default())
+        .await
+        .expect_err("down");
+    assert_eq!(list.code(), Code::Unavailable, "{list:?}");
+    let deliberate = c
+        .deliberate(request("t", "DEV", 0))
+        .await
+        .expect_err("down");
+    assert_eq!(deliberate.code(), Code::Unavailable, "{deliberate:?}");
+    assert_eq!(
+        s.record("t").await.expect_err("down").code(),
+        Code::Unavailable
+    );
+    s.down.store(false, Ordering::SeqCst);
+    c.list_councils(pb::ListCouncilsRequest::default())
+        .await
+        .expect("back");
+}
+
+#[tokio::test]
+async fn bearer_auth_guards_the_api_but_not_probes() {
+    let token = "0123456789abcdef-test-token";
+    let mut options = Options::new(Limits::default());
+    options.auth_token = Some(token.into());
+    let s = start_with(options).await;
+    // Probes and reflection need no token.
+    s.wait_health(ServingStatus::Serving).await;
+    let list = || pb::ListCouncilsRequest::default();
+    let mut c = s.client.clone();
+    let none = c.list_councils(list()).await.expect_err("no token");
+    assert_eq!(none.code(), Code::Unauthenticated);
+    for presented in [
+        "Bearer wrong-token-of-some-length",
+        "Bearer ",
+        token,
+        "Basic abc",
+    ] {
+        let mut r = tonic::Request::new(list());
+        r.metadata_mut()
+            .insert("authorization", presented.parse().expect("ascii"));
+        let err = c.list_councils(r).await.expect_err(presented);
+        assert_eq!(err.code(), Code::Unauthenticated, "{presented}");
+    }
+    let mut r = tonic::Request::new(list());
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    let ok = c.list_councils(r).await.expect("authorised").into_inner();
+    assert_eq!(ok.councils.len(), 5);
+    assert!(
+        reflected_services(&s.channel)
+            .await
+            .expect("reflection on")
+            .contains(&"fleet.orchestrator.v1.OrchestratorService".to_owned())
+    );
+}
+
+async fn reflected_services(channel: &Channel) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream_once(request))
+        .await?
+        .into_inner();
+    let response = responses.message().await?.expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected reflection response {other:?}"),
+    }
+}
+
+fn tokio_stream_once<T: Send + 'static>(
+    item: T,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
+    tonic::codegen::tokio_stream::iter([item])
+}
+
+#[tokio::test]
+async fn reflection_can_be_switched_off() {
+    let mut options = Options::new(Limits::default());
+    options.reflection = false;
+    let s = start_with(options).await;
+    let err = reflected_services(&s.channel).await.expect_err("off");
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_deliberations_finish_within_the_grace_period() {
+    let mut s = start(Limits::default()).await;
+    let mut client = s.client.clone();
+    let call = tokio::spawn(async move { client.deliberate(request("graceful", "DEV", 1)).await });
+    s.wait_record("graceful", |r| r.status() == DeliberationStatus::InProgress)
+        .await;
+    s.shutdown();
+    s.wait_health(ServingStatus::NotServing).await;
+    // New work is refused while draining.
+    let refused = s
+        .client
+        .deliberate(request("late", "QA", 0))
+        .await
+        .expect_err("draining");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let response = call
+        .await
+        .expect("joined")
+        .expect("finished in grace")
+        .into_inner();
+    assert_eq!(response.results.len(), 3);
+    s.stopped().await;
+}
+
+#[tokio::test]
+async fn shutdown_fails_what_outlives_the_grace_period_as_retryable() {
+    let mut options = Options::new(Limits::default());
+    options.grace = Duration::ZERO;
+    let mut s = start_with(options).await;
+    let mut client = s.client.clone();
+    let call = tokio::spawn(async move { client.deliberate(request("cut", "DEV", 10)).await });
+    s.wait_record("cut", |r| r.status() == DeliberationStatus::InProgress)
+        .await;
+    let record_reader = s.client.clone();
+    s.stopped().await;
+    let err = call.await.expect("joined").expect_err("cut short");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    drop(record_reader);
+    // The record says so (read from the store the server used).
+    let store = s._data.path().to_owned();
+    let reopened = FileStore::open(&store).expect("the server released its store");
+    let record = reopened.record("cut").await.expect("reads").expect("kept");
+    assert_eq!(record.status, DeliberationStatus::Failed as i32);
+    assert!(record.retryable);
+    assert!(record.error_message.contains("shutting down"), "{record:?}");
 }

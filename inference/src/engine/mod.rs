@@ -28,7 +28,7 @@ use self::loader::{DeviceChoice, LoadedModel, ModelFiles};
 use self::model::{Logits, QwenModel, SeqChunk};
 use self::sampler::Sampler;
 use self::tokenizer::ChatTokenizer;
-use crate::backend::{Backend, BackendFuture, Health, ModelInfo};
+use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
 use crate::error::{InferenceError, LoadError};
 use crate::request::{
     FinishReason, GenerateRequest, GenerateResult, Prompt, Timings, TokenLogprob, Usage,
@@ -79,6 +79,10 @@ impl EngineConfig {
 #[derive(Debug, Default)]
 struct Counters {
     steps: AtomicU64,
+    /// Sequences in each forward pass, summed over passes (batch size = this / steps).
+    batched: AtomicU64,
+    /// Sequences in the latest forward pass.
+    running: AtomicU64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     finished: AtomicU64,
@@ -308,6 +312,25 @@ impl Backend for EngineHandle {
     fn model_info(&self) -> &ModelInfo {
         &self.inner.info
     }
+
+    fn load(&self) -> BackendLoad {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let in_engine = self
+            .inner
+            .max_pending
+            .saturating_sub(self.inner.permits.available_permits()) as u64;
+        let running = get(&c.running).min(in_engine);
+        BackendLoad {
+            waiting: in_engine - running,
+            running,
+            steps: get(&c.steps),
+            batched_sequences: get(&c.batched),
+            prompt_tokens: get(&c.prompt_tokens),
+            generated_tokens: get(&c.generated_tokens),
+            prefix_cache: None,
+        }
+    }
 }
 
 /// A request that holds a KV slot.
@@ -469,6 +492,9 @@ impl Worker {
             .collect();
         let prefill: usize = chunks.iter().filter(|c| c.start == 0).map(|c| c.len).sum();
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let rows = chunks.len() as u64;
+        self.counters.batched.fetch_add(rows, Ordering::Relaxed);
+        self.counters.running.store(rows, Ordering::Relaxed);
         self.counters
             .prompt_tokens
             .fetch_add(prefill as u64, Ordering::Relaxed);

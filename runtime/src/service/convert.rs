@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use council_councils::checks::{CheckReport, CheckStatus};
 use council_councils::outcome::{Outcome, Phase, RankedProposal, StopReason};
 use council_councils::{CouncilSpec, Task, TaskId};
+use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 
 use super::status::{ServiceError, invalid};
@@ -199,7 +200,80 @@ pub fn summary(o: &Outcome) -> pb::DeliberationSummary {
     }
 }
 
-pub fn council_info(c: &CouncilSpec, include_agents: bool, model: &str) -> pb::CouncilInfo {
+/// The response of a completed deliberation.
+pub fn response(
+    task_id: &str,
+    outcome: &Outcome,
+    timeline: &Timeline,
+    duration: Duration,
+    seed: u64,
+) -> pb::DeliberateResponse {
+    pb::DeliberateResponse {
+        task_id: task_id.to_owned(),
+        results: outcome
+            .proposals
+            .iter()
+            .map(|p| result(p, timeline))
+            .collect(),
+        winner_id: outcome
+            .winner
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        duration_ms: duration.as_millis() as i64,
+        metadata: Some(pb::OrchestratorMetadata {
+            orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            timestamp_ms: millis(SystemTime::now()),
+            execution_id: format!("{}-{seed:016x}", outcome.task),
+            tags: HashMap::from([
+                ("council_id".to_owned(), outcome.council.to_string()),
+                ("seed".to_owned(), format!("{seed:016x}")),
+            ]),
+        }),
+        summary: Some(summary(outcome)),
+    }
+}
+
+/// A stored record as `GetDeliberationResult` answers it.
+pub fn record_result(record: DeliberationRecord) -> pb::GetDeliberationResultResponse {
+    let response = record.response.unwrap_or_default();
+    let mut metadata = response.metadata.unwrap_or_default();
+    metadata
+        .tags
+        .insert("created_at_ms".into(), record.created_at_ms.to_string());
+    metadata
+        .tags
+        .insert("updated_at_ms".into(), record.updated_at_ms.to_string());
+    metadata.tags.insert("role".into(), record.role);
+    metadata.tags.insert("instance".into(), record.instance_id);
+    if !record.error_message.is_empty() {
+        metadata
+            .tags
+            .insert("retryable".into(), record.retryable.to_string());
+    }
+    pb::GetDeliberationResultResponse {
+        task_id: record.task_id,
+        status: record.status,
+        results: response.results,
+        winner_id: response.winner_id,
+        duration_ms: if response.duration_ms > 0 {
+            response.duration_ms
+        } else {
+            (record.updated_at_ms - record.created_at_ms).max(0)
+        },
+        error_message: record.error_message,
+        metadata: Some(metadata),
+    }
+}
+
+/// `busy`: a deliberation of this council is running.
+pub fn council_info(
+    c: &CouncilSpec,
+    include_agents: bool,
+    model: &str,
+    busy: bool,
+) -> pb::CouncilInfo {
+    let status = if busy { "busy" } else { "ready" };
     pb::CouncilInfo {
         council_id: c.id.to_string(),
         role: c.role.to_string(),
@@ -210,7 +284,7 @@ pub fn council_info(c: &CouncilSpec, include_agents: bool, model: &str) -> pb::C
                 .map(|a| pb::AgentInfo {
                     agent_id: a.id.to_string(),
                     role: a.role.to_string(),
-                    status: "ready".into(),
+                    status: status.into(),
                     capabilities: Some(pb::AgentCapabilities {
                         supported_tasks: vec!["deliberate".into()],
                         model_profile: a.model_profile.clone(),
@@ -222,7 +296,7 @@ pub fn council_info(c: &CouncilSpec, include_agents: bool, model: &str) -> pb::C
         } else {
             Vec::new()
         },
-        status: "ready".into(),
+        status: status.into(),
         model: model.to_owned(),
     }
 }

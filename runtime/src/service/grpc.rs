@@ -1,39 +1,27 @@
 //! `fleet.orchestrator.v1.OrchestratorService`: validate, convert, call, convert back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use council_councils::personas::council_of;
-use council_councils::{Deliberation, OutcomeStatus, Role};
-use council_inference::Backend;
+use council_councils::{AgentId, CouncilSpec, Role, TaskId};
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_server::OrchestratorService;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::Limits;
 use super::convert;
+use super::metrics::{by_role, quantile};
+use super::runs::{Runner, Started, UpdateStream, grpc_timeout};
 use super::status::{ServiceError, invalid};
-use crate::driver;
-use crate::store::{CouncilStore, Created};
-
-/// Deliberations served since start, for status and metrics.
-#[derive(Debug, Default)]
-struct Counters {
-    deliberations: AtomicU64,
-    total_ms: AtomicU64,
-}
+use crate::store::{Created, StoreError, effective, now_ms};
 
 /// The service state shared by all handlers.
 #[derive(Debug)]
 pub struct Orchestrator {
-    backend: Arc<dyn Backend>,
-    store: Arc<dyn CouncilStore>,
-    limits: Limits,
-    permits: Arc<Semaphore>,
+    runner: Arc<Runner>,
     started: Instant,
-    counters: Counters,
 }
 
 fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
@@ -41,82 +29,351 @@ fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
         .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
 }
 
+/// Compare-and-set attempts before a concurrent writer wins.
+const CAS_ATTEMPTS: usize = 5;
+
 impl Orchestrator {
-    pub fn new(backend: Arc<dyn Backend>, store: Arc<dyn CouncilStore>, limits: Limits) -> Self {
+    pub fn new(runner: Arc<Runner>) -> Self {
         Self {
-            backend,
-            store,
-            permits: Arc::new(Semaphore::new(limits.max_concurrent)),
-            limits,
+            runner,
             started: Instant::now(),
-            counters: Counters::default(),
         }
     }
 
     async fn deliberate_inner(
         &self,
         req: pb::DeliberateRequest,
+        client_deadline: Option<std::time::Duration>,
     ) -> Result<pb::DeliberateResponse, ServiceError> {
-        let started = Instant::now();
-        let task = convert::task(&req)?;
-        let role = role("role", &req.role)?;
-        let council = self
-            .store
-            .get(&role)?
-            .ok_or_else(|| ServiceError::UnknownRole(role.to_string()))?;
-        let council = convert::council_for(council, &req)?;
-        let deadline =
-            convert::timeout(&req, self.limits.default_timeout, self.limits.max_timeout)?;
-        let _permit =
-            self.permits
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ServiceError::Overloaded {
-                    running: self.limits.max_concurrent,
-                    limit: self.limits.max_concurrent,
-                })?;
-        // The seed comes from the task id: a redelivered task deliberates the same way.
-        let seed = council_councils::rng::hash_str(task.id.as_str());
-        let config = council.config;
-        let deliberation = Deliberation::new(council, task, config, seed);
-        let (outcome, timeline) = tokio::time::timeout(
-            deadline,
-            driver::run_timed(self.backend.as_ref(), deliberation),
-        )
-        .await
-        .map_err(|_| ServiceError::DeadlineExceeded(deadline))??;
-        if let OutcomeStatus::Failed { reason } = &outcome.status {
-            return Err(ServiceError::DeliberationFailed(reason.clone()));
+        match self.runner.start(req, client_deadline, None).await? {
+            Started::Done(response) => Ok(*response),
+            Started::Running(run) => run.result().await,
         }
-        let duration_ms = started.elapsed().as_millis() as i64;
-        self.counters.deliberations.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .total_ms
-            .fetch_add(duration_ms as u64, Ordering::Relaxed);
-        Ok(pb::DeliberateResponse {
-            task_id: req.task_id,
-            results: outcome
-                .proposals
-                .iter()
-                .map(|p| convert::result(p, &timeline))
-                .collect(),
-            winner_id: outcome
-                .winner
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            duration_ms,
-            metadata: Some(pb::OrchestratorMetadata {
-                orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
-                timestamp_ms: convert::millis(SystemTime::now()),
-                execution_id: format!("{}-{seed:016x}", outcome.task),
-                tags: Default::default(),
-            }),
-            summary: Some(convert::summary(&outcome)),
+    }
+
+    async fn result_inner(
+        &self,
+        req: pb::GetDeliberationResultRequest,
+    ) -> Result<pb::GetDeliberationResultResponse, ServiceError> {
+        let task = TaskId::new(req.task_id).map_err(|e| invalid("task_id", e.to_string()))?;
+        let record = self
+            .runner
+            .store()
+            .record(task.as_str())
+            .await?
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no deliberation of task {task} (never accepted here, or removed after its retention)"
+                ))
+            })?;
+        Ok(convert::record_result(effective(record, now_ms())))
+    }
+
+    /// Applies `change` to the council of `role` by compare-and-set, retrying on conflicts.
+    async fn change_council<T>(
+        &self,
+        role: &Role,
+        change: impl Fn(&CouncilSpec) -> Result<(CouncilSpec, T), ServiceError>,
+    ) -> Result<(CouncilSpec, T), ServiceError> {
+        let store = self.runner.store();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = store.get(role).await?.ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no council for role {role}; create it with CreateCouncil first"
+                ))
+            })?;
+            let (next, out) = change(&current)?;
+            if next == current {
+                return Ok((next, out));
+            }
+            match store.replace(&current, next.clone()).await {
+                Ok(()) => return Ok((next, out)),
+                Err(StoreError::Conflict { .. }) if attempt < CAS_ATTEMPTS => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn register_inner(
+        &self,
+        req: pb::RegisterAgentRequest,
+    ) -> Result<pb::RegisterAgentResponse, ServiceError> {
+        let id =
+            AgentId::new(req.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
+        let role = role("role", &req.role)?;
+        if !req.endpoint.is_empty() {
+            return Err(invalid(
+                "endpoint",
+                "agents run on this service's inference backend; external agent endpoints are \
+                 not supported (leave it empty)",
+            ));
+        }
+        let persona = req.metadata.get("persona").cloned();
+        if persona
+            .as_ref()
+            .is_some_and(|p| p.trim().is_empty() || p.len() > 2000)
+        {
+            return Err(invalid(
+                "metadata.persona",
+                "must be 1..=2000 bytes of text",
+            ));
+        }
+        let temperature = match req.metadata.get("temperature") {
+            None => None,
+            Some(t) => Some(
+                t.parse::<f32>()
+                    .ok()
+                    .filter(|t| t.is_finite() && *t >= 0.0)
+                    .ok_or_else(|| {
+                        invalid("metadata.temperature", format!("{t:?} is not a number ≥ 0"))
+                    })?,
+            ),
+        };
+        let profile = req
+            .capabilities
+            .as_ref()
+            .map(|c| c.model_profile.clone())
+            .filter(|p| !p.is_empty());
+        let (council, registered) = self
+            .change_council(&role, |current| {
+                // A new member takes the next persona and temperature of the role's defaults.
+                let template = council_of(&role, current.agents.len() + 1)
+                    .map_err(|e| invalid("role", e.to_string()))?;
+                let Some(mut agent) = template.agents.last().cloned() else {
+                    return Err(invalid("role", "no template agent"));
+                };
+                agent.id = id.clone();
+                agent.sampling.seed = council_councils::rng::hash_str(id.as_str());
+                if let Some(p) = &persona {
+                    agent.persona = p.clone();
+                }
+                if let Some(t) = temperature {
+                    agent.sampling.temperature = t;
+                }
+                if let Some(p) = &profile {
+                    agent.model_profile = p.clone();
+                }
+                if let Some(existing) = current.agents.iter().find(|a| a.id == id) {
+                    // Same registration again: nothing changes. Different: refuse.
+                    let same = persona.as_ref().is_none_or(|p| *p == existing.persona)
+                        && temperature.is_none_or(|t| t == existing.sampling.temperature)
+                        && profile
+                            .as_ref()
+                            .is_none_or(|p| *p == existing.model_profile);
+                    return if same {
+                        Ok((current.clone(), false))
+                    } else {
+                        Err(ServiceError::AlreadyExists(format!(
+                            "agent {id} is already registered in council {} with other settings",
+                            current.id
+                        )))
+                    };
+                }
+                let mut agents = current.agents.clone();
+                agents.push(agent);
+                let next = CouncilSpec::new(
+                    current.id.clone(),
+                    current.role.clone(),
+                    agents,
+                    current.config,
+                )
+                .map_err(|e| invalid("agent_id", e.to_string()))?;
+                Ok((next, true))
+            })
+            .await?;
+        Ok(pb::RegisterAgentResponse {
+            success: true,
+            message: if registered {
+                format!("registered agent {id} in council {}", council.id)
+            } else {
+                format!(
+                    "agent {id} was already registered in council {}",
+                    council.id
+                )
+            },
+            council_id: council.id.to_string(),
         })
     }
 
-    fn create_inner(
+    async fn unregister_inner(
+        &self,
+        req: pb::UnregisterAgentRequest,
+    ) -> Result<pb::UnregisterAgentResponse, ServiceError> {
+        let id =
+            AgentId::new(req.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
+        let role = role("role", &req.role)?;
+        let (council, ()) = self
+            .change_council(&role, |current| {
+                if !current.agents.iter().any(|a| a.id == id) {
+                    return Err(ServiceError::NotFound(format!(
+                        "no agent {id} in the council of role {role}"
+                    )));
+                }
+                if current.agents.len() == 1 {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "agent {id} is the last member of council {}; delete the council instead",
+                        current.id
+                    )));
+                }
+                let agents = current
+                    .agents
+                    .iter()
+                    .filter(|a| a.id != id)
+                    .cloned()
+                    .collect();
+                let next = CouncilSpec::new(
+                    current.id.clone(),
+                    current.role.clone(),
+                    agents,
+                    current.config,
+                )
+                .map_err(|e| invalid("agent_id", e.to_string()))?;
+                Ok((next, ()))
+            })
+            .await?;
+        Ok(pb::UnregisterAgentResponse {
+            success: true,
+            message: format!("unregistered agent {id} from council {}", council.id),
+        })
+    }
+
+    async fn status_inner(
+        &self,
+        include_stats: bool,
+    ) -> Result<pb::GetStatusResponse, ServiceError> {
+        let councils = self.runner.store().list().await?;
+        let status = if self.runner.is_draining() {
+            "DRAINING".to_owned()
+        } else {
+            match self.runner.backend().health() {
+                council_inference::Health::Ready => "SERVING".to_owned(),
+                council_inference::Health::Unavailable { reason } => {
+                    format!("NOT_SERVING: {reason}")
+                }
+            }
+        };
+        let stats = include_stats.then(|| {
+            let finished = self.runner.metrics().recent(i64::MIN);
+            let completed: Vec<f64> = finished
+                .iter()
+                .filter(|f| f.ending == super::metrics::Ending::Completed)
+                .map(|f| f.duration_ms)
+                .collect();
+            pb::OrchestratorStats {
+                total_deliberations: finished.len() as i64,
+                total_orchestrations: finished.len() as i64,
+                avg_deliberation_time_ms: mean(&completed),
+                active_councils: councils.len() as i64,
+                role_counts: councils
+                    .iter()
+                    .map(|c| (c.role.to_string(), c.agents.len() as i64))
+                    .collect(),
+            }
+        });
+        Ok(pb::GetStatusResponse {
+            status,
+            uptime_seconds: self.started.elapsed().as_secs() as i64,
+            stats,
+        })
+    }
+
+    async fn metrics_inner(
+        &self,
+        req: pb::GetMetricsRequest,
+    ) -> Result<pb::GetMetricsResponse, ServiceError> {
+        let kind = req.metric_type.to_ascii_lowercase();
+        let want = |k: &str| kind.is_empty() || kind == "all" || kind == k;
+        if !["", "all", "performance", "agents", "councils"].contains(&kind.as_str()) {
+            return Err(invalid(
+                "metric_type",
+                format!(
+                    "{:?}: use performance, agents, councils, all or empty",
+                    req.metric_type
+                ),
+            ));
+        }
+        let since = match req.time_range_ms {
+            r if r < 0 => return Err(invalid("time_range_ms", format!("{r} is negative"))),
+            0 => i64::MIN,
+            r => now_ms().saturating_sub(r),
+        };
+        let finished = self.runner.metrics().recent(since);
+        let councils = self.runner.store().list().await?;
+        let busy = self.runner.busy_by_role();
+        let performance = want("performance").then(|| {
+            let mut completed: Vec<f64> = finished
+                .iter()
+                .filter(|f| f.ending == super::metrics::Ending::Completed)
+                .map(|f| f.duration_ms)
+                .collect();
+            let avg = mean(&completed);
+            pb::PerformanceMetrics {
+                avg_deliberation_ms: avg,
+                avg_orchestration_ms: avg,
+                p50_latency_ms: quantile(&mut completed, 0.50),
+                p95_latency_ms: quantile(&mut completed, 0.95),
+                p99_latency_ms: quantile(&mut completed, 0.99),
+            }
+        });
+        let busy_agents = |c: &CouncilSpec| {
+            busy.get(c.role.as_str())
+                .copied()
+                .unwrap_or(0)
+                .min(c.agents.len() as u64)
+        };
+        let agents = want("agents").then(|| {
+            let mut per_role: HashMap<String, i64> = HashMap::new();
+            for c in &councils {
+                *per_role.entry(c.role.to_string()).or_default() += c.agents.len() as i64;
+            }
+            pb::AgentMetrics {
+                total_agents: councils.iter().map(|c| c.agents.len() as i64).sum(),
+                active_agents: councils.iter().map(|c| busy_agents(c) as i64).sum(),
+                agents_per_role: per_role,
+                avg_agent_response_time_ms: self.runner.metrics().mean_call_ms(),
+            }
+        });
+        let council_metrics = want("councils").then(|| {
+            let outcomes = by_role(&finished);
+            pb::CouncilMetrics {
+                total_councils: councils.len() as i64,
+                active_councils: councils.iter().filter(|c| busy_agents(c) > 0).count() as i64,
+                health_per_council: councils
+                    .iter()
+                    .map(|c| {
+                        let (n, ok) = outcomes.get(c.role.as_str()).copied().unwrap_or((0, 0));
+                        let busy = busy_agents(c);
+                        let success_rate = if n == 0 { 0.0 } else { ok as f64 / n as f64 };
+                        let status = if n >= 3 && success_rate < 0.5 {
+                            "degraded"
+                        } else if busy > 0 {
+                            "busy"
+                        } else {
+                            "ready"
+                        };
+                        (
+                            c.id.to_string(),
+                            pb::CouncilHealth {
+                                status: status.into(),
+                                available_agents: (c.agents.len() as u64 - busy) as i32,
+                                busy_agents: busy as i32,
+                                success_rate,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
+        });
+        Ok(pb::GetMetricsResponse {
+            performance,
+            agents,
+            councils: council_metrics,
+        })
+    }
+
+    async fn create_inner(
         &self,
         req: pb::CreateCouncilRequest,
     ) -> Result<pb::CreateCouncilResponse, ServiceError> {
@@ -153,7 +410,7 @@ impl Orchestrator {
         }
         let agent_ids = council.agents.iter().map(|a| a.id.to_string()).collect();
         let council_id = council.id.to_string();
-        let created = self.store.create(council)?;
+        let created = self.runner.store().create(council).await?;
         Ok(pb::CreateCouncilResponse {
             council_id,
             agents_created: if created == Created::New {
@@ -166,38 +423,62 @@ impl Orchestrator {
     }
 }
 
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
 #[tonic::async_trait]
 impl OrchestratorService for Orchestrator {
     async fn deliberate(
         &self,
         request: Request<pb::DeliberateRequest>,
     ) -> Result<Response<pb::DeliberateResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
         Ok(Response::new(
-            self.deliberate_inner(request.into_inner()).await?,
+            self.deliberate_inner(request.into_inner(), deadline)
+                .await?,
         ))
     }
 
-    type StreamDeliberationStream = tonic::codegen::BoxStream<pb::DeliberationUpdate>;
+    type StreamDeliberationStream = UpdateStream;
 
     async fn stream_deliberation(
         &self,
-        _request: Request<pb::DeliberateRequest>,
+        request: Request<pb::DeliberateRequest>,
     ) -> Result<Response<Self::StreamDeliberationStream>, Status> {
-        Err(ServiceError::NotImplemented("StreamDeliberation").into())
+        let deadline = grpc_timeout(request.metadata());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let run = match self
+            .runner
+            .start(request.into_inner(), deadline, Some(tx))
+            .await?
+        {
+            Started::Done(_) => None,
+            Started::Running(run) => Some(run),
+        };
+        Ok(Response::new(UpdateStream::new(rx, run)))
     }
 
     async fn get_deliberation_result(
         &self,
-        _request: Request<pb::GetDeliberationResultRequest>,
+        request: Request<pb::GetDeliberationResultRequest>,
     ) -> Result<Response<pb::GetDeliberationResultResponse>, Status> {
-        Err(ServiceError::NotImplemented("GetDeliberationResult").into())
+        Ok(Response::new(
+            self.result_inner(request.into_inner()).await?,
+        ))
     }
 
     async fn create_council(
         &self,
         request: Request<pb::CreateCouncilRequest>,
     ) -> Result<Response<pb::CreateCouncilResponse>, Status> {
-        Ok(Response::new(self.create_inner(request.into_inner())?))
+        Ok(Response::new(
+            self.create_inner(request.into_inner()).await?,
+        ))
     }
 
     async fn list_councils(
@@ -210,14 +491,20 @@ impl OrchestratorService for Orchestrator {
         } else {
             Some(role("role_filter", &req.role_filter)?)
         };
-        let model = self.backend.model_info().name.clone();
+        let model = self.runner.backend().model_info().name.clone();
+        let busy = self.runner.busy_by_role();
         let councils = self
-            .store
+            .runner
+            .store()
             .list()
+            .await
             .map_err(ServiceError::from)?
             .iter()
             .filter(|c| filter.as_ref().is_none_or(|r| *r == c.role))
-            .map(|c| convert::council_info(c, req.include_agents, &model))
+            .map(|c| {
+                let busy = busy.get(c.role.as_str()).copied().unwrap_or(0) > 0;
+                convert::council_info(c, req.include_agents, &model, busy)
+            })
             .collect();
         Ok(Response::new(pb::ListCouncilsResponse { councils }))
     }
@@ -227,7 +514,12 @@ impl OrchestratorService for Orchestrator {
         request: Request<pb::DeleteCouncilRequest>,
     ) -> Result<Response<pb::DeleteCouncilResponse>, Status> {
         let role = role("role", &request.into_inner().role)?;
-        let removed = self.store.delete(&role).map_err(ServiceError::from)?;
+        let removed = self
+            .runner
+            .store()
+            .delete(&role)
+            .await
+            .map_err(ServiceError::from)?;
         Ok(Response::new(pb::DeleteCouncilResponse {
             success: true,
             message: format!("deleted council {} of role {role}", removed.id),
@@ -237,52 +529,38 @@ impl OrchestratorService for Orchestrator {
 
     async fn register_agent(
         &self,
-        _request: Request<pb::RegisterAgentRequest>,
+        request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        Err(ServiceError::NotImplemented("RegisterAgent").into())
+        Ok(Response::new(
+            self.register_inner(request.into_inner()).await?,
+        ))
     }
 
     async fn unregister_agent(
         &self,
-        _request: Request<pb::UnregisterAgentRequest>,
+        request: Request<pb::UnregisterAgentRequest>,
     ) -> Result<Response<pb::UnregisterAgentResponse>, Status> {
-        Err(ServiceError::NotImplemented("UnregisterAgent").into())
+        Ok(Response::new(
+            self.unregister_inner(request.into_inner()).await?,
+        ))
     }
 
     async fn get_status(
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        let councils = self.store.list().map_err(ServiceError::from)?;
-        let status = match self.backend.health() {
-            council_inference::Health::Ready => "SERVING".to_owned(),
-            council_inference::Health::Unavailable { reason } => format!("NOT_SERVING: {reason}"),
-        };
-        let stats = request.into_inner().include_stats.then(|| {
-            let n = self.counters.deliberations.load(Ordering::Relaxed);
-            let total = self.counters.total_ms.load(Ordering::Relaxed);
-            pb::OrchestratorStats {
-                total_deliberations: n as i64,
-                total_orchestrations: n as i64,
-                avg_deliberation_time_ms: if n == 0 { 0.0 } else { total as f64 / n as f64 },
-                active_councils: councils.len() as i64,
-                role_counts: councils
-                    .iter()
-                    .map(|c| (c.role.to_string(), c.agents.len() as i64))
-                    .collect(),
-            }
-        });
-        Ok(Response::new(pb::GetStatusResponse {
-            status,
-            uptime_seconds: self.started.elapsed().as_secs() as i64,
-            stats,
-        }))
+        Ok(Response::new(
+            self.status_inner(request.into_inner().include_stats)
+                .await?,
+        ))
     }
 
     async fn get_metrics(
         &self,
-        _request: Request<pb::GetMetricsRequest>,
+        request: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
-        Err(ServiceError::NotImplemented("GetMetrics").into())
+        Ok(Response::new(
+            self.metrics_inner(request.into_inner()).await?,
+        ))
     }
 }

@@ -1,8 +1,11 @@
 //! `council serve`: the gRPC service orchestrators call. Thin handlers in [`grpc`] validate,
-//! convert, call and convert back; [`status`] is the one place errors become `tonic::Status`.
+//! convert, call and convert back; [`runs`] runs deliberations and keeps their records;
+//! [`status`] is the one place errors become `tonic::Status`; [`metrics`] measures.
 
 pub mod convert;
 pub mod grpc;
+pub mod metrics;
+pub mod runs;
 pub mod status;
 
 use std::future::Future;
@@ -12,7 +15,10 @@ use std::time::Duration;
 
 use council_inference::{Backend, Health};
 use council_proto::fleet::orchestrator::v1::orchestrator_service_server::OrchestratorServiceServer;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::store::CouncilStore;
 
@@ -37,47 +43,250 @@ impl Default for Limits {
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves. Health reports `SERVING` once started and
+/// TLS of the gRPC port, PEM contents.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("key", &"<redacted>")
+            .field("mtls", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything `serve` needs besides the backend and the store.
+#[derive(Debug)]
+pub struct Options {
+    pub limits: Limits,
+    /// How long in-flight deliberations may take to finish after shutdown begins.
+    pub grace: Duration,
+    /// Finished records are deleted this long after they finished.
+    pub retention: Duration,
+    /// When set, every OrchestratorService call needs `authorization: Bearer <token>`.
+    /// Health and reflection stay open (probes and tooling).
+    pub auth_token: Option<String>,
+    pub reflection: bool,
+    pub tls: Option<Tls>,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), if anywhere.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Options {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            grace: Duration::from_secs(30),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            auth_token: None,
+            reflection: true,
+            tls: None,
+            metrics: None,
+        }
+    }
+}
+
+const SERVICE_NAME: &str = "fleet.orchestrator.v1.OrchestratorService";
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status(SERVICE_NAME, status).await;
+    reporter.set_service_status("", status).await;
+}
+
+/// Checks bearer tokens in constant time.
+#[derive(Clone)]
+struct Auth {
+    token: Option<Arc<[u8]>>,
+}
+
+impl Auth {
+    fn check(&self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(token) = &self.token else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(presented.as_bytes().ct_eq(token)) {
+            Ok(request)
+        } else {
+            Err(status::ServiceError::Unauthenticated.to_status())
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains (see [`runs::Runner::drain`]).
+/// Health is `SERVING` only while the backend is healthy (checked every second) and
 /// `NOT_SERVING` from the first moment of shutdown.
 pub async fn serve(
     listener: TcpListener,
     backend: Arc<dyn Backend>,
     store: Arc<dyn CouncilStore>,
-    limits: Limits,
+    options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let service_name = "fleet.orchestrator.v1.OrchestratorService";
-    let ready = matches!(backend.health(), Health::Ready);
-    let status = if ready {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
-    health_reporter
-        .set_service_status(service_name, status)
-        .await;
-    health_reporter.set_service_status("", status).await;
-    let orchestrator = grpc::Orchestrator::new(backend, store, limits);
+    set_health(&health_reporter, ServingStatus::NotServing).await;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let runner = Arc::new(runs::Runner::new(
+        backend.clone(),
+        store,
+        options.limits,
+        metrics.clone(),
+    ));
+    let orchestrator = grpc::Orchestrator::new(runner.clone());
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "serving gRPC");
-    let reporter = health_reporter.clone();
-    let shutdown = async move {
-        shutdown.await;
-        reporter
-            .set_service_status(service_name, tonic_health::ServingStatus::NotServing)
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    runner.spawn_retention(
+        options.retention,
+        (options.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(300)),
+        stopping_rx.clone(),
+    );
+
+    // Readiness follows the backend until shutdown begins.
+    let watcher = {
+        let reporter = health_reporter.clone();
+        let backend = backend.clone();
+        let mut stopping = stopping_rx.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let health = backend.health();
+                let status = match &health {
+                    Health::Ready => ServingStatus::Serving,
+                    Health::Unavailable { .. } => ServingStatus::NotServing,
+                };
+                if last != Some(status) {
+                    if let Health::Unavailable { reason } = &health {
+                        tracing::warn!(%reason, "backend unavailable: NOT_SERVING");
+                    }
+                    set_health(&reporter, status).await;
+                    last = Some(status);
+                }
+                tokio::select! {
+                    _ = stopping.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        })
     };
-    tonic::transport::Server::builder()
+
+    if let Some(metrics_listener) = options.metrics {
+        let metrics_addr = metrics_listener.local_addr()?;
+        let router = metrics_router(metrics.clone(), backend.clone(), runner.clone());
+        let mut stopping = stopping_rx.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopping.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        tracing::info!(%metrics_addr, "serving Prometheus metrics on /metrics");
+    }
+
+    let drained = {
+        let reporter = health_reporter.clone();
+        let runner = runner.clone();
+        let grace = options.grace;
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown: NOT_SERVING, draining");
+            let _ = stopping_tx.send(true);
+            let _ = watcher.await;
+            set_health(&reporter, ServingStatus::NotServing).await;
+            let cancelled = runner.drain(grace).await;
+            tracing::info!(cancelled, "drained; stopping the server");
+        }
+    };
+
+    let auth = Auth {
+        token: options
+            .auth_token
+            .map(|t| Arc::from(t.into_bytes().into_boxed_slice())),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let mut config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    let reflection = if options.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(council_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        )
+    } else {
+        None
+    };
+    tracing::info!(%addr, tls = options.tls.is_some(), auth = auth.token.is_some(), "serving gRPC");
+    builder
         .add_service(health_service)
-        .add_service(OrchestratorServiceServer::new(orchestrator))
+        .add_optional_service(reflection)
+        .add_service(OrchestratorServiceServer::with_interceptor(
+            orchestrator,
+            move |r| auth.check(r),
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
+            drained,
         )
         .await?;
     Ok(())
+}
+
+/// `/metrics` (Prometheus text format), `/healthz` (alive) and `/readyz` (ready to deliberate).
+fn metrics_router(
+    metrics: Arc<metrics::Metrics>,
+    backend: Arc<dyn Backend>,
+    runner: Arc<runs::Runner>,
+) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let scrape = {
+        let backend = backend.clone();
+        move || {
+            let body = metrics.encode(&backend.load());
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }
+    };
+    let ready = move || {
+        let ok = !runner.is_draining() && backend.health() == Health::Ready;
+        async move {
+            if ok {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+    };
+    axum::Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
 }

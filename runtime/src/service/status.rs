@@ -12,41 +12,81 @@ pub enum ServiceError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("no council for role {0}")]
     UnknownRole(String),
-    #[error("{running} deliberations are running (limit {limit}); retry later")]
-    Overloaded { running: usize, limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{limit} deliberations are running (limit {limit}); retry later")]
+    Overloaded { limit: usize },
+    #[error(
+        "task {0} is already being deliberated; watch it with GetDeliberationResult or retry later"
+    )]
+    AlreadyRunning(String),
     #[error("deliberation exceeded its deadline of {0:?}")]
     DeadlineExceeded(std::time::Duration),
+    #[error("the service is shutting down; retry on another replica or later")]
+    ShuttingDown,
+    #[error("cancelled by the client")]
+    Cancelled,
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Driver(#[from] DriverError),
     #[error("deliberation failed: {0}")]
     DeliberationFailed(String),
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// The run ended without reporting (its task panicked): our bug.
+    #[error("the deliberation ended without a result")]
+    Lost,
 }
 
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let message = e.to_string();
-        match e {
+impl ServiceError {
+    pub fn to_status(&self) -> Status {
+        let message = self.to_string();
+        match self {
             ServiceError::InvalidArgument { .. } => Status::invalid_argument(message),
-            ServiceError::UnknownRole(_) => Status::not_found(message),
+            ServiceError::UnknownRole(_) | ServiceError::NotFound(_) => Status::not_found(message),
+            ServiceError::FailedPrecondition(_) => Status::failed_precondition(message),
+            ServiceError::AlreadyExists(_) => Status::already_exists(message),
             ServiceError::Overloaded { .. } => Status::resource_exhausted(message),
+            ServiceError::AlreadyRunning(_) => Status::aborted(message),
             ServiceError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            ServiceError::ShuttingDown => Status::unavailable(message),
+            ServiceError::Cancelled => Status::cancelled(message),
+            ServiceError::Unauthenticated => Status::unauthenticated(message),
             ServiceError::Store(StoreError::AlreadyExists { .. }) => {
                 Status::already_exists(message)
             }
             ServiceError::Store(StoreError::NotFound { .. }) => Status::not_found(message),
+            ServiceError::Store(StoreError::Conflict { .. }) => Status::aborted(message),
             ServiceError::Store(StoreError::Unavailable { .. } | StoreError::Corrupt { .. }) => {
                 Status::unavailable(message)
             }
-            ServiceError::NotImplemented(_) => Status::unimplemented(message),
             // Too many agents failed (usually the backend): retrying can succeed.
             ServiceError::DeliberationFailed(_) => Status::unavailable(message),
-            // A protocol error between driver and state machine is our bug.
-            ServiceError::Driver(_) => Status::internal(message),
+            // A protocol error between driver and state machine, or a lost run, is our bug.
+            ServiceError::Driver(_) | ServiceError::Lost => Status::internal(message),
         }
+    }
+
+    /// Whether running the same task again can succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            ServiceError::InvalidArgument { .. }
+                | ServiceError::UnknownRole(_)
+                | ServiceError::Driver(_)
+                | ServiceError::Lost
+        )
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        e.to_status()
     }
 }
 
@@ -54,5 +94,70 @@ pub fn invalid(field: &'static str, reason: impl Into<String>) -> ServiceError {
     ServiceError::InvalidArgument {
         field,
         reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use council_councils::Role;
+    use tonic::Code;
+
+    #[test]
+    fn every_error_has_its_code() {
+        let store = |reason: &str| StoreError::Unavailable {
+            store: "s".into(),
+            reason: reason.into(),
+        };
+        let cases = [
+            (invalid("rounds", "11"), Code::InvalidArgument),
+            (ServiceError::UnknownRole("X".into()), Code::NotFound),
+            (ServiceError::NotFound("agent".into()), Code::NotFound),
+            (
+                ServiceError::FailedPrecondition("last".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ServiceError::AlreadyExists("agent".into()),
+                Code::AlreadyExists,
+            ),
+            (
+                ServiceError::Overloaded { limit: 1 },
+                Code::ResourceExhausted,
+            ),
+            (ServiceError::AlreadyRunning("t".into()), Code::Aborted),
+            (
+                ServiceError::DeadlineExceeded(std::time::Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
+            (ServiceError::ShuttingDown, Code::Unavailable),
+            (ServiceError::Cancelled, Code::Cancelled),
+            (ServiceError::Unauthenticated, Code::Unauthenticated),
+            (
+                ServiceError::Store(StoreError::AlreadyExists { role: Role::Dev }),
+                Code::AlreadyExists,
+            ),
+            (
+                ServiceError::Store(StoreError::NotFound { role: Role::Dev }),
+                Code::NotFound,
+            ),
+            (
+                ServiceError::Store(StoreError::Conflict { role: Role::Dev }),
+                Code::Aborted,
+            ),
+            (ServiceError::Store(store("down")), Code::Unavailable),
+            (
+                ServiceError::DeliberationFailed("quorum".into()),
+                Code::Unavailable,
+            ),
+            (ServiceError::Lost, Code::Internal),
+        ];
+        for (e, code) in cases {
+            let status = e.to_status();
+            assert_eq!(status.code(), code, "{e}");
+            assert_eq!(status.message(), e.to_string());
+        }
+        assert!(ServiceError::ShuttingDown.is_retryable());
+        assert!(!invalid("x", "y").is_retryable());
     }
 }

@@ -1,0 +1,711 @@
+//! Running deliberations for the service: validation before any LLM call, the persisted record
+//! of each accepted run, progress for streams, cancellation (client gone, shutdown) and the
+//! drain at shutdown. `Deliberate` and `StreamDeliberation` both go through [`Runner::start`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use council_councils::{Deliberation, OutcomeStatus, Phase, Role};
+use council_inference::Backend;
+use council_proto::council::store::v1::DeliberationRecord;
+use council_proto::fleet::orchestrator::v1 as pb;
+use council_proto::fleet::orchestrator::v1::DeliberationStatus;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tonic::Status;
+
+use super::Limits;
+use super::convert;
+use super::metrics::{Ending, Finished, Metrics};
+use super::status::{ServiceError, invalid};
+use crate::driver::{self, Event};
+use crate::store::{Claim, CouncilStore, effective, now_ms};
+
+/// Why a run was stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The caller went away (cancelled RPC, dropped stream).
+    Client,
+    /// The service is shutting down and the grace period is over.
+    Shutdown,
+}
+
+/// A cancellation flag one run waits on.
+#[derive(Debug, Default)]
+struct CancelCell {
+    reason: Mutex<Option<Cancel>>,
+    notify: Notify,
+}
+
+impl CancelCell {
+    fn cancel(&self, reason: Cancel) {
+        if let Ok(mut r) = self.reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason);
+        }
+        // Stores a permit when nobody waits yet, so a cancel is never missed.
+        self.notify.notify_one();
+    }
+
+    async fn cancelled(&self) -> Cancel {
+        loop {
+            if let Some(r) = self.reason.lock().ok().and_then(|r| *r) {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Progress updates of a streamed run, then its final update or error.
+pub type Updates = mpsc::UnboundedSender<Result<pb::DeliberationUpdate, Status>>;
+
+/// What `start` did.
+#[derive(Debug)]
+pub enum Started {
+    /// The task had completed before: its stored response, nothing ran.
+    Done(Box<pb::DeliberateResponse>),
+    /// A new run; its result comes through the handle.
+    Running(RunHandle),
+}
+
+/// A caller's hold on a run. Dropping it before the result arrived cancels the run.
+#[derive(Debug)]
+pub struct RunHandle {
+    result: oneshot::Receiver<Result<pb::DeliberateResponse, ServiceError>>,
+    cancel: Arc<CancelCell>,
+    finished: bool,
+}
+
+impl RunHandle {
+    pub async fn result(mut self) -> Result<pb::DeliberateResponse, ServiceError> {
+        let result = (&mut self.result).await;
+        self.finished = true;
+        result.unwrap_or(Err(ServiceError::Lost))
+    }
+}
+
+impl Drop for RunHandle {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancel.cancel(Cancel::Client);
+        }
+    }
+}
+
+/// The stream of a `StreamDeliberation` call; dropping it (client gone) cancels the run.
+#[derive(Debug)]
+pub struct UpdateStream {
+    rx: mpsc::UnboundedReceiver<Result<pb::DeliberationUpdate, Status>>,
+    _run: Option<RunHandle>,
+}
+
+impl UpdateStream {
+    pub fn new(
+        rx: mpsc::UnboundedReceiver<Result<pb::DeliberationUpdate, Status>>,
+        run: Option<RunHandle>,
+    ) -> Self {
+        Self { rx, _run: run }
+    }
+}
+
+impl tonic::codegen::tokio_stream::Stream for UpdateStream {
+    type Item = Result<pb::DeliberationUpdate, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Runs deliberations and keeps track of the ones in flight.
+#[derive(Debug)]
+pub struct Runner {
+    backend: Arc<dyn Backend>,
+    store: Arc<dyn CouncilStore>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    instance: String,
+    metrics: Arc<Metrics>,
+    active: Mutex<HashMap<u64, Arc<CancelCell>>>,
+    next_id: AtomicU64,
+    draining: AtomicBool,
+    idle: Notify,
+    /// Agents deliberating now, by role.
+    busy: Mutex<HashMap<String, u64>>,
+}
+
+fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
+    s.parse()
+        .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
+}
+
+/// This process, for records: host, pid and start time.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}:{}", std::process::id(), now_ms())
+}
+
+impl Runner {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        store: Arc<dyn CouncilStore>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            backend,
+            store,
+            permits: Arc::new(Semaphore::new(limits.max_concurrent)),
+            limits,
+            instance: instance_id(),
+            metrics,
+            active: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            idle: Notify::new(),
+            busy: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn store(&self) -> &Arc<dyn CouncilStore> {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Agents deliberating now, by role.
+    pub fn busy_by_role(&self) -> HashMap<String, u64> {
+        self.busy.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    fn set_busy(&self, role: &str, agents: u64, add: bool) {
+        if let Ok(mut busy) = self.busy.lock() {
+            let n = busy.entry(role.to_owned()).or_default();
+            *n = if add {
+                *n + agents
+            } else {
+                n.saturating_sub(agents)
+            };
+            if *n == 0 {
+                busy.remove(role);
+            }
+        }
+    }
+
+    fn active_count(&self) -> usize {
+        self.active.lock().map_or(0, |a| a.len())
+    }
+
+    /// Validates `req`, records it and starts it; `client_deadline` is the call's own
+    /// `grpc-timeout`, if any.
+    pub async fn start(
+        self: &Arc<Self>,
+        req: pb::DeliberateRequest,
+        client_deadline: Option<Duration>,
+        updates: Option<Updates>,
+    ) -> Result<Started, ServiceError> {
+        if self.is_draining() {
+            self.metrics.rejected("shutting_down");
+            return Err(ServiceError::ShuttingDown);
+        }
+        let task = convert::task(&req)?;
+        let role = role("role", &req.role)?;
+        let council = self
+            .store
+            .get(&role)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownRole(role.to_string()))?;
+        let council = convert::council_for(council, &req)?;
+        let mut deadline =
+            convert::timeout(&req, self.limits.default_timeout, self.limits.max_timeout)?;
+        if let Some(client) = client_deadline {
+            // Finish a little before the client gives up, so that the record says TIMEOUT and
+            // the client hears DEADLINE_EXCEEDED from us.
+            let margin = (client / 20).min(Duration::from_millis(200));
+            deadline = deadline.min(client.saturating_sub(margin));
+        }
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.rejected("overloaded");
+            ServiceError::Overloaded {
+                limit: self.limits.max_concurrent,
+            }
+        })?;
+        let now = now_ms();
+        let record = DeliberationRecord {
+            task_id: req.task_id.clone(),
+            role: role.to_string(),
+            status: DeliberationStatus::InProgress as i32,
+            created_at_ms: now,
+            updated_at_ms: now,
+            deadline_at_ms: now.saturating_add(deadline.as_millis() as i64),
+            instance_id: self.instance.clone(),
+            ..Default::default()
+        };
+        match self.store.claim(record.clone(), now).await? {
+            Claim::Claimed => {}
+            Claim::Existing(existing) => {
+                let existing = effective(*existing, now);
+                if existing.status == DeliberationStatus::Completed as i32
+                    && let Some(response) = existing.response
+                {
+                    if let Some(tx) = &updates {
+                        let _ = tx.send(Ok(final_update(&response)));
+                    }
+                    return Ok(Started::Done(Box::new(response)));
+                }
+                self.metrics.rejected("already_running");
+                return Err(ServiceError::AlreadyRunning(req.task_id));
+            }
+        }
+
+        // The seed comes from the task id: a redelivered task deliberates the same way.
+        let seed = council_councils::rng::hash_str(task.id.as_str());
+        let steps = 2 + 2 * council.config.rounds;
+        let agents = council.agents.len() as u64;
+        let config = council.config;
+        let deliberation = Deliberation::new(council, task, config, seed);
+        let cancel = Arc::new(CancelCell::default());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut active) = self.active.lock() {
+            active.insert(id, cancel.clone());
+        }
+        let (result_tx, result_rx) = oneshot::channel();
+        let runner = self.clone();
+        let cell = cancel.clone();
+        self.metrics.started();
+        self.set_busy(role.as_str(), agents, true);
+        tokio::spawn(async move {
+            let result = runner
+                .run(RunInput {
+                    record,
+                    deliberation,
+                    deadline,
+                    seed,
+                    steps,
+                    cancel: cell,
+                    updates: updates.clone(),
+                })
+                .await;
+            if let Some(tx) = updates {
+                let _ = tx.send(match &result {
+                    Ok(response) => Ok(final_update(response)),
+                    Err(e) => Err(e.to_status()),
+                });
+            }
+            let _ = result_tx.send(result);
+            runner.set_busy(role.as_str(), agents, false);
+            drop(permit);
+            if let Ok(mut active) = runner.active.lock() {
+                active.remove(&id);
+            }
+            runner.idle.notify_waiters();
+        });
+        Ok(Started::Running(RunHandle {
+            result: result_rx,
+            cancel,
+            finished: false,
+        }))
+    }
+
+    async fn run(&self, input: RunInput) -> Result<pb::DeliberateResponse, ServiceError> {
+        let RunInput {
+            mut record,
+            deliberation,
+            deadline,
+            seed,
+            steps,
+            cancel,
+            updates,
+        } = input;
+        let started = Instant::now();
+        let mut progress = ProgressTracker::new(steps, updates, Some(self.metrics.clone()));
+        enum Ended {
+            Ran(Box<Result<(council_councils::Outcome, driver::Timeline), driver::DriverError>>),
+            TimedOut,
+            Cancelled(Cancel),
+        }
+        let ended = {
+            let mut on_event = |e| progress.on(e);
+            let run = driver::run_timed(self.backend.as_ref(), deliberation, &mut on_event);
+            tokio::select! {
+                r = tokio::time::timeout(deadline, run) => match r {
+                    Ok(r) => Ended::Ran(Box::new(r)),
+                    Err(_) => Ended::TimedOut,
+                },
+                c = cancel.cancelled() => Ended::Cancelled(c),
+            }
+        };
+        let duration = started.elapsed();
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        let result = match ended {
+            Ended::Ran(ran) => match *ran {
+                Ok((outcome, timeline)) => {
+                    prompt_tokens = outcome.usage.prompt_tokens;
+                    completion_tokens = outcome.usage.completion_tokens;
+                    match &outcome.status {
+                        OutcomeStatus::Completed => Ok(convert::response(
+                            &record.task_id,
+                            &outcome,
+                            &timeline,
+                            duration,
+                            seed,
+                        )),
+                        OutcomeStatus::Failed { reason } => {
+                            Err(ServiceError::DeliberationFailed(reason.clone()))
+                        }
+                    }
+                }
+                Err(e) => Err(ServiceError::Driver(e)),
+            },
+            Ended::TimedOut => Err(ServiceError::DeadlineExceeded(deadline)),
+            Ended::Cancelled(Cancel::Client) => Err(ServiceError::Cancelled),
+            Ended::Cancelled(Cancel::Shutdown) => Err(ServiceError::ShuttingDown),
+        };
+        let ending = match &result {
+            Ok(_) => Ending::Completed,
+            Err(ServiceError::DeadlineExceeded(_)) => Ending::Timeout,
+            Err(ServiceError::Cancelled | ServiceError::ShuttingDown) => Ending::Cancelled,
+            Err(_) => Ending::Failed,
+        };
+        record.updated_at_ms = now_ms();
+        match &result {
+            Ok(response) => {
+                record.status = DeliberationStatus::Completed as i32;
+                record.response = Some(response.clone());
+            }
+            Err(e) => {
+                record.status = if ending == Ending::Timeout {
+                    DeliberationStatus::Timeout as i32
+                } else {
+                    DeliberationStatus::Failed as i32
+                };
+                record.error_message = e.to_string();
+                record.retryable = e.is_retryable();
+            }
+        }
+        if let Err(e) = self.store.update_record(record.clone()).await {
+            tracing::error!(task_id = %record.task_id, error = %e, "could not write the deliberation record");
+        }
+        tracing::info!(
+            task_id = %record.task_id,
+            outcome = ending.as_str(),
+            duration_ms = duration.as_millis() as u64,
+            prompt_tokens,
+            completion_tokens,
+            "deliberation finished"
+        );
+        self.metrics.finished(
+            Finished {
+                at_ms: record.updated_at_ms,
+                duration_ms: duration.as_secs_f64() * 1000.0,
+                role: record.role.clone(),
+                ending,
+            },
+            prompt_tokens,
+            completion_tokens,
+        );
+        result
+    }
+
+    /// Shutdown: refuses new runs, lets the running ones finish within `grace`, then cancels
+    /// the rest (their records say failed, retryable) and waits for them to write it. Returns
+    /// how many were cancelled.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let running = self.active_count();
+        if running > 0 {
+            tracing::info!(
+                running,
+                grace_ms = grace.as_millis() as u64,
+                "draining deliberations"
+            );
+        }
+        let end = tokio::time::Instant::now() + grace;
+        self.wait_idle_until(end).await;
+        let cancelled: Vec<Arc<CancelCell>> = self
+            .active
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default();
+        for cell in &cancelled {
+            cell.cancel(Cancel::Shutdown);
+        }
+        if !cancelled.is_empty() {
+            tracing::warn!(
+                cancelled = cancelled.len(),
+                "grace period over: cancelled the remaining deliberations"
+            );
+            // Cancelled runs only write their record; give them a bounded moment.
+            self.wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
+                .await;
+        }
+        cancelled.len()
+    }
+
+    async fn wait_idle_until(&self, end: tokio::time::Instant) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.active_count() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(end, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Deletes finished records older than `retention`, every `every`, until `stop` turns true.
+    pub fn spawn_retention(
+        &self,
+        retention: Duration,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let before = now_ms().saturating_sub(retention.as_millis() as i64);
+                match store.purge_records(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "removed records past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "could not purge old records"),
+                }
+            }
+        });
+    }
+}
+
+struct RunInput {
+    record: DeliberationRecord,
+    deliberation: Deliberation,
+    deadline: Duration,
+    seed: u64,
+    steps: u32,
+    cancel: Arc<CancelCell>,
+    updates: Option<Updates>,
+}
+
+/// Turns driver events into `DeliberationUpdate`s with a progress percentage over the
+/// deliberation's phases (propose, then critique and revise per round, then score).
+struct ProgressTracker {
+    steps: u32,
+    updates: Option<Updates>,
+    metrics: Option<Arc<Metrics>>,
+    calls: usize,
+    done: usize,
+    phase_started: Instant,
+}
+
+fn phase_status(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Propose | Phase::Revise => "generating",
+        Phase::Critique => "reviewing",
+        Phase::Score => "scoring",
+    }
+}
+
+impl ProgressTracker {
+    fn new(steps: u32, updates: Option<Updates>, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            steps,
+            updates,
+            metrics,
+            calls: 0,
+            done: 0,
+            phase_started: Instant::now(),
+        }
+    }
+
+    /// Index of a phase among the deliberation's steps.
+    fn step(&self, phase: Phase, round: u32) -> u32 {
+        match phase {
+            Phase::Propose => 0,
+            Phase::Critique => 2 * round - 1,
+            Phase::Revise => 2 * round,
+            Phase::Score => self.steps - 1,
+        }
+    }
+
+    fn percent(&self, phase: Phase, round: u32) -> i32 {
+        let within = if self.calls == 0 {
+            0.0
+        } else {
+            self.done as f64 / self.calls as f64
+        };
+        let p = 100.0 * (f64::from(self.step(phase, round)) + within) / f64::from(self.steps);
+        // 100 belongs to the final update.
+        (p.floor() as i32).clamp(0, 99)
+    }
+
+    fn on(&mut self, event: Event) {
+        match &event {
+            Event::PhaseStarted { .. } => self.phase_started = Instant::now(),
+            Event::CallDone { .. } => {
+                if let Some(m) = &self.metrics {
+                    m.call_done(self.phase_started.elapsed());
+                }
+            }
+        }
+        let Some(tx) = &self.updates else { return };
+        let update = match event {
+            Event::PhaseStarted {
+                phase,
+                round,
+                calls,
+            } => {
+                self.calls = calls;
+                self.done = 0;
+                pb::DeliberationUpdate {
+                    status: phase_status(phase).into(),
+                    progress_percent: self.percent(phase, round),
+                    current_step: format!("{} round {round}: {calls} calls", phase.as_str()),
+                    current_agent: String::new(),
+                    partial_result: None,
+                    response: None,
+                }
+            }
+            Event::CallDone {
+                agent,
+                phase,
+                round,
+                ok,
+            } => {
+                self.done += 1;
+                pb::DeliberationUpdate {
+                    status: phase_status(phase).into(),
+                    progress_percent: self.percent(phase, round),
+                    current_step: format!(
+                        "{} round {round}: {agent} {} ({}/{})",
+                        phase.as_str(),
+                        if ok { "answered" } else { "failed" },
+                        self.done,
+                        self.calls
+                    ),
+                    current_agent: agent.to_string(),
+                    partial_result: None,
+                    response: None,
+                }
+            }
+        };
+        let _ = tx.send(Ok(update));
+    }
+}
+
+/// The last update of a stream: complete, the winner as the partial result, the whole response.
+pub fn final_update(response: &pb::DeliberateResponse) -> pb::DeliberationUpdate {
+    pb::DeliberationUpdate {
+        status: "complete".into(),
+        progress_percent: 100,
+        current_step: "complete".into(),
+        current_agent: response.winner_id.clone(),
+        partial_result: response.results.first().cloned(),
+        response: Some(response.clone()),
+    }
+}
+
+/// The call's own deadline from its `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_units() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (v, d) in [
+            ("2S", Duration::from_secs(2)),
+            ("1500m", Duration::from_millis(1500)),
+            ("3M", Duration::from_secs(180)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            m.insert("grpc-timeout", v.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
+        }
+        for bad in ["", "S", "10x", "-1S"] {
+            m.insert("grpc-timeout", bad.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&m), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn progress_rises_through_the_phases_and_stops_short_of_100() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut p = ProgressTracker::new(4, Some(tx), None);
+        let agent = council_councils::AgentId::new("a").expect("id");
+        let mut seen = Vec::new();
+        for (phase, round) in [
+            (Phase::Propose, 0),
+            (Phase::Critique, 1),
+            (Phase::Revise, 1),
+            (Phase::Score, 1),
+        ] {
+            p.on(Event::PhaseStarted {
+                phase,
+                round,
+                calls: 2,
+            });
+            for _ in 0..2 {
+                p.on(Event::CallDone {
+                    agent: agent.clone(),
+                    phase,
+                    round,
+                    ok: true,
+                });
+            }
+        }
+        while let Ok(Ok(u)) = rx.try_recv() {
+            seen.push((u.status, u.progress_percent));
+        }
+        let percents: Vec<i32> = seen.iter().map(|s| s.1).collect();
+        assert_eq!(
+            percents,
+            vec![0, 12, 25, 25, 37, 50, 50, 62, 75, 75, 87, 99]
+        );
+        let statuses: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(&statuses[3..6], ["reviewing"; 3]);
+        assert_eq!(&statuses[9..], ["scoring"; 3]);
+    }
+}
