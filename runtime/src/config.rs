@@ -75,8 +75,13 @@ pub struct RawLimits {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
+    /// "file" (embedded, one process) or "nats" (JetStream key-value, several replicas).
+    pub kind: Option<String>,
     /// Directory of the embedded file store.
     pub data_dir: Option<PathBuf>,
+    pub nats_url: Option<String>,
+    /// Key-value buckets are `<prefix>_councils` and `<prefix>_records`.
+    pub bucket_prefix: Option<String>,
     pub retention_secs: Option<u64>,
 }
 
@@ -125,7 +130,15 @@ impl RawConfig {
             default_timeout_secs,
             max_timeout_secs
         );
-        overlay!(self.store, top.store, data_dir, retention_secs);
+        overlay!(
+            self.store,
+            top.store,
+            kind,
+            data_dir,
+            nats_url,
+            bucket_prefix,
+            retention_secs
+        );
         self
     }
 
@@ -236,6 +249,60 @@ impl RawConfig {
                 format!("{retention_secs} is under 60"),
             ));
         }
+        let store = match st.kind.as_deref().unwrap_or("file") {
+            "file" => {
+                if st.nats_url.is_some() {
+                    return Err(err(
+                        "store.nats_url",
+                        "only used with store.kind = \"nats\"",
+                    ));
+                }
+                StoreChoice::File {
+                    data_dir: st.data_dir.unwrap_or_else(|| PathBuf::from("council-data")),
+                }
+            }
+            "nats" => {
+                let url = st
+                    .nats_url
+                    .ok_or_else(|| err("store.nats_url", "required with store.kind = \"nats\""))?;
+                if !url.starts_with("nats://") && !url.starts_with("tls://") {
+                    return Err(err(
+                        "store.nats_url",
+                        format!("{url:?} is not a nats:// or tls:// URL"),
+                    ));
+                }
+                let prefix = st.bucket_prefix.unwrap_or_else(|| "council".to_owned());
+                if prefix.is_empty()
+                    || !prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
+                    return Err(err(
+                        "store.bucket_prefix",
+                        format!("{prefix:?}: use letters, digits, '_' and '-'"),
+                    ));
+                }
+                if retention_secs <= max_timeout {
+                    return Err(err(
+                        "store.retention_secs",
+                        format!(
+                            "{retention_secs} must exceed limits.max_timeout_secs ({max_timeout}): the bucket would drop running records"
+                        ),
+                    ));
+                }
+                StoreChoice::Nats(crate::store::KvConfig {
+                    url,
+                    bucket_prefix: prefix,
+                    retention: Duration::from_secs(retention_secs),
+                })
+            }
+            other => {
+                return Err(err(
+                    "store.kind",
+                    format!("{other:?}: use \"file\" or \"nats\""),
+                ));
+            }
+        };
         Ok(ServeConfig {
             model,
             listen,
@@ -249,7 +316,7 @@ impl RawConfig {
                 default_timeout: Duration::from_secs(default_timeout),
                 max_timeout: Duration::from_secs(max_timeout),
             },
-            data_dir: st.data_dir.unwrap_or_else(|| PathBuf::from("council-data")),
+            store,
             retention: Duration::from_secs(retention_secs),
         })
     }
@@ -297,8 +364,15 @@ pub struct ServeConfig {
     pub auth_token: Option<String>,
     pub tls: Option<Tls>,
     pub limits: Limits,
-    pub data_dir: PathBuf,
+    pub store: StoreChoice,
     pub retention: Duration,
+}
+
+/// Which store backs the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    File { data_dir: PathBuf },
+    Nats(crate::store::KvConfig),
 }
 
 impl ServeConfig {
@@ -325,11 +399,30 @@ impl ServeConfig {
                 "default_timeout_secs": self.limits.default_timeout.as_secs(),
                 "max_timeout_secs": self.limits.max_timeout.as_secs(),
             },
-            "store": {
-                "data_dir": self.data_dir,
-                "retention_secs": self.retention.as_secs(),
+            "store": match &self.store {
+                StoreChoice::File { data_dir } => serde_json::json!({
+                    "kind": "file",
+                    "data_dir": data_dir,
+                    "retention_secs": self.retention.as_secs(),
+                }),
+                StoreChoice::Nats(kv) => serde_json::json!({
+                    "kind": "nats",
+                    "nats_url": redact_url(&kv.url),
+                    "bucket_prefix": kv.bucket_prefix,
+                    "retention_secs": self.retention.as_secs(),
+                }),
             },
         })
+    }
+}
+
+/// A URL without its user info (it may hold a password or token).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -405,6 +498,21 @@ mod tests {
             ("[model]\nrepo = \"not a repo\"", "model.repo"),
             ("[model]\nmax_batch = 0", "model.max_batch"),
             ("[store]\nretention_secs = 5", "store.retention_secs"),
+            ("[store]\nkind = \"s3\"", "store.kind"),
+            ("[store]\nkind = \"nats\"", "store.nats_url"),
+            (
+                "[store]\nkind = \"nats\"\nnats_url = \"http://x\"",
+                "store.nats_url",
+            ),
+            ("[store]\nnats_url = \"nats://x:4222\"", "store.nats_url"),
+            (
+                "[store]\nkind = \"nats\"\nnats_url = \"nats://x:4222\"\nbucket_prefix = \"a.b\"",
+                "store.bucket_prefix",
+            ),
+            (
+                "[store]\nkind = \"nats\"\nnats_url = \"nats://x:4222\"\nretention_secs = 3600",
+                "store.retention_secs",
+            ),
         ];
         for (text, field) in cases {
             let e = parse(text).expect("parses").validate().expect_err(text);
@@ -416,7 +524,7 @@ mod tests {
 
     #[test]
     fn the_logged_config_hides_the_token() {
-        let c = parse("[server]\nauth_token = \"0123456789abcdef-secret\"")
+        let c = parse("[server]\nauth_token = \"0123456789abcdef-secret\"\n[store]\nkind = \"nats\"\nnats_url = \"nats://user:secret@host:4222\"")
             .expect("parses")
             .validate()
             .expect("valid");

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::{RawConfig, RawLimits, RawModel, RawServer, RawStore, ServeConfig};
+use crate::config::{
+    RawConfig, RawLimits, RawModel, RawServer, RawStore, ServeConfig, StoreChoice,
+};
 use crate::service::{self, Options};
-use crate::store::{FileStore, apply_default_councils};
+use crate::store::{CouncilStore, FileStore, KvStore, apply_default_councils};
 
 /// Flags of `council serve`. Each also reads its environment variable; both override the
 /// config file, whose keys are named in brackets.
@@ -69,9 +71,18 @@ pub struct ServeArgs {
     /// [limits.max_timeout_secs] Longest deadline a request may ask for (default 3600).
     #[arg(long, env = "COUNCIL_MAX_TIMEOUT_SECS")]
     pub max_timeout_secs: Option<u64>,
-    /// [store.data_dir] Directory of the persistent store (default council-data).
+    /// [store.kind] "file" (embedded, one process; default) or "nats" (JetStream KV, replicas).
+    #[arg(long, env = "COUNCIL_STORE", value_name = "file|nats")]
+    pub store: Option<String>,
+    /// [store.data_dir] Directory of the file store (default council-data).
     #[arg(long, env = "COUNCIL_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// [store.nats_url] NATS server of the key-value store (nats://host:port).
+    #[arg(long, env = "COUNCIL_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// [store.bucket_prefix] Prefix of the key-value buckets (default council).
+    #[arg(long, env = "COUNCIL_BUCKET_PREFIX")]
+    pub bucket_prefix: Option<String>,
     /// [store.retention_secs] How long finished deliberation records are kept (default 7 days).
     #[arg(long, env = "COUNCIL_RETENTION_SECS")]
     pub retention_secs: Option<u64>,
@@ -105,7 +116,10 @@ impl ServeArgs {
                 max_timeout_secs: a.max_timeout_secs,
             },
             store: RawStore {
+                kind: a.store,
                 data_dir: a.data_dir,
+                nats_url: a.nats_url,
+                bucket_prefix: a.bucket_prefix,
                 retention_secs: a.retention_secs,
             },
         }
@@ -148,12 +162,21 @@ async fn shutdown_signal() {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     tracing::info!(config = %config.redacted(), "effective config");
-    let store = FileStore::open(&config.data_dir).context("store.data_dir")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let created = runtime.block_on(apply_default_councils(&store))?;
-    tracing::info!(created, path = %store.dir().display(), "council store ready");
+    let store: Arc<dyn CouncilStore> = match &config.store {
+        StoreChoice::File { data_dir } => {
+            Arc::new(FileStore::open(data_dir).context("store.data_dir")?)
+        }
+        StoreChoice::Nats(kv) => Arc::new(
+            runtime
+                .block_on(KvStore::open(kv))
+                .context("store.nats_url")?,
+        ),
+    };
+    let created = runtime.block_on(apply_default_councils(store.as_ref()))?;
+    tracing::info!(created, "council store ready");
     let engine = config.model.start_engine()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -182,7 +205,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         service::serve(
             listener,
             Arc::new(engine),
-            Arc::new(store),
+            store,
             options,
             shutdown_signal(),
         )

@@ -113,6 +113,9 @@ impl CouncilStore for Flaky {
         self.check()?;
         self.inner.purge_records(before_ms).await
     }
+    fn health(&self) -> Result<(), String> {
+        self.check().map_err(|e| e.to_string())
+    }
 }
 
 struct Server {

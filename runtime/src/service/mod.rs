@@ -125,8 +125,9 @@ impl Auth {
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains (see [`runs::Runner::drain`]).
-/// Health is `SERVING` only while the backend is healthy (checked every second) and
-/// `NOT_SERVING` from the first moment of shutdown.
+/// Health is `SERVING` only while the backend and the store are healthy (checked every second;
+/// the store was loaded before this is called) and `NOT_SERVING` from the first moment of
+/// shutdown.
 pub async fn serve(
     listener: TcpListener,
     backend: Arc<dyn Backend>,
@@ -139,7 +140,7 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     let runner = Arc::new(runs::Runner::new(
         backend.clone(),
-        store,
+        store.clone(),
         options.limits,
         metrics.clone(),
     ));
@@ -156,18 +157,24 @@ pub async fn serve(
     let watcher = {
         let reporter = health_reporter.clone();
         let backend = backend.clone();
+        let store = store.clone();
         let mut stopping = stopping_rx.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let health = backend.health();
-                let status = match &health {
-                    Health::Ready => ServingStatus::Serving,
-                    Health::Unavailable { .. } => ServingStatus::NotServing,
+                let problem = match (backend.health(), store.health()) {
+                    (Health::Unavailable { reason }, _) => Some(format!("backend: {reason}")),
+                    (Health::Ready, Err(reason)) => Some(format!("store: {reason}")),
+                    (Health::Ready, Ok(())) => None,
+                };
+                let status = if problem.is_none() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
                 };
                 if last != Some(status) {
-                    if let Health::Unavailable { reason } = &health {
-                        tracing::warn!(%reason, "backend unavailable: NOT_SERVING");
+                    if let Some(reason) = &problem {
+                        tracing::warn!(%reason, "NOT_SERVING");
                     }
                     set_health(&reporter, status).await;
                     last = Some(status);
@@ -182,7 +189,12 @@ pub async fn serve(
 
     if let Some(metrics_listener) = options.metrics {
         let metrics_addr = metrics_listener.local_addr()?;
-        let router = metrics_router(metrics.clone(), backend.clone(), runner.clone());
+        let router = metrics_router(
+            metrics.clone(),
+            backend.clone(),
+            store.clone(),
+            runner.clone(),
+        );
         let mut stopping = stopping_rx.clone();
         tokio::spawn(async move {
             let served = axum::serve(metrics_listener, router)
@@ -256,6 +268,7 @@ pub async fn serve(
 fn metrics_router(
     metrics: Arc<metrics::Metrics>,
     backend: Arc<dyn Backend>,
+    store: Arc<dyn CouncilStore>,
     runner: Arc<runs::Runner>,
 ) -> axum::Router {
     use axum::http::{StatusCode, header};
@@ -276,7 +289,8 @@ fn metrics_router(
         }
     };
     let ready = move || {
-        let ok = !runner.is_draining() && backend.health() == Health::Ready;
+        let ok =
+            !runner.is_draining() && backend.health() == Health::Ready && store.health().is_ok();
         async move {
             if ok {
                 (StatusCode::OK, "ready\n")

@@ -4,6 +4,7 @@
 
 mod dto;
 mod file;
+mod kv;
 
 use std::fmt;
 
@@ -14,6 +15,7 @@ use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 
 pub use dto::CouncilDto;
 pub use file::FileStore;
+pub use kv::{KvConfig, KvStore};
 
 /// Why the store could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,9 @@ pub trait CouncilStore: Send + Sync + fmt::Debug {
     async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError>;
     /// Deletes finished records last updated before `before_ms`; returns how many went.
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError>;
+
+    /// Whether the store can answer now (for readiness); the reason when not.
+    fn health(&self) -> Result<(), String>;
 }
 
 /// How long past its deadline a live record may stay live before readers call it interrupted:
