@@ -15,6 +15,8 @@ pub enum DevCommand {
     TinyModel(TinyModelArgs),
     /// Measure prefill and decode throughput and peak memory of the engine.
     Bench(BenchArgs),
+    /// Measure Deliberate throughput and latency through the service against direct runs.
+    BenchService(crate::bench_service::BenchServiceArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,6 +54,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
         DevCommand::TinyModel(args) => tiny_model(args),
         DevCommand::Bench(args) => bench(args),
+        DevCommand::BenchService(args) => crate::bench_service::run(args),
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{NatsServer, client, eventually, serve_with, tiny_model};
+use common::{NatsServer, client, councils, eventually, serve_with, tiny_model};
 use council_councils::personas::council_of;
 use council_councils::{CouncilSpec, Role};
 use council_proto::council::store::v1::DeliberationRecord;
@@ -201,18 +201,7 @@ async fn two_server_processes_share_councils_and_records() {
     ];
     let one = serve_with(&model, &args, Stdio::inherit());
     let two = serve_with(&model, &args, Stdio::inherit());
-    let list = |addr: String| async move {
-        client(&addr)
-            .await
-            .list_councils(pb::ListCouncilsRequest {
-                role_filter: String::new(),
-                include_agents: true,
-            })
-            .await
-            .expect("list")
-            .into_inner()
-            .councils
-    };
+    let list = |addr: String| async move { councils(&addr).await };
 
     client(&one.addr)
         .await

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Served, client, serve_with, tiny_model};
+use common::{Served, client, councils, serve_with, tiny_model};
 
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::DeliberationStatus;
@@ -21,16 +21,7 @@ fn serve(model: &str, data: &str, extra: &[&str]) -> Served {
 }
 
 async fn roles(addr: &str) -> Vec<String> {
-    let listed = client(addr)
-        .await
-        .list_councils(pb::ListCouncilsRequest {
-            role_filter: String::new(),
-            include_agents: false,
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    listed.councils.into_iter().map(|c| c.role).collect()
+    councils(addr).await.into_iter().map(|c| c.role).collect()
 }
 
 fn request(task_id: &str, rounds: i32, num_agents: i32) -> pb::DeliberateRequest {

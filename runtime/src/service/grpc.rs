@@ -29,6 +29,12 @@ fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
         .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
 }
 
+/// The agent id and role of a Register/UnregisterAgent request, validated.
+fn agent_of(agent_id: &str, role_name: &str) -> Result<(AgentId, Role), ServiceError> {
+    let id = AgentId::new(agent_id).map_err(|e| invalid("agent_id", e.to_string()))?;
+    Ok((id, role("role", role_name)?))
+}
+
 /// Compare-and-set attempts before a concurrent writer wins.
 const CAS_ATTEMPTS: usize = 5;
 
@@ -100,9 +106,7 @@ impl Orchestrator {
         &self,
         req: pb::RegisterAgentRequest,
     ) -> Result<pb::RegisterAgentResponse, ServiceError> {
-        let id =
-            AgentId::new(req.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
-        let role = role("role", &req.role)?;
+        let (id, role) = agent_of(&req.agent_id, &req.role)?;
         if !req.endpoint.is_empty() {
             return Err(invalid(
                 "endpoint",
@@ -201,9 +205,7 @@ impl Orchestrator {
         &self,
         req: pb::UnregisterAgentRequest,
     ) -> Result<pb::UnregisterAgentResponse, ServiceError> {
-        let id =
-            AgentId::new(req.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
-        let role = role("role", &req.role)?;
+        let (id, role) = agent_of(&req.agent_id, &req.role)?;
         let (council, ()) = self
             .change_council(&role, |current| {
                 if !current.agents.iter().any(|a| a.id == id) {

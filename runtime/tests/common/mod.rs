@@ -165,3 +165,19 @@ pub fn tiny_model(dir: &Path) -> String {
     assert!(made.status.success());
     model
 }
+
+/// The councils `addr` lists (with their agents).
+pub async fn councils(addr: &str) -> Vec<council_proto::fleet::orchestrator::v1::CouncilInfo> {
+    client(addr)
+        .await
+        .list_councils(
+            council_proto::fleet::orchestrator::v1::ListCouncilsRequest {
+                role_filter: String::new(),
+                include_agents: true,
+            },
+        )
+        .await
+        .expect("list")
+        .into_inner()
+        .councils
+}
