@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use council_councils::Role;
 use council_councils::personas::default_council;
-use council_councils::{Deliberation, Role};
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
 
@@ -131,10 +131,8 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
                     let task = convert::task(&req).map_err(anyhow::Error::msg)?;
                     let council = convert::council_for(default_council(&Role::Dev)?, &req)
                         .map_err(anyhow::Error::msg)?;
-                    let seed = council_councils::rng::hash_str(task.id.as_str());
-                    let config = council.config;
-                    crate::driver::run(b.as_ref(), Deliberation::new(council, task, config, seed))
-                        .await?;
+                    let (deliberation, _) = service::runs::deliberation(council, task);
+                    crate::driver::run(b.as_ref(), deliberation).await?;
                     Ok(())
                 }
             })

@@ -257,16 +257,12 @@ impl Orchestrator {
             }
         };
         let stats = include_stats.then(|| {
-            let finished = self.runner.metrics().recent(i64::MIN);
-            let completed: Vec<f64> = finished
-                .iter()
-                .filter(|f| f.ending == super::metrics::Ending::Completed)
-                .map(|f| f.duration_ms)
-                .collect();
+            // Since start, not only the window kept for percentiles.
+            let (finished, avg_ms) = self.runner.metrics().totals();
             pb::OrchestratorStats {
-                total_deliberations: finished.len() as i64,
-                total_orchestrations: finished.len() as i64,
-                avg_deliberation_time_ms: mean(&completed),
+                total_deliberations: finished as i64,
+                total_orchestrations: finished as i64,
+                avg_deliberation_time_ms: avg_ms,
                 active_councils: councils.len() as i64,
                 role_counts: councils
                     .iter()

@@ -76,6 +76,8 @@ pub struct Metrics {
     recent: Mutex<VecDeque<Finished>>,
     /// (calls, summed microseconds) of backend calls as the driver saw them.
     calls: Mutex<(u64, u64)>,
+    /// Since start: (finished, completed, summed milliseconds of the completed ones).
+    totals: Mutex<(u64, u64, f64)>,
 }
 
 impl Default for Metrics {
@@ -154,6 +156,7 @@ impl Metrics {
             engine_prefix_hit_rate,
             recent: Mutex::new(VecDeque::new()),
             calls: Mutex::new((0, 0)),
+            totals: Mutex::new((0, 0, 0.0)),
         }
     }
 
@@ -183,6 +186,13 @@ impl Metrics {
                 .get_or_create(&KindLabels { kind: kind.into() })
                 .inc_by(n);
         }
+        if let Ok(mut t) = self.totals.lock() {
+            t.0 += 1;
+            if f.ending == Ending::Completed {
+                t.1 += 1;
+                t.2 += f.duration_ms;
+            }
+        }
         if let Ok(mut recent) = self.recent.lock() {
             if recent.len() == WINDOW {
                 recent.pop_front();
@@ -207,6 +217,13 @@ impl Metrics {
             } else {
                 c.1 as f64 / c.0 as f64 / 1000.0
             }
+        })
+    }
+
+    /// Since start: deliberations finished, and the mean time of the completed ones (ms).
+    pub fn totals(&self) -> (u64, f64) {
+        self.totals.lock().map_or((0, 0.0), |t| {
+            (t.0, if t.1 == 0 { 0.0 } else { t.2 / t.1 as f64 })
         })
     }
 
@@ -318,6 +335,7 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert_eq!(m.recent(6), vec![]);
+        assert_eq!(m.totals(), (1, 1500.0));
         assert_eq!(by_role(&m.recent(0)).get("DEV"), Some(&(1, 1)));
     }
 }

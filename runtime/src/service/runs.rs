@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use council_councils::{Deliberation, OutcomeStatus, Phase, Role};
+use council_councils::{CouncilSpec, Deliberation, OutcomeStatus, Phase, Role, Task};
 use council_inference::Backend;
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
@@ -277,12 +277,9 @@ impl Runner {
             }
         }
 
-        // The seed comes from the task id: a redelivered task deliberates the same way.
-        let seed = council_councils::rng::hash_str(task.id.as_str());
         let steps = 2 + 2 * council.config.rounds;
         let agents = council.agents.len() as u64;
-        let config = council.config;
-        let deliberation = Deliberation::new(council, task, config, seed);
+        let (deliberation, seed) = deliberation(council, task);
         let cancel = Arc::new(CancelCell::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut active) = self.active.lock() {
@@ -615,6 +612,14 @@ impl ProgressTracker {
         };
         let _ = tx.send(Ok(update));
     }
+}
+
+/// The deliberation of `task` by `council`, and its seed. The seed comes from the task id: a
+/// redelivered task deliberates the same way.
+pub fn deliberation(council: CouncilSpec, task: Task) -> (Deliberation, u64) {
+    let seed = council_councils::rng::hash_str(task.id.as_str());
+    let config = council.config;
+    (Deliberation::new(council, task, config, seed), seed)
 }
 
 /// The last update of a stream: complete, the winner as the partial result, the whole response.

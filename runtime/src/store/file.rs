@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use council_councils::{CouncilSpec, Role};
+use council_councils::{CouncilSpec, Role, TaskId};
 use council_proto::council::store::v1::DeliberationRecord;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -134,20 +134,13 @@ impl FileStore {
     }
 
     fn record_path(&self, task_id: &str) -> Result<PathBuf, StoreError> {
-        // Task ids are validated ASCII ([A-Za-z0-9._:-], at most 128 bytes); the prefix keeps
-        // "." and ".." from naming directories.
-        if task_id.is_empty()
-            || task_id.len() > 128
-            || !task_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        {
-            return Err(StoreError::Corrupt {
-                store: self.records.display().to_string(),
-                reason: format!("{task_id:?} is not a valid task id"),
-            });
-        }
-        Ok(self.records.join(format!("t-{task_id}.pb")))
+        // Validated task ids are [A-Za-z0-9._:-]{1,128}; the prefix keeps "." and ".." from
+        // naming directories.
+        let id = TaskId::new(task_id).map_err(|e| StoreError::Corrupt {
+            store: self.records.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(self.records.join(format!("t-{}.pb", id.as_str())))
     }
 
     fn read_record(&self, path: &Path) -> Result<Option<DeliberationRecord>, StoreError> {
