@@ -35,7 +35,7 @@ pub enum Command {
     /// Run one deliberation of a council on a task and print the ranked outcome.
     Deliberate(deliberate::DeliberateArgs),
     /// Serve the fleet.orchestrator.v1 gRPC API.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Generate one chat completion with the in-process engine.
     Generate(generate::GenerateArgs),
     /// Developer tools: tiny models, engine benchmarks.
@@ -47,7 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Deliberate(args) => deliberate::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Dev(command) => dev::run(command),
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::DispatchConfig;
+use crate::dispatch::setup::covers;
 use crate::model_source::{DEFAULT_MODEL, ModelArgs};
+use crate::nats::{NatsAuth, NatsConfig, NatsTls, Secret};
 use crate::service::{Limits, Tls};
 
 /// A config value that is wrong, and where.
@@ -35,6 +38,8 @@ pub struct RawConfig {
     pub server: RawServer,
     pub limits: RawLimits,
     pub store: RawStore,
+    pub nats: RawNats,
+    pub dispatch: RawDispatch,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -79,10 +84,52 @@ pub struct RawStore {
     pub kind: Option<String>,
     /// Directory of the embedded file store.
     pub data_dir: Option<PathBuf>,
-    pub nats_url: Option<String>,
     /// Key-value buckets are `<prefix>_councils` and `<prefix>_records`.
     pub bucket_prefix: Option<String>,
     pub retention_secs: Option<u64>,
+}
+
+/// The NATS connection (used by the key-value store and by task dispatch).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNats {
+    pub url: Option<String>,
+    pub creds_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub tls_required: Option<bool>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Task dispatch over JetStream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDispatch {
+    pub enabled: Option<bool>,
+    pub tasks_stream: Option<String>,
+    pub tasks_prefix: Option<String>,
+    pub consumer: Option<String>,
+    pub events_stream: Option<String>,
+    pub events_subjects: Option<String>,
+    pub completed_subject: Option<String>,
+    pub failed_subject: Option<String>,
+    /// Progress events go here when set ("" or absent: off).
+    pub progress_subject: Option<String>,
+    pub dlq_stream: Option<String>,
+    pub dlq_subject: Option<String>,
+    pub max_deliver: Option<i64>,
+    pub ack_wait_secs: Option<u64>,
+    pub max_ack_pending: Option<i64>,
+    pub in_flight: Option<usize>,
+    pub max_task_bytes: Option<usize>,
+    pub nak_delay_ms: Option<u64>,
+    pub max_nak_delay_secs: Option<u64>,
+    pub duplicate_window_secs: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -135,9 +182,46 @@ impl RawConfig {
             top.store,
             kind,
             data_dir,
-            nats_url,
             bucket_prefix,
             retention_secs
+        );
+        overlay!(
+            self.nats,
+            top.nats,
+            url,
+            creds_file,
+            nkey_seed_file,
+            user,
+            password,
+            password_file,
+            token_file,
+            tls_required,
+            tls_ca,
+            tls_cert,
+            tls_key
+        );
+        overlay!(
+            self.dispatch,
+            top.dispatch,
+            enabled,
+            tasks_stream,
+            tasks_prefix,
+            consumer,
+            events_stream,
+            events_subjects,
+            completed_subject,
+            failed_subject,
+            progress_subject,
+            dlq_stream,
+            dlq_subject,
+            max_deliver,
+            ack_wait_secs,
+            max_ack_pending,
+            in_flight,
+            max_task_bytes,
+            nak_delay_ms,
+            max_nak_delay_secs,
+            duplicate_window_secs
         );
         self
     }
@@ -249,28 +333,24 @@ impl RawConfig {
                 format!("{retention_secs} is under 60"),
             ));
         }
-        let store = match st.kind.as_deref().unwrap_or("file") {
-            "file" => {
-                if st.nats_url.is_some() {
-                    return Err(err(
-                        "store.nats_url",
-                        "only used with store.kind = \"nats\"",
-                    ));
-                }
-                StoreChoice::File {
-                    data_dir: st.data_dir.unwrap_or_else(|| PathBuf::from("council-data")),
-                }
+        let dispatch = dispatch(self.dispatch, max_concurrent)?;
+        let kind = st.kind.as_deref().unwrap_or("file");
+        let nats = if kind == "nats" || dispatch.is_some() {
+            Some(nats(self.nats)?)
+        } else {
+            if self.nats != RawNats::default() {
+                return Err(err(
+                    "nats.url",
+                    "NATS settings are only used with store.kind = \"nats\" or dispatch.enabled = true",
+                ));
             }
+            None
+        };
+        let store = match kind {
+            "file" => StoreChoice::File {
+                data_dir: st.data_dir.unwrap_or_else(|| PathBuf::from("council-data")),
+            },
             "nats" => {
-                let url = st
-                    .nats_url
-                    .ok_or_else(|| err("store.nats_url", "required with store.kind = \"nats\""))?;
-                if !url.starts_with("nats://") && !url.starts_with("tls://") {
-                    return Err(err(
-                        "store.nats_url",
-                        format!("{url:?} is not a nats:// or tls:// URL"),
-                    ));
-                }
                 let prefix = st.bucket_prefix.unwrap_or_else(|| "council".to_owned());
                 if prefix.is_empty()
                     || !prefix
@@ -291,7 +371,7 @@ impl RawConfig {
                     ));
                 }
                 StoreChoice::Nats(crate::store::KvConfig {
-                    url,
+                    nats: nats.clone().ok_or_else(|| err("nats.url", "required"))?,
                     bucket_prefix: prefix,
                     retention: Duration::from_secs(retention_secs),
                 })
@@ -318,8 +398,327 @@ impl RawConfig {
             },
             store,
             retention: Duration::from_secs(retention_secs),
+            nats,
+            dispatch,
         })
     }
+}
+
+/// The NATS connection settings: a URL and at most one way to authenticate.
+fn nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
+    let url = n.url.ok_or_else(|| {
+        err(
+            "nats.url",
+            "required with store.kind = \"nats\" or dispatch.enabled = true",
+        )
+    })?;
+    if !url.starts_with("nats://") && !url.starts_with("tls://") {
+        return Err(err(
+            "nats.url",
+            format!("{url:?} is not a nats:// or tls:// URL"),
+        ));
+    }
+    if url.contains('@') {
+        return Err(err(
+            "nats.url",
+            "put no credentials in the URL (they would be logged): use nats.user / nats.password_file, nats.token_file, nats.nkey_seed_file or nats.creds_file",
+        ));
+    }
+    let secret_file = |field: &str, path: &Path| -> Result<Secret, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(field, format!("{}: {e}", path.display())))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(err(field, format!("{} is empty", path.display())));
+        }
+        Ok(Secret::new(text.to_owned()))
+    };
+    let password = match (n.password, &n.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "nats.password",
+                "set nats.password or nats.password_file, not both",
+            ));
+        }
+        (Some(p), None) => Some(Secret::new(p)),
+        (None, Some(path)) => Some(secret_file("nats.password_file", path)?),
+        (None, None) => None,
+    };
+    let mut ways = Vec::new();
+    if n.creds_file.is_some() {
+        ways.push("nats.creds_file");
+    }
+    if n.nkey_seed_file.is_some() {
+        ways.push("nats.nkey_seed_file");
+    }
+    if n.user.is_some() || password.is_some() {
+        ways.push("nats.user");
+    }
+    if n.token_file.is_some() {
+        ways.push("nats.token_file");
+    }
+    if ways.len() > 1 {
+        return Err(err(
+            ways[1],
+            format!("choose one way to authenticate, not {}", ways.join(" and ")),
+        ));
+    }
+    let auth = if let Some(path) = n.creds_file {
+        if !path.is_file() {
+            return Err(err(
+                "nats.creds_file",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        NatsAuth::CredsFile(path)
+    } else if let Some(path) = n.nkey_seed_file {
+        let seed = secret_file("nats.nkey_seed_file", &path)?;
+        if !seed.expose().starts_with("SU") {
+            return Err(err(
+                "nats.nkey_seed_file",
+                "not a user nkey seed (it starts with SU)",
+            ));
+        }
+        NatsAuth::Nkey(seed)
+    } else if let Some(path) = n.token_file {
+        NatsAuth::Token(secret_file("nats.token_file", &path)?)
+    } else {
+        match (n.user, password) {
+            (Some(user), Some(password)) => NatsAuth::UserPassword { user, password },
+            (Some(_), None) => return Err(err("nats.password", "missing (nats.user is set)")),
+            (None, Some(_)) => return Err(err("nats.user", "missing (a password is set)")),
+            (None, None) => NatsAuth::None,
+        }
+    };
+    let client = match (n.tls_cert, n.tls_key) {
+        (Some(c), Some(k)) => {
+            read("nats.tls_cert", &c)?;
+            read("nats.tls_key", &k)?;
+            Some((c, k))
+        }
+        (None, None) => None,
+        (Some(_), None) => return Err(err("nats.tls_key", "missing (nats.tls_cert is set)")),
+        (None, Some(_)) => return Err(err("nats.tls_cert", "missing (nats.tls_key is set)")),
+    };
+    if let Some(ca) = &n.tls_ca {
+        read("nats.tls_ca", ca)?;
+    }
+    Ok(NatsConfig {
+        tls: NatsTls {
+            required: n.tls_required.unwrap_or(false) || url.starts_with("tls://"),
+            ca: n.tls_ca,
+            client,
+        },
+        url,
+        auth,
+    })
+}
+
+/// A stream name: letters, digits, '_' and '-'.
+fn stream_name(field: &str, v: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_owned());
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(err(
+            field,
+            format!("{v:?}: use letters, digits, '_' and '-'"),
+        ));
+    }
+    Ok(v)
+}
+
+/// A subject: dot-separated non-empty tokens without spaces; wildcards only when `pattern`.
+fn subject(
+    field: &str,
+    v: Option<String>,
+    default: &str,
+    pattern: bool,
+) -> Result<String, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_owned());
+    let tokens: Vec<&str> = v.split('.').collect();
+    let bad_token = |t: &&str| {
+        t.is_empty()
+            || t.bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            || ((t.contains('*') || t.contains('>')) && !(pattern && (*t == "*" || *t == ">")))
+    };
+    if tokens.iter().any(bad_token) || tokens[..tokens.len() - 1].contains(&">") {
+        return Err(err(
+            field,
+            format!(
+                "{v:?} is not a valid NATS subject{}",
+                if pattern {
+                    " pattern"
+                } else {
+                    " (no wildcards)"
+                }
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+fn dispatch(d: RawDispatch, max_concurrent: usize) -> Result<Option<DispatchConfig>, ConfigError> {
+    if !d.enabled.unwrap_or(false) {
+        if d != (RawDispatch {
+            enabled: d.enabled,
+            ..Default::default()
+        }) {
+            return Err(err(
+                "dispatch.enabled",
+                "dispatch settings are given but dispatch.enabled is not true",
+            ));
+        }
+        return Ok(None);
+    }
+    let def = DispatchConfig::default();
+    let c = DispatchConfig {
+        tasks_stream: stream_name("dispatch.tasks_stream", d.tasks_stream, &def.tasks_stream)?,
+        tasks_prefix: subject(
+            "dispatch.tasks_prefix",
+            d.tasks_prefix,
+            &def.tasks_prefix,
+            false,
+        )?,
+        consumer: stream_name("dispatch.consumer", d.consumer, &def.consumer)?,
+        events_stream: stream_name(
+            "dispatch.events_stream",
+            d.events_stream,
+            &def.events_stream,
+        )?,
+        events_subjects: subject(
+            "dispatch.events_subjects",
+            d.events_subjects,
+            &def.events_subjects,
+            true,
+        )?,
+        completed_subject: subject(
+            "dispatch.completed_subject",
+            d.completed_subject,
+            &def.completed_subject,
+            false,
+        )?,
+        failed_subject: subject(
+            "dispatch.failed_subject",
+            d.failed_subject,
+            &def.failed_subject,
+            false,
+        )?,
+        progress_subject: match d.progress_subject.filter(|s| !s.is_empty()) {
+            Some(s) => Some(subject("dispatch.progress_subject", Some(s), "", false)?),
+            None => None,
+        },
+        dlq_stream: stream_name("dispatch.dlq_stream", d.dlq_stream, &def.dlq_stream)?,
+        dlq_subject: subject(
+            "dispatch.dlq_subject",
+            d.dlq_subject,
+            &def.dlq_subject,
+            false,
+        )?,
+        max_deliver: d.max_deliver.unwrap_or(def.max_deliver),
+        ack_wait: d.ack_wait_secs.map_or(def.ack_wait, Duration::from_secs),
+        max_ack_pending: d.max_ack_pending.unwrap_or(def.max_ack_pending),
+        in_flight: d.in_flight.unwrap_or(def.in_flight.min(max_concurrent)),
+        max_task_bytes: d.max_task_bytes.unwrap_or(def.max_task_bytes),
+        nak_delay: d.nak_delay_ms.map_or(def.nak_delay, Duration::from_millis),
+        max_nak_delay: d
+            .max_nak_delay_secs
+            .map_or(def.max_nak_delay, Duration::from_secs),
+        duplicate_window: d
+            .duplicate_window_secs
+            .map_or(def.duplicate_window, Duration::from_secs),
+    };
+    let tasks = format!("{}.>", c.tasks_prefix);
+    for (field, s) in [
+        ("dispatch.completed_subject", &c.completed_subject),
+        ("dispatch.failed_subject", &c.failed_subject),
+    ]
+    .into_iter()
+    .chain(
+        c.progress_subject
+            .as_ref()
+            .map(|p| ("dispatch.progress_subject", p)),
+    ) {
+        if !covers(&c.events_subjects, s) {
+            return Err(err(
+                field,
+                format!(
+                    "{s} is not captured by dispatch.events_subjects ({}): its events would be lost",
+                    c.events_subjects
+                ),
+            ));
+        }
+    }
+    if covers(&c.events_subjects, &tasks) || covers(&tasks, &c.events_subjects) {
+        return Err(err(
+            "dispatch.events_subjects",
+            format!("{} overlaps the tasks subjects {tasks}", c.events_subjects),
+        ));
+    }
+    if covers(&tasks, &c.dlq_subject) || covers(&c.events_subjects, &c.dlq_subject) {
+        return Err(err(
+            "dispatch.dlq_subject",
+            format!("{} overlaps the tasks or events subjects", c.dlq_subject),
+        ));
+    }
+    if c.events_stream == c.tasks_stream
+        || c.dlq_stream == c.tasks_stream
+        || c.dlq_stream == c.events_stream
+    {
+        return Err(err(
+            "dispatch.dlq_stream",
+            "tasks, events and DLQ streams need three different names",
+        ));
+    }
+    if !(1..=100).contains(&c.max_deliver) {
+        return Err(err(
+            "dispatch.max_deliver",
+            format!("{} is outside 1..=100", c.max_deliver),
+        ));
+    }
+    if c.ack_wait < Duration::from_secs(1) || c.ack_wait > Duration::from_secs(3600) {
+        return Err(err(
+            "dispatch.ack_wait_secs",
+            format!("{:?} is outside 1..=3600 s", c.ack_wait),
+        ));
+    }
+    if c.in_flight == 0 || c.in_flight > max_concurrent {
+        return Err(err(
+            "dispatch.in_flight",
+            format!(
+                "{} must be in 1..=limits.max_concurrent ({max_concurrent})",
+                c.in_flight
+            ),
+        ));
+    }
+    if c.max_ack_pending < c.in_flight as i64 {
+        return Err(err(
+            "dispatch.max_ack_pending",
+            format!(
+                "{} is below dispatch.in_flight ({})",
+                c.max_ack_pending, c.in_flight
+            ),
+        ));
+    }
+    if !(1024..=8 << 20).contains(&c.max_task_bytes) {
+        return Err(err(
+            "dispatch.max_task_bytes",
+            format!("{} is outside 1024..=8388608", c.max_task_bytes),
+        ));
+    }
+    if c.nak_delay.is_zero() || c.max_nak_delay < c.nak_delay {
+        return Err(err(
+            "dispatch.max_nak_delay_secs",
+            "needs 0 < dispatch.nak_delay_ms <= dispatch.max_nak_delay_secs",
+        ));
+    }
+    if c.duplicate_window < Duration::from_secs(1) {
+        return Err(err("dispatch.duplicate_window_secs", "must be at least 1"));
+    }
+    Ok(Some(c))
 }
 
 fn positive<T: PartialEq + Default + std::fmt::Display>(
@@ -366,6 +765,9 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub store: StoreChoice,
     pub retention: Duration,
+    /// The NATS connection, when the store or dispatch needs one.
+    pub nats: Option<NatsConfig>,
+    pub dispatch: Option<DispatchConfig>,
 }
 
 /// Which store backs the service.
@@ -407,22 +809,31 @@ impl ServeConfig {
                 }),
                 StoreChoice::Nats(kv) => serde_json::json!({
                     "kind": "nats",
-                    "nats_url": redact_url(&kv.url),
                     "bucket_prefix": kv.bucket_prefix,
                     "retention_secs": self.retention.as_secs(),
                 }),
             },
+            "nats": self.nats.as_ref().map(|n| serde_json::json!({
+                "url": n.url,
+                "auth": n.auth.kind(),
+                "tls": n.tls.required || n.tls.ca.is_some() || n.tls.client.is_some(),
+            })),
+            "dispatch": self.dispatch.as_ref().map(|d| serde_json::json!({
+                "tasks_stream": d.tasks_stream,
+                "tasks_subjects": format!("{}.>", d.tasks_prefix),
+                "consumer": d.consumer,
+                "events_stream": d.events_stream,
+                "completed_subject": d.completed_subject,
+                "failed_subject": d.failed_subject,
+                "progress_subject": d.progress_subject,
+                "dlq_stream": d.dlq_stream,
+                "dlq_subject": d.dlq_subject,
+                "max_deliver": d.max_deliver,
+                "ack_wait_secs": d.ack_wait.as_secs(),
+                "max_ack_pending": d.max_ack_pending,
+                "in_flight": d.in_flight,
+            })),
         })
-    }
-}
-
-/// A URL without its user info (it may hold a password or token).
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}<redacted>@{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -499,24 +910,108 @@ mod tests {
             ("[model]\nmax_batch = 0", "model.max_batch"),
             ("[store]\nretention_secs = 5", "store.retention_secs"),
             ("[store]\nkind = \"s3\"", "store.kind"),
-            ("[store]\nkind = \"nats\"", "store.nats_url"),
+            ("[store]\nkind = \"nats\"", "nats.url"),
             (
-                "[store]\nkind = \"nats\"\nnats_url = \"http://x\"",
-                "store.nats_url",
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"http://x\"",
+                "nats.url",
             ),
-            ("[store]\nnats_url = \"nats://x:4222\"", "store.nats_url"),
             (
-                "[store]\nkind = \"nats\"\nnats_url = \"nats://x:4222\"\nbucket_prefix = \"a.b\"",
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://u:p@x:4222\"",
+                "nats.url",
+            ),
+            ("[nats]\nurl = \"nats://x:4222\"", "nats.url"),
+            (
+                "[store]\nkind = \"nats\"\nbucket_prefix = \"a.b\"\n[nats]\nurl = \"nats://x:4222\"",
                 "store.bucket_prefix",
             ),
             (
-                "[store]\nkind = \"nats\"\nnats_url = \"nats://x:4222\"\nretention_secs = 3600",
+                "[store]\nkind = \"nats\"\nretention_secs = 3600\n[nats]\nurl = \"nats://x:4222\"",
                 "store.retention_secs",
             ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\nuser = \"u\"",
+                "nats.password",
+            ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\npassword = \"p\"\npassword_file = \"/p\"",
+                "nats.password",
+            ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\ncreds_file = \"/nonexistent.creds\"",
+                "nats.creds_file",
+            ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\ntoken_file = \"/nonexistent\"",
+                "nats.token_file",
+            ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\nuser = \"u\"\npassword = \"p\"\ntoken_file = \"/t\"",
+                "nats.token_file",
+            ),
+            (
+                "[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://x:4222\"\ntls_cert = \"/c\"",
+                "nats.tls_key",
+            ),
+            ("[dispatch]\nin_flight = 2", "dispatch.enabled"),
+            ("[dispatch]\nenabled = true", "nats.url"),
         ];
         for (text, field) in cases {
             let e = parse(text).expect("parses").validate().expect_err(text);
             assert_eq!(e.field, field, "{text}: {e}");
+        }
+        let dispatch = |extra: &str| {
+            parse(&format!(
+                "[nats]\nurl = \"nats://x:4222\"\n[dispatch]\nenabled = true\n{extra}"
+            ))
+            .expect("parses")
+            .validate()
+        };
+        let ok = dispatch("").expect("defaults are valid");
+        assert_eq!(ok.dispatch, Some(DispatchConfig::default()));
+        let cases = [
+            (
+                "completed_subject = \"results.done\"",
+                "dispatch.completed_subject",
+            ),
+            (
+                "failed_subject = \"orchestration.*\"",
+                "dispatch.failed_subject",
+            ),
+            (
+                "progress_subject = \"elsewhere.p\"",
+                "dispatch.progress_subject",
+            ),
+            (
+                "dlq_subject = \"council.tasks.dlq\"",
+                "dispatch.dlq_subject",
+            ),
+            (
+                "dlq_subject = \"orchestration.dlq\"",
+                "dispatch.dlq_subject",
+            ),
+            ("events_subjects = \">\"", "dispatch.events_subjects"),
+            ("events_subjects = \"a.>.b\"", "dispatch.events_subjects"),
+            ("tasks_prefix = \"council..tasks\"", "dispatch.tasks_prefix"),
+            ("tasks_stream = \"A.B\"", "dispatch.tasks_stream"),
+            ("dlq_stream = \"COUNCIL_TASKS\"", "dispatch.dlq_stream"),
+            ("max_deliver = 0", "dispatch.max_deliver"),
+            ("ack_wait_secs = 0", "dispatch.ack_wait_secs"),
+            ("in_flight = 0", "dispatch.in_flight"),
+            ("in_flight = 17", "dispatch.in_flight"),
+            (
+                "in_flight = 8\nmax_ack_pending = 4",
+                "dispatch.max_ack_pending",
+            ),
+            ("max_task_bytes = 10", "dispatch.max_task_bytes"),
+            ("nak_delay_ms = 0", "dispatch.max_nak_delay_secs"),
+            (
+                "duplicate_window_secs = 0",
+                "dispatch.duplicate_window_secs",
+            ),
+        ];
+        for (extra, field) in cases {
+            let e = dispatch(extra).expect_err(extra);
+            assert_eq!(e.field, field, "{extra}: {e}");
         }
         let unknown = parse("[server]\nlisten_port = 1").expect_err("unknown key");
         assert!(unknown.reason.contains("listen_port"), "{unknown}");
@@ -524,12 +1019,18 @@ mod tests {
 
     #[test]
     fn the_logged_config_hides_the_token() {
-        let c = parse("[server]\nauth_token = \"0123456789abcdef-secret\"\n[store]\nkind = \"nats\"\nnats_url = \"nats://user:secret@host:4222\"")
+        let dir = tempfile::tempdir().expect("dir");
+        let password = dir.path().join("password");
+        std::fs::write(&password, "nats-secret\n").expect("write");
+        let c = parse(&format!("[server]\nauth_token = \"0123456789abcdef-secret\"\n[store]\nkind = \"nats\"\n[nats]\nurl = \"nats://host:4222\"\nuser = \"me\"\npassword_file = {:?}", password))
             .expect("parses")
             .validate()
             .expect("valid");
         let shown = c.redacted().to_string();
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("<redacted>"));
+        assert!(shown.contains("user_password"), "{shown}");
+        let debug = format!("{:?}", c.nats);
+        assert!(!debug.contains("nats-secret"), "{debug}");
     }
 }

@@ -4,12 +4,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{
-    RawConfig, RawLimits, RawModel, RawServer, RawStore, ServeConfig, StoreChoice,
+    RawConfig, RawDispatch, RawLimits, RawModel, RawNats, RawServer, RawStore, ServeConfig,
+    StoreChoice,
 };
+use crate::dispatch::Prepared;
 use crate::service::{self, Options};
 use crate::store::{CouncilStore, FileStore, KvStore, apply_default_councils};
 
@@ -17,7 +20,7 @@ use crate::store::{CouncilStore, FileStore, KvStore, apply_default_councils};
 /// config file, whose keys are named in brackets.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
-    /// A TOML config file (sections model, server, limits, store).
+    /// A TOML config file (sections model, server, limits, store, nats, dispatch).
     #[arg(long, env = "COUNCIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// [model.dir] A local Hugging Face model directory.
@@ -77,15 +80,51 @@ pub struct ServeArgs {
     /// [store.data_dir] Directory of the file store (default council-data).
     #[arg(long, env = "COUNCIL_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// [store.nats_url] NATS server of the key-value store (nats://host:port).
-    #[arg(long, env = "COUNCIL_NATS_URL", value_name = "URL")]
-    pub nats_url: Option<String>,
     /// [store.bucket_prefix] Prefix of the key-value buckets (default council).
     #[arg(long, env = "COUNCIL_BUCKET_PREFIX")]
     pub bucket_prefix: Option<String>,
     /// [store.retention_secs] How long finished deliberation records are kept (default 7 days).
     #[arg(long, env = "COUNCIL_RETENTION_SECS")]
     pub retention_secs: Option<u64>,
+    /// [nats.url] NATS server for the KV store and dispatch (nats://host:port or tls://…).
+    #[arg(long, env = "COUNCIL_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// [nats.creds_file] NATS credentials file (user JWT and nkey seed).
+    #[arg(long, env = "COUNCIL_NATS_CREDS_FILE", value_name = "FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// [nats.nkey_seed_file] File holding a NATS user nkey seed.
+    #[arg(long, env = "COUNCIL_NATS_NKEY_SEED_FILE", value_name = "FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// [nats.user] NATS user (with a password).
+    #[arg(long, env = "COUNCIL_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// [nats.password] NATS password (prefer the file form).
+    #[arg(long, env = "COUNCIL_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// [nats.password_file] Read the NATS password from this file.
+    #[arg(long, env = "COUNCIL_NATS_PASSWORD_FILE", value_name = "FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// [nats.token_file] Read a NATS auth token from this file.
+    #[arg(long, env = "COUNCIL_NATS_TOKEN_FILE", value_name = "FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// [nats.tls_required] Require TLS towards NATS.
+    #[arg(long, env = "COUNCIL_NATS_TLS_REQUIRED", value_name = "BOOL")]
+    pub nats_tls_required: Option<bool>,
+    /// [nats.tls_ca] PEM CA for the NATS server's certificate.
+    #[arg(long, env = "COUNCIL_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// [nats.tls_cert] PEM client certificate for NATS (with nats.tls_key).
+    #[arg(long, env = "COUNCIL_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// [nats.tls_key] PEM client key for NATS.
+    #[arg(long, env = "COUNCIL_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// [dispatch.enabled] Take deliberation tasks from JetStream (see docs/DISPATCH.md).
+    #[arg(long, env = "COUNCIL_DISPATCH", value_name = "BOOL")]
+    pub dispatch: Option<bool>,
+    /// [dispatch.in_flight] Tasks this replica works on at once (default 4).
+    #[arg(long, env = "COUNCIL_DISPATCH_IN_FLIGHT")]
+    pub dispatch_in_flight: Option<usize>,
 }
 
 impl ServeArgs {
@@ -118,9 +157,26 @@ impl ServeArgs {
             store: RawStore {
                 kind: a.store,
                 data_dir: a.data_dir,
-                nats_url: a.nats_url,
                 bucket_prefix: a.bucket_prefix,
                 retention_secs: a.retention_secs,
+            },
+            nats: RawNats {
+                url: a.nats_url,
+                creds_file: a.nats_creds_file,
+                nkey_seed_file: a.nats_nkey_seed_file,
+                user: a.nats_user,
+                password: a.nats_password,
+                password_file: a.nats_password_file,
+                token_file: a.nats_token_file,
+                tls_required: a.nats_tls_required,
+                tls_ca: a.nats_tls_ca,
+                tls_cert: a.nats_tls_cert,
+                tls_key: a.nats_tls_key,
+            },
+            dispatch: RawDispatch {
+                enabled: a.dispatch,
+                in_flight: a.dispatch_in_flight,
+                ..Default::default()
             },
         }
     }
@@ -165,15 +221,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let store: Arc<dyn CouncilStore> = match &config.store {
-        StoreChoice::File { data_dir } => {
+    // One NATS connection for the store and dispatch.
+    let nats = match &config.nats {
+        Some(n) => Some(
+            runtime
+                .block_on(crate::nats::connect(n, "council", Duration::from_secs(10)))
+                .context("nats.url")?,
+        ),
+        None => None,
+    };
+    let store: Arc<dyn CouncilStore> = match (&config.store, &nats) {
+        (StoreChoice::File { data_dir }, _) => {
             Arc::new(FileStore::open(data_dir).context("store.data_dir")?)
         }
-        StoreChoice::Nats(kv) => Arc::new(
+        (StoreChoice::Nats(kv), Some(client)) => Arc::new(
             runtime
-                .block_on(KvStore::open(kv))
-                .context("store.nats_url")?,
+                .block_on(KvStore::open_on(client.clone(), kv))
+                .context("store.kind = nats")?,
         ),
+        (StoreChoice::Nats(_), None) => anyhow::bail!("store.kind = nats needs nats.url"),
+    };
+    let dispatch = match (config.dispatch.clone(), &nats) {
+        (Some(d), Some(client)) => Some(
+            runtime
+                .block_on(Prepared::new(client.clone(), d))
+                .context("dispatch")?,
+        ),
+        _ => None,
     };
     let created = runtime.block_on(apply_default_councils(store.as_ref()))?;
     tracing::info!(created, "council store ready");
@@ -201,6 +275,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             reflection: config.reflection,
             tls: config.tls,
             metrics,
+            dispatch,
         };
         service::serve(
             listener,

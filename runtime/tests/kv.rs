@@ -19,7 +19,7 @@ use council_runtime::store::{
 
 fn config(nats: &NatsServer, prefix: &str) -> KvConfig {
     KvConfig {
-        url: nats.url(),
+        nats: council_runtime::nats::NatsConfig::plain(nats.url()),
         bucket_prefix: prefix.into(),
         retention: Duration::from_secs(7200),
     }

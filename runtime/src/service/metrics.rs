@@ -66,6 +66,7 @@ pub struct Metrics {
     registry: Registry,
     deliberations: Family<OutcomeLabels, Counter>,
     rejected: Family<RejectLabels, Counter>,
+    dispatch: Family<OutcomeLabels, Counter>,
     duration: Histogram,
     tokens: Family<KindLabels, Counter>,
     in_flight: Gauge,
@@ -100,6 +101,12 @@ impl Metrics {
             "deliberations_rejected",
             "Deliberation requests refused before running, by reason",
             rejected.clone(),
+        );
+        let dispatch = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "dispatch_messages",
+            "JetStream task deliveries handled, by outcome (completed, duplicate, retried, dead_lettered, handed_over)",
+            dispatch.clone(),
         );
         let duration = Histogram::new(exponential_buckets(0.05, 2.0, 14));
         registry.register(
@@ -147,6 +154,7 @@ impl Metrics {
             registry,
             deliberations,
             rejected,
+            dispatch,
             duration,
             tokens,
             in_flight,
@@ -168,6 +176,15 @@ impl Metrics {
         self.rejected
             .get_or_create(&RejectLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A task delivery from JetStream was handled this way.
+    pub fn dispatched(&self, outcome: &str) {
+        self.dispatch
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

@@ -76,6 +76,8 @@ pub struct Options {
     pub tls: Option<Tls>,
     /// Where Prometheus scrapes `/metrics` (plain HTTP), if anywhere.
     pub metrics: Option<TcpListener>,
+    /// Task dispatch over JetStream, when enabled (streams and consumer already checked).
+    pub dispatch: Option<crate::dispatch::Prepared>,
 }
 
 impl Options {
@@ -88,6 +90,7 @@ impl Options {
             reflection: true,
             tls: None,
             metrics: None,
+            dispatch: None,
         }
     }
 }
@@ -153,20 +156,27 @@ pub async fn serve(
         stopping_rx.clone(),
     );
 
-    // Readiness follows the backend until shutdown begins.
+    let dispatcher = options
+        .dispatch
+        .map(|prepared| crate::dispatch::Dispatcher::new(prepared, runner.clone()));
+    let pulling = dispatcher
+        .clone()
+        .map(|d| tokio::spawn(d.run(stopping_rx.clone())));
+    let readiness = Readiness {
+        backend: backend.clone(),
+        store: store.clone(),
+        dispatcher: dispatcher.clone(),
+    };
+
+    // Readiness follows the backend, the store and NATS until shutdown begins.
     let watcher = {
         let reporter = health_reporter.clone();
-        let backend = backend.clone();
-        let store = store.clone();
+        let readiness = readiness.clone();
         let mut stopping = stopping_rx.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let problem = match (backend.health(), store.health()) {
-                    (Health::Unavailable { reason }, _) => Some(format!("backend: {reason}")),
-                    (Health::Ready, Err(reason)) => Some(format!("store: {reason}")),
-                    (Health::Ready, Ok(())) => None,
-                };
+                let problem = readiness.problem();
                 let status = if problem.is_none() {
                     ServingStatus::Serving
                 } else {
@@ -192,7 +202,7 @@ pub async fn serve(
         let router = metrics_router(
             metrics.clone(),
             backend.clone(),
-            store.clone(),
+            readiness.clone(),
             runner.clone(),
         );
         let mut stopping = stopping_rx.clone();
@@ -209,6 +219,8 @@ pub async fn serve(
         tracing::info!(%metrics_addr, "serving Prometheus metrics on /metrics");
     }
 
+    // Fired once drained: idle client connections then get a bounded moment to close.
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drained = {
         let reporter = health_reporter.clone();
         let runner = runner.clone();
@@ -219,8 +231,19 @@ pub async fn serve(
             let _ = stopping_tx.send(true);
             let _ = watcher.await;
             set_health(&reporter, ServingStatus::NotServing).await;
+            // Dispatch stopped pulling with `stopping`; its tasks in hand finish within the
+            // grace period or are cancelled by the drain and handed back (nak, no delay).
             let cancelled = runner.drain(grace).await;
+            if let Some(pulling) = pulling {
+                let _ = tokio::time::timeout(Duration::from_secs(30), pulling).await;
+            }
+            if let Some(d) = &dispatcher
+                && let Err(e) = d.client().drain().await
+            {
+                tracing::warn!(error = %e, "could not drain the NATS connection");
+            }
             tracing::info!(cancelled, "drained; stopping the server");
+            let _ = drained_tx.send(());
         }
     };
 
@@ -253,7 +276,7 @@ pub async fn serve(
         None
     };
     tracing::info!(%addr, tls = options.tls.is_some(), auth = auth.token.is_some(), "serving gRPC");
-    builder
+    let server = builder
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_service(OrchestratorServiceServer::with_interceptor(
@@ -263,16 +286,59 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             drained,
-        )
-        .await?;
+        );
+    // A graceful stop waits for clients to close their connections; one that never does must
+    // not keep a drained process alive.
+    let linger = async {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(CONNECTION_LINGER).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        () = linger => tracing::warn!(
+            linger_ms = CONNECTION_LINGER.as_millis() as u64,
+            "clients kept connections open after the drain; closing them"
+        ),
+    }
+    tracing::info!("gRPC server stopped");
     Ok(())
+}
+
+/// How long idle client connections may stay open once the service has drained.
+const CONNECTION_LINGER: Duration = Duration::from_secs(5);
+
+/// What readiness depends on: the backend, the store and, with dispatch, the NATS connection.
+#[derive(Debug, Clone)]
+struct Readiness {
+    backend: Arc<dyn Backend>,
+    store: Arc<dyn CouncilStore>,
+    dispatcher: Option<Arc<crate::dispatch::Dispatcher>>,
+}
+
+impl Readiness {
+    /// Why the service is not ready, if it is not.
+    fn problem(&self) -> Option<String> {
+        if let Health::Unavailable { reason } = self.backend.health() {
+            return Some(format!("backend: {reason}"));
+        }
+        if let Err(reason) = self.store.health() {
+            return Some(format!("store: {reason}"));
+        }
+        if let Some(Err(reason)) = self.dispatcher.as_ref().map(|d| d.health()) {
+            return Some(format!("dispatch: {reason}"));
+        }
+        None
+    }
 }
 
 /// `/metrics` (Prometheus text format), `/healthz` (alive) and `/readyz` (ready to deliberate).
 fn metrics_router(
     metrics: Arc<metrics::Metrics>,
     backend: Arc<dyn Backend>,
-    store: Arc<dyn CouncilStore>,
+    readiness: Readiness,
     runner: Arc<runs::Runner>,
 ) -> axum::Router {
     use axum::http::{StatusCode, header};
@@ -293,8 +359,7 @@ fn metrics_router(
         }
     };
     let ready = move || {
-        let ok =
-            !runner.is_draining() && backend.health() == Health::Ready && store.health().is_ok();
+        let ok = !runner.is_draining() && readiness.problem().is_none();
         async move {
             if ok {
                 (StatusCode::OK, "ready\n")

@@ -188,6 +188,11 @@ impl Runner {
         &self.metrics
     }
 
+    /// This process, as records name it.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

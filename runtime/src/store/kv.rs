@@ -18,11 +18,12 @@ use tokio_stream::StreamExt;
 
 use super::dto::CouncilDto;
 use super::{Claim, CouncilStore, Created, StoreError, claimable};
+use crate::nats::{self, NatsConfig, error_chain};
 
 /// Where the KV store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvConfig {
-    pub url: String,
+    pub nats: NatsConfig,
     /// Buckets are `<prefix>_councils` and `<prefix>_records`.
     pub bucket_prefix: String,
     /// Records are dropped this long after their last write.
@@ -56,16 +57,8 @@ fn unavailable(store: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// An error and all its sources, for matching on what the server said.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+fn store_name(config: &KvConfig) -> String {
+    format!("nats {} bucket {}_*", config.nats.url, config.bucket_prefix)
 }
 
 fn record_key(task_id: &str) -> String {
@@ -95,21 +88,18 @@ impl KvStore {
     /// Connects, ensures both buckets exist (file storage; existing ones are used as they are
     /// unless they are on memory storage), loads the councils and starts the watch.
     pub async fn open(config: &KvConfig) -> Result<Self, StoreError> {
-        let name = format!("nats {} bucket {}_*", config.url, config.bucket_prefix);
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .connect(&config.url)
+        let client = nats::connect(&config.nats, "council-store", Duration::from_secs(10))
             .await
-            .map_err(|e| unavailable(&name, e))?;
-        let connected = async {
-            while client.connection_state() != async_nats::connection::State::Connected {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), connected)
-            .await
-            .map_err(|_| unavailable(&name, "could not connect within 10 s"))?;
+            .map_err(|e| unavailable(&store_name(config), e))?;
+        Self::open_on(client, config).await
+    }
+
+    /// As [`KvStore::open`], on a connection the process already has.
+    pub async fn open_on(
+        client: async_nats::Client,
+        config: &KvConfig,
+    ) -> Result<Self, StoreError> {
+        let name = store_name(config);
         let js = async_nats::jetstream::new(client.clone());
         let councils = bucket(
             &js,

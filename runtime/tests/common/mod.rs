@@ -15,20 +15,33 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: PathBuf,
+    /// A config file (authorization etc.) when started with one.
+    config: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// With `extra` (nats-server config syntax, e.g. an `authorization` block) in its config.
+    pub fn start_with_config(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let config = (!extra.is_empty()).then(|| {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, extra).expect("writes the nats config");
+            path
+        });
         let mut server = Self {
             child: None,
             port,
             store: dir.path().join("js"),
+            config,
             _dir: dir,
         };
         server.restart();
@@ -42,7 +55,11 @@ impl NatsServer {
     /// Starts the server (again, on the same port and store) and waits until it accepts.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")

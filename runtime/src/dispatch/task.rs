@@ -1,0 +1,344 @@
+//! The task message of `council.tasks.<role>`, schema `council.task.v1` (docs/DISPATCH.md):
+//! parsed strictly (unknown fields are errors) and checked before anything runs, so that a bad
+//! message is dead-lettered with a reason rather than retried.
+
+use std::collections::BTreeMap;
+
+use council_proto::fleet::orchestrator::v1 as pb;
+use serde::Deserialize;
+
+/// The only schema version this build reads.
+pub const TASK_SCHEMA: &str = "council.task.v1";
+
+/// A task as published by an orchestrator.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskMessage {
+    pub schema: String,
+    pub task_id: String,
+    /// The council (named by its role) that deliberates; may be omitted when the subject names
+    /// it (`council.tasks.<role>`). `council` is accepted as a synonym.
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub council: Option<String>,
+    pub description: String,
+    #[serde(default)]
+    pub constraints: Constraints,
+    #[serde(default)]
+    pub options: Options,
+    /// Ids the orchestrator correlates by (`story_id`, `plan_id`, …), echoed in every event.
+    #[serde(default)]
+    pub correlation: BTreeMap<String, String>,
+    /// Where the terminal event goes instead of the default completed / failed subject; it
+    /// must be captured by the events stream.
+    #[serde(default)]
+    pub result_subject: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    #[serde(default)]
+    pub rubric: String,
+    #[serde(default)]
+    pub requirements: Vec<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub timeout_seconds: i32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Critique-and-revise rounds (0..=10); absent = 0 (proposals are scored as they are).
+    #[serde(default)]
+    pub rounds: i32,
+    /// Agents of the council that take part; absent or 0 = all.
+    #[serde(default)]
+    pub num_agents: i32,
+}
+
+/// Why a message cannot be a task (permanent: it is dead-lettered, never retried).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    #[error("oversized: {size} bytes exceed the limit of {limit}")]
+    Oversized { size: usize, limit: usize },
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("schema-invalid: {0}")]
+    Invalid(String),
+}
+
+impl TaskError {
+    /// The DLQ reason class.
+    pub fn class(&self) -> &'static str {
+        match self {
+            TaskError::Oversized { .. } => "oversized",
+            TaskError::Malformed(_) => "malformed",
+            TaskError::Invalid(_) => "schema_invalid",
+        }
+    }
+}
+
+/// A task that passed the schema checks, ready for the runner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub message: TaskMessage,
+    /// The council's role, from the body or the subject.
+    pub role: String,
+}
+
+impl Task {
+    pub fn id(&self) -> &str {
+        &self.message.task_id
+    }
+
+    pub fn story_id(&self) -> Option<&str> {
+        self.message.correlation.get("story_id").map(String::as_str)
+    }
+
+    /// The same request a gRPC caller would send (validated again by the runner).
+    pub fn request(&self) -> pb::DeliberateRequest {
+        let m = &self.message;
+        pb::DeliberateRequest {
+            task_id: m.task_id.clone(),
+            task_description: m.description.clone(),
+            role: self.role.clone(),
+            constraints: Some(pb::TaskConstraints {
+                rubric: m.constraints.rubric.clone(),
+                requirements: m.constraints.requirements.clone(),
+                metadata: m
+                    .constraints
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                max_iterations: 0,
+                timeout_seconds: m.constraints.timeout_seconds,
+            }),
+            rounds: m.options.rounds,
+            num_agents: m.options.num_agents,
+        }
+    }
+}
+
+/// What a dead-lettered message could still tell about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Salvaged {
+    pub task_id: String,
+    pub role: String,
+    pub story_id: String,
+    pub correlation: BTreeMap<String, String>,
+}
+
+/// The task id (and what else can be read) of a message that is not a valid task.
+pub fn salvage(payload: &[u8]) -> Option<Salvaged> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
+    let task_id = text(value.get("task_id")).filter(|s| !s.trim().is_empty() && s.len() <= 256)?;
+    let correlation: BTreeMap<String, String> = value
+        .get("correlation")
+        .and_then(|c| c.as_object())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Salvaged {
+        task_id,
+        role: text(value.get("role"))
+            .or_else(|| text(value.get("council")))
+            .unwrap_or_default(),
+        story_id: correlation.get("story_id").cloned().unwrap_or_default(),
+        correlation,
+    })
+}
+
+/// Parses and checks `payload` received on `subject`. `prefix` is the tasks subject prefix
+/// (`council.tasks`); `captured` says whether a subject is captured by the events stream.
+pub fn parse(
+    payload: &[u8],
+    subject: &str,
+    prefix: &str,
+    limit: usize,
+    captured: impl Fn(&str) -> bool,
+) -> Result<Task, TaskError> {
+    if payload.len() > limit {
+        return Err(TaskError::Oversized {
+            size: payload.len(),
+            limit,
+        });
+    }
+    // Syntax first, so that "malformed" means not JSON at all.
+    let value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| TaskError::Malformed(e.to_string()))?;
+    if !value.is_object() {
+        return Err(TaskError::Invalid("a task is a JSON object".into()));
+    }
+    let message: TaskMessage =
+        serde_json::from_value(value).map_err(|e| TaskError::Invalid(e.to_string()))?;
+    let invalid = |s: String| Err(TaskError::Invalid(s));
+    if message.schema != TASK_SCHEMA {
+        return invalid(format!(
+            "schema {:?} is not supported (this build reads {TASK_SCHEMA:?})",
+            message.schema
+        ));
+    }
+    if message.task_id.trim().is_empty() {
+        return invalid("task_id is empty".into());
+    }
+    let from_subject = subject
+        .strip_prefix(prefix)
+        .and_then(|s| s.strip_prefix('.'))
+        .filter(|s| !s.is_empty() && !s.contains('.'));
+    let role = match (&message.role, &message.council) {
+        (Some(r), Some(c)) if r != c => {
+            return invalid(format!("role {r:?} and council {c:?} disagree"));
+        }
+        (Some(r), _) | (None, Some(r)) => r.clone(),
+        (None, None) => match from_subject {
+            Some(s) => s.to_owned(),
+            None => {
+                return invalid(format!(
+                    "no role: set \"role\" or publish on {prefix}.<role> (got {subject})"
+                ));
+            }
+        },
+    };
+    if let Some(s) = from_subject
+        && !s.eq_ignore_ascii_case(&role)
+    {
+        return invalid(format!(
+            "role {role:?} differs from the subject's {s:?} ({subject})"
+        ));
+    }
+    if let Some(rs) = &message.result_subject
+        && !captured(rs)
+    {
+        return invalid(format!(
+            "result_subject {rs:?} is not captured by the events stream"
+        ));
+    }
+    Ok(Task { message, role })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(json: &str, subject: &str) -> Result<Task, TaskError> {
+        parse(json.as_bytes(), subject, "council.tasks", 4096, |s| {
+            s.starts_with("orchestration.")
+        })
+    }
+
+    const OK: &str = r#"{"schema":"council.task.v1","task_id":"T-1","description":"Add a cache",
+        "constraints":{"rubric":"correctness","requirements":["tests"],"metadata":{"k":"v"},"timeout_seconds":30},
+        "options":{"rounds":1,"num_agents":2},"correlation":{"story_id":"S-9"}}"#;
+
+    #[test]
+    fn a_full_task_becomes_the_grpc_request() {
+        let t = p(OK, "council.tasks.DEV").expect("valid");
+        assert_eq!(t.role, "DEV", "the role comes from the subject");
+        assert_eq!(t.story_id(), Some("S-9"));
+        let r = t.request();
+        assert_eq!(
+            (r.task_id.as_str(), r.role.as_str(), r.rounds, r.num_agents),
+            ("T-1", "DEV", 1, 2)
+        );
+        let c = r.constraints.expect("constraints");
+        assert_eq!(
+            (c.rubric.as_str(), c.timeout_seconds, c.requirements.len()),
+            ("correctness", 30, 1)
+        );
+        assert_eq!(c.metadata.get("k").map(String::as_str), Some("v"));
+    }
+
+    #[test]
+    fn role_from_body_subject_or_council_and_they_must_agree() {
+        let minimal = r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"QA"}"#;
+        assert_eq!(p(minimal, "council.tasks.QA").expect("ok").role, "QA");
+        let council =
+            r#"{"schema":"council.task.v1","task_id":"a","description":"d","council":"QA"}"#;
+        assert_eq!(p(council, "council.tasks.QA").expect("ok").role, "QA");
+        for (json, subject, needle) in [
+            (minimal, "council.tasks.DEV", "differs from the subject"),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"QA","council":"DEV"}"#,
+                "council.tasks.QA",
+                "disagree",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d"}"#,
+                "council.tasks",
+                "no role",
+            ),
+        ] {
+            match p(json, subject) {
+                Err(TaskError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("{json} on {subject}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_bad_message_is_classified_with_a_reason() {
+        let cases: [(&str, &str, &str); 7] = [
+            ("{not json", "malformed", "key must be a string"),
+            ("[1,2]", "schema_invalid", "JSON object"),
+            (
+                r#"{"schema":"council.task.v2","task_id":"a","description":"d","role":"DEV"}"#,
+                "schema_invalid",
+                "not supported",
+            ),
+            (
+                r#"{"schema":"council.task.v1","description":"d","role":"DEV"}"#,
+                "schema_invalid",
+                "missing field `task_id`",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":" ","description":"d","role":"DEV"}"#,
+                "schema_invalid",
+                "task_id is empty",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","descripton":"typo"}"#,
+                "schema_invalid",
+                "unknown field `descripton`",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"elsewhere.x"}"#,
+                "schema_invalid",
+                "not captured",
+            ),
+        ];
+        for (json, class, needle) in cases {
+            let e = p(json, "council.tasks.DEV").expect_err(json);
+            assert_eq!(e.class(), class, "{json}: {e}");
+            assert!(e.to_string().contains(needle), "{json}: {e}");
+        }
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
+        let e = p(&big, "council.tasks.DEV").expect_err("too big");
+        assert_eq!(e.class(), "oversized");
+        assert!(e.to_string().contains("4096"), "{e}");
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_task_id_when_it_can_be_read() {
+        let s = salvage(
+            br#"{"task_id":"T-7","schema":"v9","role":"QA","correlation":{"story_id":"S","n":1}}"#,
+        )
+        .expect("readable");
+        assert_eq!(
+            (s.task_id.as_str(), s.role.as_str(), s.story_id.as_str()),
+            ("T-7", "QA", "S")
+        );
+        assert_eq!(s.correlation.len(), 1, "non-string values are dropped");
+        assert_eq!(salvage(b"{oops"), None);
+        assert_eq!(salvage(br#"{"task_id":5}"#), None);
+        assert_eq!(salvage(br#"{"task_id":"  "}"#), None);
+    }
+}

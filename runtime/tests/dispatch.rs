@@ -1,0 +1,735 @@
+//! Task dispatch over NATS JetStream, end to end: `council serve --dispatch` processes against a
+//! private `nats-server -js`, tasks published to `council.tasks.<role>`, events read back from
+//! `ORCHESTRATOR_EVENTS` and dead letters from `COUNCIL_DLQ`. The oracle of every test, as in
+//! NATS's own chaos tests: each published task id ends with exactly one result or one dead
+//! letter.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::{NatsServer, Served, client, serve_with, tiny_model};
+use council_proto::fleet::orchestrator::v1 as pb;
+use council_proto::fleet::orchestrator::v1::DeliberationStatus;
+use serde_json::{Value, json};
+
+/// One test's world: a NATS server, a tiny model, and a client to publish and read with.
+struct World {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    model: String,
+    js: jetstream::Context,
+}
+
+impl World {
+    async fn new(nats: NatsServer, client_user: Option<(&str, &str)>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = tiny_model(dir.path());
+        let mut options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        if let Some((user, password)) = client_user {
+            options = options.user_and_password(user.into(), password.into());
+        }
+        let client = options
+            .connect(nats.url())
+            .await
+            .expect("test client connects");
+        Self {
+            nats,
+            dir,
+            model,
+            js: jetstream::new(client),
+        }
+    }
+
+    /// A config file for a worker: NATS store and dispatch with short test timings.
+    fn config(&self, name: &str, dispatch_extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let mut dispatch: Vec<String> = dispatch_extra.lines().map(str::to_owned).collect();
+        for default in [
+            "ack_wait_secs = 4",
+            "max_deliver = 3",
+            "nak_delay_ms = 200",
+            "max_nak_delay_secs = 1",
+            "max_task_bytes = 4096",
+        ] {
+            let key = default.split(' ').next().unwrap_or_default();
+            if !dispatch_extra.contains(&format!("{key} =")) {
+                dispatch.push(default.to_owned());
+            }
+        }
+        let text = format!(
+            "[store]\nkind = \"nats\"\n[nats]\nurl = \"{}\"\n[dispatch]\nenabled = true\n{}\n",
+            self.nats.url(),
+            dispatch.join("\n")
+        );
+        std::fs::write(&path, text).expect("writes config");
+        path
+    }
+
+    /// A worker process; its log goes to `<name>.log` in the test's directory.
+    fn worker(&self, name: &str, dispatch_extra: &str, extra: &[&str]) -> Served {
+        let config = self.config(name, dispatch_extra);
+        let log = std::fs::File::create(self.log_path(name)).expect("log file");
+        let mut args = vec!["--config", config.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--log-format", "json"]);
+        serve_with(&self.model, &args, Stdio::from(log))
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    async fn publish(&self, subject: &str, body: Vec<u8>) {
+        self.js
+            .publish(subject.to_owned(), body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("the tasks stream took it");
+    }
+
+    async fn publish_task(&self, task: &Value) {
+        let role = task["role"].as_str().unwrap_or("DEV");
+        self.publish(
+            &format!("council.tasks.{role}"),
+            serde_json::to_vec(task).expect("json"),
+        )
+        .await;
+    }
+
+    /// Every message of `stream`, as (subject, Nats-Msg-Id, JSON body).
+    async fn messages(&self, stream: &str) -> Vec<(String, String, Value)> {
+        let Ok(mut s) = self.js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        let Ok(info) = s.info().await else {
+            return Vec::new();
+        };
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        for seq in first.max(1)..=last {
+            if let Ok(m) = s.get_raw_message(seq).await {
+                let id = m
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                let body = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                out.push((m.subject.to_string(), id, body));
+            }
+        }
+        out
+    }
+
+    /// The terminal events (completed or failed) of `task_id`.
+    async fn events_of(&self, task_id: &str) -> Vec<Value> {
+        self.messages("ORCHESTRATOR_EVENTS")
+            .await
+            .into_iter()
+            .filter(|(subject, _, body)| {
+                subject != "orchestration.deliberation.progress" && body["task_id"] == task_id
+            })
+            .map(|(_, _, body)| body)
+            .collect()
+    }
+
+    async fn dead_letters(&self) -> Vec<Value> {
+        self.messages("COUNCIL_DLQ")
+            .await
+            .into_iter()
+            .map(|(_, _, body)| body)
+            .collect()
+    }
+
+    /// Waits (up to `within`) until `task_id` has a terminal event.
+    async fn wait_event(&self, task_id: &str, within: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events_of(task_id).await.into_iter().next() {
+                return e;
+            }
+            assert!(
+                start.elapsed() < within,
+                "no event for {task_id} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the consumer has nothing pending, unacked or waiting for redelivery.
+    async fn wait_settled(&self, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.js.get_stream("COUNCIL_TASKS").await.expect("stream");
+            let info = s
+                .consumer_info("council-workers")
+                .await
+                .expect("consumer info");
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return;
+            }
+            assert!(
+                start.elapsed() < within,
+                "consumer not settled within {within:?}: {} pending, {} unacked",
+                info.num_pending,
+                info.num_ack_pending
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn task(id: &str, rounds: i32, agents: i32) -> Value {
+    json!({
+        "schema": "council.task.v1",
+        "task_id": id,
+        "role": "DEV",
+        "description": "Pick a retry policy for a flaky upstream service.",
+        "options": {"rounds": rounds, "num_agents": agents},
+        "correlation": {"story_id": format!("story-{id}")},
+    })
+}
+
+/// Deliberations a worker finished since it started (any outcome).
+async fn deliberations_run(addr: &str) -> i64 {
+    client(addr)
+        .await
+        .get_status(pb::GetStatusRequest {
+            include_stats: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .stats
+        .map_or(0, |s| s.total_deliberations)
+}
+
+async fn record_status(addr: &str, task: &str) -> Option<DeliberationStatus> {
+    client(addr)
+        .await
+        .get_deliberation_result(pb::GetDeliberationResultRequest {
+            task_id: task.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status())
+}
+
+async fn wait_status(addr: &str, task: &str, status: DeliberationStatus, within: Duration) {
+    let start = Instant::now();
+    while record_status(addr, task).await != Some(status) {
+        assert!(start.elapsed() < within, "{task} never reached {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn is_iso8601_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 24
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'.'
+        && b[23] == b'Z'
+        && s.bytes()
+            .enumerate()
+            .all(|(i, c)| [4, 7, 10, 13, 16, 19, 23].contains(&i) || c.is_ascii_digit())
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "SIGTERM sent");
+}
+
+/// Waits for the process to exit, without blocking the test's runtime (its client
+/// connections must be able to close for the server's graceful stop).
+async fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if start.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// 1. A task in, exactly one completed event out with the fields upstream consumers read;
+/// progress events when asked for; the message acked.
+#[tokio::test]
+async fn a_task_in_one_completed_event_out() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker(
+        "w",
+        "progress_subject = \"orchestration.deliberation.progress\"",
+        &[],
+    );
+    w.publish_task(&task("happy-1", 1, 2)).await;
+    let event = w.wait_event("happy-1", LONG).await;
+    w.wait_settled(LONG).await;
+
+    assert_eq!(event["schema"], "council.event.v1");
+    assert_eq!(event["event_type"], "deliberation.completed");
+    assert_eq!(event["task_id"], "happy-1");
+    assert_eq!(event["story_id"], "story-happy-1");
+    assert_eq!(event["role"], "DEV");
+    assert_eq!(event["correlation"]["story_id"], "story-happy-1");
+    assert!(
+        is_iso8601_utc(event["timestamp"].as_str().unwrap_or("")),
+        "{}",
+        event["timestamp"]
+    );
+    let decisions = event["decisions"].as_array().expect("decisions");
+    assert_eq!(decisions.len(), 2, "one decision per proposal");
+    let winners: Vec<&Value> = decisions.iter().filter(|d| d["winner"] == true).collect();
+    assert_eq!(winners.len(), 1);
+    assert_eq!(decisions[0]["rank"], 1);
+    let outcome = &event["outcome"];
+    assert_eq!(outcome["winner_id"], winners[0]["author_id"]);
+    assert_eq!(outcome["rounds_run"], 1);
+    assert!(outcome["prompt_tokens"].as_i64().unwrap_or(0) > 0);
+    assert_eq!(event["delivery"], 1);
+
+    let all = w.messages("ORCHESTRATOR_EVENTS").await;
+    let terminal: Vec<_> = all
+        .iter()
+        .filter(|(s, _, _)| s == "orchestration.deliberation.completed")
+        .collect();
+    assert_eq!(terminal.len(), 1, "exactly one completed event");
+    assert_eq!(
+        terminal[0].1, "happy-1",
+        "published with Nats-Msg-Id = task id"
+    );
+    let progress: Vec<_> = all
+        .iter()
+        .filter(|(s, _, _)| s == "orchestration.deliberation.progress")
+        .collect();
+    assert!(
+        progress.len() >= 4,
+        "progress events for each phase: {}",
+        progress.len()
+    );
+    assert!(
+        progress.iter().all(
+            |(_, _, b)| b["task_id"] == "happy-1" && b["event_type"] == "deliberation.progress"
+        )
+    );
+    assert!(w.dead_letters().await.is_empty());
+    assert_eq!(deliberations_run(&worker.addr).await, 1);
+}
+
+/// 2. The same task published twice, then again after its result was out: one result, and
+/// the council ran once.
+#[tokio::test]
+async fn a_task_delivered_three_times_runs_once() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "in_flight = 2", &[]);
+    let t = task("dup-1", 0, 2);
+    w.publish_task(&t).await;
+    w.publish_task(&t).await;
+    w.wait_event("dup-1", LONG).await;
+    w.wait_settled(LONG).await;
+    // Long after: a redelivery past any duplicate window looks just like this.
+    w.publish_task(&t).await;
+    w.wait_settled(LONG).await;
+
+    assert_eq!(w.events_of("dup-1").await.len(), 1, "one result");
+    assert_eq!(
+        deliberations_run(&worker.addr).await,
+        1,
+        "the council ran once"
+    );
+    assert!(w.dead_letters().await.is_empty());
+    let log = w.log("w");
+    assert!(
+        log.matches("duplicate delivery").count()
+            + log.matches("redelivered while running").count()
+            >= 2,
+        "both copies were recognised: {log}"
+    );
+}
+
+/// 3. The worker is killed (SIGKILL) after it published the result and before its ack
+/// reached JetStream: after redelivery, still exactly one result, and no second run.
+#[tokio::test]
+async fn killed_between_publish_and_ack_still_one_result() {
+    // The first worker may not ack: its user cannot publish to the ack subjects.
+    let auth = r#"
+authorization {
+  users = [
+    { user: "admin", password: "admin-pass" }
+    { user: "noack", password: "noack-pass", permissions: { publish: { deny: ["$JS.ACK.>"] } } }
+  ]
+}
+"#;
+    let w = World::new(
+        NatsServer::start_with_config(auth),
+        Some(("admin", "admin-pass")),
+    )
+    .await;
+    let password = w.dir.path().join("noack.password");
+    std::fs::write(&password, "noack-pass\n").expect("password file");
+    let admin_password = w.dir.path().join("admin.password");
+    std::fs::write(&admin_password, "admin-pass\n").expect("password file");
+
+    // Room for redeliveries: the first worker's acks never land, so each delivery counts.
+    let settings = "max_deliver = 20\nack_wait_secs = 5";
+    let mut first = w.worker(
+        "first",
+        settings,
+        &[
+            "--nats-user",
+            "noack",
+            "--nats-password-file",
+            password.to_str().expect("utf-8"),
+        ],
+    );
+    w.publish_task(&task("crash-1", 0, 2)).await;
+    // The event is out; the ack that follows cannot land. Kill it now.
+    w.wait_event("crash-1", LONG).await;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+
+    let second = w.worker(
+        "second",
+        settings,
+        &[
+            "--nats-user",
+            "admin",
+            "--nats-password-file",
+            admin_password.to_str().expect("utf-8"),
+        ],
+    );
+    w.wait_settled(LONG).await;
+    assert_eq!(w.events_of("crash-1").await.len(), 1, "exactly one result");
+    assert_eq!(
+        deliberations_run(&second.addr).await,
+        0,
+        "the redelivered task did not run again"
+    );
+    // Recognised either by the record's published mark or, when the kill came before the
+    // mark, by the completed record (the stream drops the re-published copy).
+    let log = w.log("second");
+    assert!(
+        log.contains("duplicate delivery") || log.contains("completed before"),
+        "{log}"
+    );
+    assert!(w.dead_letters().await.is_empty());
+}
+
+/// 4. nats-server restarts in the middle of a deliberation: readiness drops while it is
+/// away, the worker reconnects and the result arrives, once.
+#[tokio::test]
+async fn nats_restart_mid_deliberation() {
+    let mut w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &[]);
+    w.publish_task(&task("restart-1", 1, 3)).await;
+    wait_status(
+        &worker.addr,
+        "restart-1",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    w.nats.stop();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", worker.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects"),
+    );
+    let start = Instant::now();
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status();
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "readiness did not drop with NATS away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    w.nats.restart();
+
+    let event = w.wait_event("restart-1", LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed");
+    w.wait_settled(LONG).await;
+    assert_eq!(w.events_of("restart-1").await.len(), 1, "once");
+    assert_eq!(deliberations_run(&worker.addr).await, 1);
+}
+
+/// 5. Malformed JSON, a schema-invalid task, an oversized one and one for an unknown council:
+/// one dead letter each with its reason, no retries, and the worker keeps serving.
+#[tokio::test]
+async fn bad_messages_are_dead_lettered_once() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &[]);
+    w.publish(
+        "council.tasks.DEV",
+        b"{\"schema\": \"council.task.v1\", oops".to_vec(),
+    )
+    .await;
+    w.publish(
+        "council.tasks.DEV",
+        serde_json::to_vec(
+            &json!({"schema": "council.task.v1", "task_id": "no-description", "role": "DEV"}),
+        )
+        .expect("json"),
+    )
+    .await;
+    let mut big = task("too-big", 0, 1);
+    big["description"] = Value::String("x".repeat(5000));
+    w.publish_task(&big).await;
+    let mut unknown = task("no-council", 0, 1);
+    unknown["role"] = Value::String("NOPE".into());
+    w.publish_task(&unknown).await;
+    w.publish_task(&task("good-after", 0, 1)).await;
+
+    w.wait_event("good-after", LONG).await;
+    w.wait_settled(LONG).await;
+    let letters = w.dead_letters().await;
+    let mut by_class: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for l in &letters {
+        by_class
+            .entry(l["reason_class"].as_str().unwrap_or("").to_owned())
+            .or_default()
+            .push(l);
+    }
+    assert_eq!(letters.len(), 4, "one dead letter each: {letters:#?}");
+    for class in [
+        "malformed",
+        "schema_invalid",
+        "oversized",
+        "unknown_council",
+    ] {
+        let l = by_class
+            .get(class)
+            .unwrap_or_else(|| panic!("{class}: {letters:#?}"));
+        assert_eq!(l.len(), 1, "{class}");
+        assert_eq!(l[0]["deliveries"], 1, "{class}: not retried");
+        assert!(!l[0]["reason"].as_str().unwrap_or("").is_empty());
+        assert!(!l[0]["original_base64"].as_str().unwrap_or("").is_empty());
+        assert_eq!(
+            l[0]["original_subject"],
+            format!(
+                "council.tasks.{}",
+                if class == "unknown_council" {
+                    "NOPE"
+                } else {
+                    "DEV"
+                }
+            )
+        );
+    }
+    assert!(
+        by_class["schema_invalid"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing field `description`")
+    );
+    assert_eq!(by_class["schema_invalid"][0]["task_id"], "no-description");
+    // Tasks whose id could be read also get their failed event, once.
+    for id in ["no-description", "no-council", "too-big"] {
+        let events = w.events_of(id).await;
+        assert_eq!(events.len(), 1, "{id}: {events:#?}");
+        assert_eq!(events[0]["event_type"], "deliberation.failed");
+    }
+    assert_eq!(
+        w.events_of("good-after").await[0]["event_type"],
+        "deliberation.completed"
+    );
+    assert_eq!(
+        deliberations_run(&worker.addr).await,
+        1,
+        "only the good task ran"
+    );
+}
+
+/// 6. Two worker processes on the same durable pull consumer under a stream of tasks: no
+/// "already bound" errors, every task exactly one result, the work split between them.
+#[tokio::test]
+async fn two_workers_split_the_work() {
+    let w = World::new(NatsServer::start(), None).await;
+    let one = w.worker("one", "in_flight = 2", &[]);
+    let two = w.worker("two", "in_flight = 2", &[]);
+    let ids: Vec<String> = (0..8).map(|i| format!("pair-{i}")).collect();
+    for id in &ids {
+        w.publish_task(&task(id, 0, 1)).await;
+    }
+    for id in &ids {
+        w.wait_event(id, LONG).await;
+    }
+    w.wait_settled(LONG).await;
+    for id in &ids {
+        let events = w.events_of(id).await;
+        assert_eq!(events.len(), 1, "{id}");
+        assert_eq!(events[0]["event_type"], "deliberation.completed");
+    }
+    let (a, b) = (
+        deliberations_run(&one.addr).await,
+        deliberations_run(&two.addr).await,
+    );
+    assert_eq!(a + b, 8, "each task ran once ({a} + {b})");
+    assert!(a > 0 && b > 0, "both workers took tasks ({a}, {b})");
+    for name in ["one", "two"] {
+        assert!(!w.log(name).contains("already bound"), "{}", w.log(name));
+    }
+}
+
+/// 7. SIGTERM during a deliberation with a short grace period: the worker hands the task back
+/// (nak without delay), exits cleanly, and the other replica delivers the one result.
+#[tokio::test]
+async fn sigterm_hands_the_task_over() {
+    let w = World::new(NatsServer::start(), None).await;
+    let mut leaving = w.worker("leaving", "ack_wait_secs = 60", &["--grace-secs", "1"]);
+    w.publish_task(&task("handover-1", 1, 3)).await;
+    wait_status(
+        &leaving.addr,
+        "handover-1",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    let staying = w.worker("staying", "ack_wait_secs = 60", &[]);
+    sigterm(&leaving.child);
+    let status = wait_exit(&mut leaving.child, Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}\n{}",
+        w.log("leaving")
+    );
+    assert!(
+        w.log("leaving")
+            .contains("handing the task to another replica"),
+        "{}",
+        w.log("leaving")
+    );
+    let event = w.wait_event("handover-1", LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed");
+    // Delivery 2 may land in the leaving worker's last open pull request, which hands it
+    // back again at once; a later delivery reaches the staying worker.
+    assert!(
+        event["delivery"].as_u64().unwrap_or(0) >= 2,
+        "a redelivery produced it: {event}"
+    );
+    w.wait_settled(LONG).await;
+    assert_eq!(w.events_of("handover-1").await.len(), 1);
+    assert_eq!(deliberations_run(&staying.addr).await, 1);
+}
+
+/// 8. A backend that fails every call: the task is nak'ed with a delay, redelivered up to
+/// `max_deliver`, then dead-lettered with the reason and one failed event.
+#[tokio::test]
+async fn backend_failures_retry_then_dead_letter() {
+    let w = World::new(NatsServer::start(), None).await;
+    // Sequences of 8 tokens cannot hold any prompt: every engine call fails.
+    let worker = w.worker("w", "", &["--max-seq-len", "8"]);
+    w.publish_task(&task("doomed-1", 0, 2)).await;
+    let event = w.wait_event("doomed-1", LONG).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(event["event_type"], "deliberation.failed");
+    assert_eq!(event["error"]["code"], "retries_exhausted");
+    assert_eq!(event["error"]["attempts"], 3);
+    let letters = w.dead_letters().await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["task_id"], "doomed-1");
+    assert_eq!(letters[0]["reason_class"], "retries_exhausted");
+    assert_eq!(letters[0]["deliveries"], 3);
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("after 3 deliveries"),
+        "{}",
+        letters[0]["reason"]
+    );
+    assert_eq!(w.events_of("doomed-1").await.len(), 1);
+    assert_eq!(
+        deliberations_run(&worker.addr).await,
+        3,
+        "ran once per delivery, then stopped"
+    );
+    assert!(w.log("w").contains("transient failure; retrying later"));
+}
+
+/// Start-up refuses a consumer configured otherwise and a stream on memory storage, naming
+/// what differs; with matching settings it starts again (idempotent).
+#[tokio::test]
+async fn startup_checks_streams_and_consumer() {
+    let w = World::new(NatsServer::start(), None).await;
+    let first = w.worker("first", "", &[]);
+    drop(first);
+    // Same settings again: fine.
+    drop(w.worker("again", "", &[]));
+    // Different ack_wait: refused with the difference named.
+    let config = w.config("differs", "ack_wait_secs = 9");
+    let out = Command::new(env!("CARGO_BIN_EXE_council"))
+        .args(["serve", "--model-dir", &w.model, "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("council-workers") && err.contains("ack_wait"),
+        "{err}"
+    );
+
+    w.js.create_stream(jetstream::stream::Config {
+        name: "MEMDLQ".into(),
+        subjects: vec!["memdlq.tasks".into()],
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("memory stream");
+    let config = w.config(
+        "memory",
+        "dlq_stream = \"MEMDLQ\"\ndlq_subject = \"memdlq.tasks\"",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_council"))
+        .args(["serve", "--model-dir", &w.model, "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MEMDLQ") && err.contains("memory storage"),
+        "{err}"
+    );
+}
