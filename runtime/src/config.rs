@@ -75,6 +75,7 @@ pub struct RawLimits {
     pub max_concurrent: Option<usize>,
     pub default_timeout_secs: Option<u64>,
     pub max_timeout_secs: Option<u64>,
+    pub heartbeat_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -175,7 +176,8 @@ impl RawConfig {
             top.limits,
             max_concurrent,
             default_timeout_secs,
-            max_timeout_secs
+            max_timeout_secs,
+            heartbeat_secs
         );
         overlay!(
             self.store,
@@ -325,6 +327,14 @@ impl RawConfig {
             ));
         }
 
+        let heartbeat_secs = l.heartbeat_secs.unwrap_or(10);
+        if !(1..=300).contains(&heartbeat_secs) {
+            return Err(err(
+                "limits.heartbeat_secs",
+                format!("{heartbeat_secs} is outside 1..=300"),
+            ));
+        }
+
         let st = self.store;
         let retention_secs = st.retention_secs.unwrap_or(7 * 24 * 3600);
         if retention_secs < 60 {
@@ -395,6 +405,7 @@ impl RawConfig {
                 max_concurrent,
                 default_timeout: Duration::from_secs(default_timeout),
                 max_timeout: Duration::from_secs(max_timeout),
+                heartbeat: Duration::from_secs(heartbeat_secs),
             },
             store,
             retention: Duration::from_secs(retention_secs),
@@ -800,6 +811,7 @@ impl ServeConfig {
                 "max_concurrent": self.limits.max_concurrent,
                 "default_timeout_secs": self.limits.default_timeout.as_secs(),
                 "max_timeout_secs": self.limits.max_timeout.as_secs(),
+                "heartbeat_secs": self.limits.heartbeat.as_secs(),
             },
             "store": match &self.store {
                 StoreChoice::File { data_dir } => serde_json::json!({
@@ -877,6 +889,7 @@ mod tests {
     fn every_bad_value_names_its_field() {
         let cases = [
             ("[limits]\nmax_concurrent = 0", "limits.max_concurrent"),
+            ("[limits]\nheartbeat_secs = 0", "limits.heartbeat_secs"),
             (
                 "[limits]\ndefault_timeout_secs = 99\nmax_timeout_secs = 10",
                 "limits.default_timeout_secs",

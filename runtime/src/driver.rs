@@ -47,8 +47,10 @@ fn completion(result: council_inference::GenerateResult) -> Completion {
 }
 
 /// What a watcher of a running deliberation hears, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A phase's replies were taken: the deliberation can resume from here.
+    Checkpoint(Box<council_councils::checkpoint::Checkpoint>),
     /// The calls of a phase were submitted.
     PhaseStarted {
         phase: Phase,
@@ -131,28 +133,48 @@ pub async fn run(
 /// `on_event` what happens as it happens.
 pub async fn run_timed(
     backend: &dyn Backend,
+    deliberation: Deliberation,
+    on_event: &mut (dyn FnMut(Event) + Send),
+) -> Result<(Outcome, Timeline), DriverError> {
+    run_timed_from(backend, deliberation, None, on_event).await
+}
+
+/// Like [`run_timed`], for a deliberation restored from a checkpoint with the calls it was
+/// waiting for (`pending`, from `Deliberation::restore`).
+pub async fn run_timed_from(
+    backend: &dyn Backend,
     mut deliberation: Deliberation,
+    mut pending: Option<Vec<LlmCall>>,
     on_event: &mut (dyn FnMut(Event) + Send),
 ) -> Result<(Outcome, Timeline), DriverError> {
     let mut replies = Vec::new();
     let mut timeline = Timeline::new();
+    let mut first = pending.is_none();
     loop {
-        match deliberation.step(std::mem::take(&mut replies))? {
-            Step::Done(outcome) => return Ok((*outcome, timeline)),
-            Step::Calls(calls) => {
-                let phase = calls.first().map(|c| (c.phase, c.round));
-                if let Some((phase, round)) = phase {
-                    on_event(Event::PhaseStarted {
-                        phase,
-                        round,
-                        calls: calls.len(),
-                    });
+        let calls = match pending.take() {
+            Some(calls) => calls,
+            None => match deliberation.step(std::mem::take(&mut replies))? {
+                Step::Done(outcome) => return Ok((*outcome, timeline)),
+                Step::Calls(calls) => {
+                    if !first {
+                        on_event(Event::Checkpoint(Box::new(deliberation.checkpoint())));
+                    }
+                    first = false;
+                    calls
                 }
-                replies = answer_all(backend, calls, on_event).await?;
-                if let Some((phase, round)) = phase {
-                    timeline.push((phase, round, SystemTime::now()));
-                }
-            }
+            },
+        };
+        let phase = calls.first().map(|c| (c.phase, c.round));
+        if let Some((phase, round)) = phase {
+            on_event(Event::PhaseStarted {
+                phase,
+                round,
+                calls: calls.len(),
+            });
+        }
+        replies = answer_all(backend, calls, on_event).await?;
+        if let Some((phase, round)) = phase {
+            timeline.push((phase, round, SystemTime::now()));
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// [limits.max_timeout_secs] Longest deadline a request may ask for (default 3600).
     #[arg(long, env = "COUNCIL_MAX_TIMEOUT_SECS")]
     pub max_timeout_secs: Option<u64>,
+    /// [limits.heartbeat_secs] How often a running deliberation refreshes its record (default 10).
+    #[arg(long, env = "COUNCIL_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
     /// [store.kind] "file" (embedded, one process; default) or "nats" (JetStream KV, replicas).
     #[arg(long, env = "COUNCIL_STORE", value_name = "file|nats")]
     pub store: Option<String>,
@@ -153,6 +156,7 @@ impl ServeArgs {
                 max_concurrent: a.max_concurrent,
                 default_timeout_secs: a.default_timeout_secs,
                 max_timeout_secs: a.max_timeout_secs,
+                heartbeat_secs: a.heartbeat_secs,
             },
             store: RawStore {
                 kind: a.store,

@@ -609,20 +609,26 @@ async fn two_workers_split_the_work() {
 }
 
 /// 7. SIGTERM during a deliberation with a short grace period: the worker hands the task back
-/// (nak without delay), exits cleanly, and the other replica delivers the one result.
+/// (nak without delay), exits cleanly, and the other replica resumes it from the checkpoint
+/// and delivers the one result.
 #[tokio::test]
 async fn sigterm_hands_the_task_over() {
     let w = World::new(NatsServer::start(), None).await;
-    let mut leaving = w.worker("leaving", "ack_wait_secs = 60", &["--grace-secs", "1"]);
+    let settings = "ack_wait_secs = 60\nprogress_subject = \"orchestration.deliberation.progress\"";
+    let mut leaving = w.worker("leaving", settings, &["--grace-secs", "1"]);
     w.publish_task(&task("handover-1", 1, 3)).await;
-    wait_status(
-        &leaving.addr,
-        "handover-1",
-        DeliberationStatus::InProgress,
-        LONG,
-    )
-    .await;
-    let staying = w.worker("staying", "ack_wait_secs = 60", &[]);
+    // Wait until the proposals are in (the critique phase started): there is a checkpoint.
+    let start = Instant::now();
+    while !w
+        .messages("ORCHESTRATOR_EVENTS")
+        .await
+        .iter()
+        .any(|(_, _, b)| b["task_id"] == "handover-1" && b["status"] == "reviewing")
+    {
+        assert!(start.elapsed() < LONG, "the critique phase never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let staying = w.worker("staying", settings, &[]);
     sigterm(&leaving.child);
     let status = wait_exit(&mut leaving.child, Duration::from_secs(60)).await;
     assert!(
@@ -647,6 +653,37 @@ async fn sigterm_hands_the_task_over() {
     w.wait_settled(LONG).await;
     assert_eq!(w.events_of("handover-1").await.len(), 1);
     assert_eq!(deliberations_run(&staying.addr).await, 1);
+    let log = w.log("staying");
+    assert!(
+        log.contains("resuming the task from its checkpoint"),
+        "the proposals made before SIGTERM were not made again: {log}"
+    );
+}
+
+/// A worker killed (SIGKILL) mid-deliberation: its record's heartbeat stops, and the other
+/// replica, given the redelivery, waits for the record to go silent, takes the task over and
+/// delivers the one result.
+#[tokio::test]
+async fn killed_mid_deliberation_another_replica_takes_over() {
+    let w = World::new(NatsServer::start(), None).await;
+    let mut dying = w.worker("dying", "", &["--heartbeat-secs", "1"]);
+    w.publish_task(&task("takeover-1", 1, 3)).await;
+    wait_status(
+        &dying.addr,
+        "takeover-1",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    let taking = w.worker("taking", "", &["--heartbeat-secs", "1"]);
+    dying.child.kill().expect("SIGKILL");
+    dying.child.wait().expect("reaped");
+    let event = w.wait_event("takeover-1", LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed");
+    w.wait_settled(LONG).await;
+    assert_eq!(w.events_of("takeover-1").await.len(), 1);
+    assert_eq!(deliberations_run(&taking.addr).await, 1);
+    assert!(w.dead_letters().await.is_empty());
 }
 
 /// 8. A backend that fails every call: the task is nak'ed with a delay, redelivered up to

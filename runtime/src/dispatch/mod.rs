@@ -377,7 +377,6 @@ impl Dispatcher {
     /// Runs (or recognises) one valid task and publishes its terminal event.
     async fn process(&self, task: &Task, msg: BadMessage<'_>) -> Disposition {
         let id = task.id();
-        let metrics = self.runner.metrics().clone();
         let ctx = EventContext {
             task_id: id.to_owned(),
             story_id: task.story_id().unwrap_or_default().to_owned(),
@@ -385,17 +384,54 @@ impl Dispatcher {
             correlation: task.message.correlation.clone(),
             delivery: msg.delivered,
         };
-        // The permanent guard: what the record says about this task.
+        let mut waited = false;
+        loop {
+            // The permanent guard: what the record says about this task.
+            if let Some(d) = self.guard(task, &ctx, &msg).await {
+                return d;
+            }
+            match self.deliberate(task, &ctx, &msg).await {
+                Some(d) => return d,
+                None => {
+                    // Another replica's record is live: hold the delivery (in-progress acks
+                    // keep it ours, without spending deliveries) until that record finishes
+                    // or its heartbeat stops.
+                    if !waited {
+                        self.runner.metrics().dispatched("waited");
+                        waited = true;
+                    }
+                    if self.runner.is_draining() {
+                        return Disposition::Nak(None);
+                    }
+                    tokio::time::sleep(self.config.progress_every().min(Duration::from_secs(2)))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// What the task's record says to do, if it says anything: ack a duplicate, publish the
+    /// event of a completed run, dead-letter a permanent failure.
+    async fn guard(
+        &self,
+        task: &Task,
+        ctx: &EventContext,
+        msg: &BadMessage<'_>,
+    ) -> Option<Disposition> {
+        let id = task.id();
+        let metrics = self.runner.metrics().clone();
         match self.runner.store().record(id).await {
             Err(e) => {
                 tracing::warn!(task_id = %id, error = %e, "cannot read the record; retrying later");
                 metrics.dispatched("retried");
-                return Disposition::Nak(Some(self.config.retry_delay(msg.delivered)));
+                return Some(Disposition::Nak(Some(
+                    self.config.retry_delay(msg.delivered),
+                )));
             }
             Ok(Some(record)) if record.published_at_ms > 0 => {
                 tracing::info!(task_id = %id, delivered = msg.delivered, "duplicate delivery: its event is out already");
                 metrics.dispatched("duplicate");
-                return Disposition::Ack;
+                return Some(Disposition::Ack);
             }
             Ok(Some(record)) => {
                 let record = effective(record, now_ms());
@@ -405,25 +441,39 @@ impl Dispatcher {
                     // It ran; its event may or may not be out (the process died in between).
                     tracing::info!(task_id = %id, "completed before: publishing its event, not running it again");
                     metrics.dispatched("duplicate");
-                    return self
-                        .finish(
+                    return Some(
+                        self.finish(
                             Target::of(task),
                             ctx.completed(response),
                             Disposition::Ack,
                             record.updated_at_ms,
                         )
-                        .await;
+                        .await,
+                    );
                 }
                 if is_finished(&record) && !record.retryable {
                     let reason = record.error_message.clone();
-                    return self
-                        .dead_end(task, &ctx, &msg, "failed", reason, record.updated_at_ms)
-                        .await;
+                    return Some(
+                        self.dead_end(task, ctx, msg, "failed", reason, record.updated_at_ms)
+                            .await,
+                    );
                 }
             }
             Ok(None) => {}
         }
 
+        None
+    }
+
+    /// Runs the task; `None` when another replica holds a live record of it.
+    async fn deliberate(
+        &self,
+        task: &Task,
+        ctx: &EventContext,
+        msg: &BadMessage<'_>,
+    ) -> Option<Disposition> {
+        let id = task.id();
+        let metrics = self.runner.metrics().clone();
         let updates = self.config.progress_subject.clone().map(|subject| {
             let (tx, mut rx) =
                 mpsc::unbounded_channel::<Result<pb::DeliberationUpdate, tonic::Status>>();
@@ -446,7 +496,7 @@ impl Dispatcher {
             Ok(Started::Running(handle)) => handle.result().await,
             Err(e) => Err(e),
         };
-        match result {
+        let d = match result {
             Ok(response) => {
                 metrics.dispatched("completed");
                 self.finish(
@@ -463,10 +513,8 @@ impl Dispatcher {
                 Disposition::Nak(None)
             }
             Err(e @ ServiceError::AlreadyRunning(_)) => {
-                // Another replica holds a live record: come back when it should be done.
-                tracing::info!(task_id = %id, error = %e, "running elsewhere; checking again later");
-                metrics.dispatched("retried");
-                Disposition::Nak(Some(self.config.ack_wait))
+                tracing::info!(task_id = %id, error = %e, "running elsewhere; waiting for that run");
+                return None;
             }
             Err(e) if e.is_retryable() && (msg.delivered as i64) < self.config.max_deliver => {
                 let delay = self.config.retry_delay(msg.delivered);
@@ -486,10 +534,10 @@ impl Dispatcher {
                 } else {
                     e.to_string()
                 };
-                self.dead_end(task, &ctx, &msg, class, reason, now_ms())
-                    .await
+                self.dead_end(task, ctx, msg, class, reason, now_ms()).await
             }
-        }
+        };
+        Some(d)
     }
 
     /// A valid task that will not complete: its dead letter, its failed event, then `Term`.

@@ -31,6 +31,9 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// Upper bound on a request's `timeout_seconds`.
     pub max_timeout: Duration,
+    /// How often a running deliberation refreshes its record; one silent for three periods
+    /// belonged to a process that died and may be taken over.
+    pub heartbeat: Duration,
 }
 
 impl Default for Limits {
@@ -39,6 +42,7 @@ impl Default for Limits {
             max_concurrent: 16,
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(10),
         }
     }
 }

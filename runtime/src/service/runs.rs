@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use council_councils::{CouncilSpec, Deliberation, OutcomeStatus, Phase, Role, Task};
+use council_councils::{CouncilSpec, Deliberation, LlmCall, OutcomeStatus, Phase, Role, Task};
 use council_inference::Backend;
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
@@ -254,6 +254,8 @@ impl Runner {
                 limit: self.limits.max_concurrent,
             }
         })?;
+        // An interrupted earlier run of this task may have left a checkpoint to resume from.
+        let previous = self.store.record(&req.task_id).await?;
         let now = now_ms();
         let record = DeliberationRecord {
             task_id: req.task_id.clone(),
@@ -263,6 +265,7 @@ impl Runner {
             updated_at_ms: now,
             deadline_at_ms: now.saturating_add(deadline.as_millis() as i64),
             instance_id: self.instance.clone(),
+            heartbeat_ms: self.limits.heartbeat.as_millis() as i64,
             ..Default::default()
         };
         match self.store.claim(record.clone(), now).await? {
@@ -284,7 +287,7 @@ impl Runner {
 
         let steps = 2 + 2 * council.config.rounds;
         let agents = council.agents.len() as u64;
-        let (deliberation, seed) = deliberation(council, task);
+        let (deliberation, seed, pending) = resume_or_start(council, task, previous, now);
         let cancel = Arc::new(CancelCell::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut active) = self.active.lock() {
@@ -300,6 +303,7 @@ impl Runner {
                 .run(RunInput {
                     record,
                     deliberation,
+                    pending,
                     deadline,
                     seed,
                     steps,
@@ -332,6 +336,7 @@ impl Runner {
         let RunInput {
             mut record,
             deliberation,
+            pending,
             deadline,
             seed,
             steps,
@@ -345,15 +350,26 @@ impl Runner {
             TimedOut,
             Cancelled(Cancel),
         }
+        let checkpoint = Mutex::new(Vec::new());
         let ended = {
-            let mut on_event = |e| progress.on(e);
-            let run = driver::run_timed(self.backend.as_ref(), deliberation, &mut on_event);
+            let mut on_event = |e: Event| {
+                if let Event::Checkpoint(c) = &e {
+                    if let (Ok(json), Ok(mut slot)) = (serde_json::to_vec(c), checkpoint.lock()) {
+                        *slot = json;
+                    }
+                    return;
+                }
+                progress.on(e)
+            };
+            let run =
+                driver::run_timed_from(self.backend.as_ref(), deliberation, pending, &mut on_event);
             tokio::select! {
                 r = tokio::time::timeout(deadline, run) => match r {
                     Ok(r) => Ended::Ran(Box::new(r)),
                     Err(_) => Ended::TimedOut,
                 },
                 c = cancel.cancelled() => Ended::Cancelled(c),
+                never = self.heartbeat(&record, &checkpoint) => match never {},
             }
         };
         let duration = started.elapsed();
@@ -395,6 +411,10 @@ impl Runner {
                 record.response = Some(response.clone());
             }
             Err(e) => {
+                if e.is_retryable() {
+                    // Whoever runs the task next resumes from here.
+                    record.checkpoint = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
+                }
                 record.status = if ending == Ending::Timeout {
                     DeliberationStatus::Timeout as i32
                 } else {
@@ -426,6 +446,27 @@ impl Runner {
             completion_tokens,
         );
         result
+    }
+
+    /// Refreshes the live record every heartbeat period, so other replicas can tell a running
+    /// deliberation from one whose process died. Never returns.
+    async fn heartbeat(
+        &self,
+        record: &DeliberationRecord,
+        checkpoint: &Mutex<Vec<u8>>,
+    ) -> std::convert::Infallible {
+        let mut tick = tokio::time::interval(self.limits.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut r = record.clone();
+            r.updated_at_ms = now_ms();
+            r.checkpoint = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
+            if let Err(e) = self.store.update_record(r).await {
+                tracing::warn!(task_id = %record.task_id, error = %e, "could not refresh the record's heartbeat");
+            }
+        }
     }
 
     /// Shutdown: refuses new runs, lets the running ones finish within `grace`, then cancels
@@ -506,6 +547,8 @@ impl Runner {
 struct RunInput {
     record: DeliberationRecord,
     deliberation: Deliberation,
+    /// The calls a restored deliberation was waiting for.
+    pending: Option<Vec<LlmCall>>,
     deadline: Duration,
     seed: u64,
     steps: u32,
@@ -567,6 +610,7 @@ impl ProgressTracker {
 
     fn on(&mut self, event: Event) {
         match &event {
+            Event::Checkpoint(_) => return,
             Event::PhaseStarted { .. } => self.phase_started = Instant::now(),
             Event::CallDone { .. } => {
                 if let Some(m) = &self.metrics {
@@ -576,6 +620,7 @@ impl ProgressTracker {
         }
         let Some(tx) = &self.updates else { return };
         let update = match event {
+            Event::Checkpoint(_) => return,
             Event::PhaseStarted {
                 phase,
                 round,
@@ -627,6 +672,40 @@ pub fn deliberation(council: CouncilSpec, task: Task) -> (Deliberation, u64) {
     (Deliberation::new(council, task, config, seed), seed)
 }
 
+/// The deliberation of `task` by `council`, resumed from the checkpoint of `previous` (an
+/// interrupted or failed earlier run of the same task) when it has one that fits.
+fn resume_or_start(
+    council: CouncilSpec,
+    task: Task,
+    previous: Option<DeliberationRecord>,
+    now_ms: i64,
+) -> (Deliberation, u64, Option<Vec<LlmCall>>) {
+    let checkpoint = previous
+        .filter(|p| !p.checkpoint.is_empty() && crate::store::claimable(p, now_ms))
+        .and_then(|p| {
+            serde_json::from_slice::<council_councils::checkpoint::Checkpoint>(&p.checkpoint).ok()
+        });
+    let (fresh, seed) = deliberation(council.clone(), task.clone());
+    let Some(checkpoint) = checkpoint.filter(|c| c.seed == seed) else {
+        return (fresh, seed, None);
+    };
+    let config = council.config;
+    match Deliberation::restore(council, task.clone(), config, &checkpoint) {
+        Ok((restored, pending)) => {
+            tracing::info!(
+                task_id = %task.id.as_str(),
+                steps = checkpoint.steps.len(),
+                "resuming the task from its checkpoint"
+            );
+            (restored, seed, Some(pending))
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %task.id.as_str(), error = %e, "checkpoint unusable; starting over");
+            (fresh, seed, None)
+        }
+    }
+}
+
 /// The last update of a stream: complete, the winner as the partial result, the whole response.
 pub fn final_update(response: &pb::DeliberateResponse) -> pb::DeliberationUpdate {
     pb::DeliberationUpdate {
@@ -658,6 +737,77 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn interrupted_run(task_id: &str) -> (CouncilSpec, Task, DeliberationRecord, Vec<LlmCall>) {
+        let role: Role = "DEV".parse().expect("role");
+        let mut council = council_councils::personas::council_of(&role, 2).expect("council");
+        council.config.rounds = 1;
+        let task = Task::new(
+            council_councils::TaskId::new(task_id.to_owned()).expect("id"),
+            "Pick a cache.",
+        )
+        .expect("task");
+        let (mut d, _) = deliberation(council.clone(), task.clone());
+        let council_councils::Step::Calls(proposals) = d.step(Vec::new()).expect("first step")
+        else {
+            panic!("calls expected")
+        };
+        let replies = proposals
+            .iter()
+            .map(|c| council_councils::Reply {
+                call: c.id,
+                result: Ok(council_councils::Completion {
+                    text: format!("proposal {}", c.id),
+                    prompt_tokens: 10,
+                    completion_tokens: 5,
+                    choice_logprobs: None,
+                }),
+            })
+            .collect();
+        let council_councils::Step::Calls(critiques) = d.step(replies).expect("second step") else {
+            panic!("calls expected")
+        };
+        let record = DeliberationRecord {
+            task_id: task_id.into(),
+            status: DeliberationStatus::Failed as i32,
+            retryable: true,
+            checkpoint: serde_json::to_vec(&d.checkpoint()).expect("json"),
+            ..Default::default()
+        };
+        (council, task, record, critiques)
+    }
+
+    #[test]
+    fn an_interrupted_run_resumes_from_its_checkpoint_and_a_foreign_one_starts_over() {
+        let (council, task, record, critiques) = interrupted_run("resume-me");
+        let (_, _, pending) =
+            resume_or_start(council.clone(), task.clone(), Some(record.clone()), 1);
+        assert_eq!(
+            pending.as_ref(),
+            Some(&critiques),
+            "resumes waiting for the same critique calls"
+        );
+
+        // Completed, live or checkpoint-less records, and another task's checkpoint: fresh.
+        let mut completed = record.clone();
+        completed.status = DeliberationStatus::Completed as i32;
+        let mut live = record.clone();
+        live.status = DeliberationStatus::InProgress as i32;
+        live.deadline_at_ms = i64::MAX / 2;
+        let mut empty = record.clone();
+        empty.checkpoint.clear();
+        let (_, _, other_task, _) = interrupted_run("someone-else");
+        let foreign = DeliberationRecord {
+            checkpoint: other_task.checkpoint,
+            ..record.clone()
+        };
+        let mut garbage = record;
+        garbage.checkpoint = b"{not json".to_vec();
+        for previous in [completed, live, empty, foreign, garbage] {
+            let (_, _, pending) = resume_or_start(council.clone(), task.clone(), Some(previous), 1);
+            assert!(pending.is_none());
+        }
+    }
 
     #[test]
     fn grpc_timeout_header_units() {

@@ -262,9 +262,12 @@ async fn load(store: &kv::Store, name: &str, cache: &RwLock<Cache>) -> Result<u6
 
 /// Keeps the cache in sync with the bucket; reloads and resumes after any interruption.
 async fn watch(store: kv::Store, name: String, cache: Arc<RwLock<Cache>>, mut from: u64) {
+    // Retries back off to 10 s (and log once per streak) while NATS stays away.
+    let mut failures = 0u32;
     loop {
         match store.watch_all_from_revision(from).await {
             Ok(mut changes) => {
+                failures = 0;
                 while let Some(change) = changes.next().await {
                     let Ok(entry) = change else { break };
                     from = entry.revision + 1;
@@ -286,13 +289,26 @@ async fn watch(store: kv::Store, name: String, cache: Arc<RwLock<Cache>>, mut fr
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "council watch failed; retrying"),
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "council watch failed; retrying");
+                }
+                failures += 1;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let backoff = Duration::from_millis(500)
+            .saturating_mul(1u32 << failures.min(5))
+            .min(Duration::from_secs(10));
+        tokio::time::sleep(backoff).await;
         // Whatever was missed while the watch was down comes back with a full reload.
         match load(&store, &name, &cache).await {
             Ok(next) => from = next,
-            Err(e) => tracing::warn!(error = %e, "council reload failed; retrying"),
+            Err(e) => {
+                if failures <= 1 {
+                    tracing::warn!(error = %e, "council reload failed; retrying");
+                }
+                failures += 1;
+            }
         }
     }
 }

@@ -92,10 +92,21 @@ pub fn claimable(existing: &DeliberationRecord, now_ms: i64) -> bool {
         || record.status == DeliberationStatus::Unknown as i32
 }
 
-/// The record as a reader should see it: one still live long after its deadline belonged to a
+/// Whether a live record's owner went silent: no heartbeat for three periods, or (without
+/// heartbeats) long past its deadline.
+fn is_abandoned(record: &DeliberationRecord, now_ms: i64) -> bool {
+    let silent = record.heartbeat_ms > 0
+        && now_ms
+            > record
+                .updated_at_ms
+                .saturating_add(record.heartbeat_ms.saturating_mul(3));
+    silent || now_ms > record.deadline_at_ms.saturating_add(STALE_AFTER_MS)
+}
+
+/// The record as a reader should see it: one still live whose owner went silent belonged to a
 /// process that died, so it is failed (retryable) rather than "in progress" forever.
 pub fn effective(mut record: DeliberationRecord, now_ms: i64) -> DeliberationRecord {
-    if is_active(record.status) && now_ms > record.deadline_at_ms.saturating_add(STALE_AFTER_MS) {
+    if is_active(record.status) && is_abandoned(&record, now_ms) {
         record.status = DeliberationStatus::Failed as i32;
         record.retryable = true;
         record.error_message = format!(
