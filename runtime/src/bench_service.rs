@@ -47,7 +47,7 @@ fn request(args: &BenchServiceArgs, level: usize, i: usize) -> pb::DeliberateReq
 }
 
 /// (wall time, per-request latencies) of `n` requests, `concurrency` at a time.
-async fn drive<F, Fut>(
+pub(crate) async fn drive<F, Fut>(
     n: usize,
     concurrency: usize,
     call: F,
@@ -82,7 +82,7 @@ where
     Ok((start.elapsed(), all))
 }
 
-fn summary(wall: Duration, latencies: &mut [f64]) -> (f64, f64, f64) {
+pub(crate) fn summary(wall: Duration, latencies: &mut [f64]) -> (f64, f64, f64) {
     let rps = latencies.len() as f64 / wall.as_secs_f64();
     let p50 = service::metrics::quantile(latencies, 0.50);
     let p99 = service::metrics::quantile(latencies, 0.99);

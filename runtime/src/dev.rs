@@ -17,6 +17,8 @@ pub enum DevCommand {
     Bench(BenchArgs),
     /// Measure Deliberate throughput and latency through the service against direct runs.
     BenchService(crate::bench_service::BenchServiceArgs),
+    /// Measure tasks per second and latency through NATS JetStream with 1, 2, … workers.
+    BenchDispatch(crate::bench_dispatch::BenchDispatchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +57,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
         DevCommand::TinyModel(args) => tiny_model(args),
         DevCommand::Bench(args) => bench(args),
         DevCommand::BenchService(args) => crate::bench_service::run(args),
+        DevCommand::BenchDispatch(args) => crate::bench_dispatch::run(args),
     }
 }
 
