@@ -686,6 +686,92 @@ async fn killed_mid_deliberation_another_replica_takes_over() {
     assert!(w.dead_letters().await.is_empty());
 }
 
+/// A completed record whose event was never marked published (the process died between the
+/// two), redelivered past the duplicate window: the worker searches the events stream, finds
+/// the event and does not publish a second one; when the event is not there, it publishes it.
+/// Nothing runs again either way.
+#[tokio::test]
+async fn past_the_duplicate_window_the_events_stream_is_searched() {
+    use council_runtime::store::{CouncilStore, KvConfig, KvStore};
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "duplicate_window_secs = 1", &[]);
+    let store = KvStore::open(&KvConfig {
+        nats: council_runtime::nats::NatsConfig::plain(w.nats.url()),
+        bucket_prefix: "council".into(),
+        retention: Duration::from_secs(7 * 24 * 3600),
+    })
+    .await
+    .expect("the worker's store");
+    let earlier = council_runtime::store::now_ms() - 10_000;
+    for id in ["window-out", "window-lost"] {
+        store
+            .update_record(council_proto::council::store::v1::DeliberationRecord {
+                task_id: id.into(),
+                role: "DEV".into(),
+                status: DeliberationStatus::Completed as i32,
+                created_at_ms: earlier - 1000,
+                updated_at_ms: earlier,
+                deadline_at_ms: earlier + 60_000,
+                instance_id: "a-process-that-died".into(),
+                response: Some(pb::DeliberateResponse {
+                    task_id: id.into(),
+                    winner_id: "dev-1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("record written");
+    }
+    // The dead process had published the event of one of them.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "window-out");
+    w.js.publish_with_headers(
+        "orchestration.deliberation.completed",
+        headers,
+        serde_json::to_vec(
+            &json!({"event_type": "deliberation.completed", "task_id": "window-out"}),
+        )
+        .expect("json")
+        .into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    w.publish_task(&task("window-out", 0, 1)).await;
+    w.publish_task(&task("window-lost", 0, 1)).await;
+    w.wait_event("window-lost", LONG).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(
+        w.events_of("window-out").await.len(),
+        1,
+        "not published twice"
+    );
+    let lost = w.events_of("window-lost").await;
+    assert_eq!(lost.len(), 1, "the missing event was published");
+    assert_eq!(
+        lost[0]["outcome"]["winner_id"], "dev-1",
+        "from the stored response"
+    );
+    assert_eq!(
+        deliberations_run(&worker.addr).await,
+        0,
+        "nothing ran again"
+    );
+    assert!(
+        w.log("w").contains("its event is in the stream already"),
+        "{}",
+        w.log("w")
+    );
+    for id in ["window-out", "window-lost"] {
+        let r = store.record(id).await.expect("read").expect("record");
+        assert!(r.published_at_ms > 0, "{id} marked published");
+    }
+}
+
 /// 8. A backend that fails every call: the task is nak'ed with a delay, redelivered up to
 /// `max_deliver`, then dead-lettered with the reason and one failed event.
 #[tokio::test]
