@@ -80,6 +80,25 @@ impl World {
         serve_with(&self.model, &args, Stdio::from(log))
     }
 
+    /// Runs a worker that must refuse to start; returns its stderr.
+    fn refused(&self, name: &str, dispatch_extra: &str) -> String {
+        let config = self.config(name, dispatch_extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_council"))
+            .args([
+                "serve",
+                "--model-dir",
+                &self.model,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--metrics-listen", "off", "--config"])
+            .arg(&config)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{name}: started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     fn log_path(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
     }
@@ -817,15 +836,7 @@ async fn startup_checks_streams_and_consumer() {
     // Same settings again: fine.
     drop(w.worker("again", "", &[]));
     // Different ack_wait: refused with the difference named.
-    let config = w.config("differs", "ack_wait_secs = 9");
-    let out = Command::new(env!("CARGO_BIN_EXE_council"))
-        .args(["serve", "--model-dir", &w.model, "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "off", "--config"])
-        .arg(&config)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = w.refused("differs", "ack_wait_secs = 9");
     assert!(
         err.contains("council-workers") && err.contains("ack_wait"),
         "{err}"
@@ -839,18 +850,10 @@ async fn startup_checks_streams_and_consumer() {
     })
     .await
     .expect("memory stream");
-    let config = w.config(
+    let err = w.refused(
         "memory",
         "dlq_stream = \"MEMDLQ\"\ndlq_subject = \"memdlq.tasks\"",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_council"))
-        .args(["serve", "--model-dir", &w.model, "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "off", "--config"])
-        .arg(&config)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("MEMDLQ") && err.contains("memory storage"),
         "{err}"
