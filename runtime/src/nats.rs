@@ -105,7 +105,24 @@ pub async fn connect(
         url: config.url.clone(),
         reason,
     };
+    // The last thing that went wrong, for the error when the connection never comes up (an
+    // authorization violation says more than a timeout).
+    let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = last_error.clone();
     let mut options = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                // async-nats logs every event itself; keep the errors for the start-up message.
+                if matches!(
+                    event,
+                    async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_)
+                ) && let Ok(mut last) = seen.lock()
+                {
+                    *last = Some(event.to_string());
+                }
+            }
+        })
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .retry_on_initial_connect()
@@ -140,9 +157,13 @@ pub async fn connect(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(within, connected)
-        .await
-        .map_err(|_| fail(format!("could not connect within {within:?}")))?;
+    if tokio::time::timeout(within, connected).await.is_err() {
+        let last = last_error.lock().ok().and_then(|l| l.clone());
+        return Err(fail(match last {
+            Some(e) => format!("could not connect within {within:?}: {e}"),
+            None => format!("could not connect within {within:?}"),
+        }));
+    }
     Ok(client)
 }
 

@@ -826,6 +826,61 @@ async fn backend_failures_retry_then_dead_letter() {
     assert!(w.log("w").contains("transient failure; retrying later"));
 }
 
+/// A worker authenticates with a token file or an nkey seed file (the server knows only the
+/// public key), serves a task either way, and never logs the secret; a wrong token is refused
+/// at start naming NATS.
+#[tokio::test]
+async fn token_and_nkey_authentication() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let auth = format!(
+        "authorization {{\n  users = [\n    {{ user: \"admin\", password: \"admin-pass\" }}\n    {{ nkey: \"{}\" }}\n  ]\n}}\n",
+        user.public_key()
+    );
+    let w = World::new(
+        NatsServer::start_with_config(&auth),
+        Some(("admin", "admin-pass")),
+    )
+    .await;
+    let seed_file = w.dir.path().join("worker.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("seed file");
+    let worker = w.worker(
+        "nkey",
+        "",
+        &["--nats-nkey-seed-file", seed_file.to_str().expect("utf-8")],
+    );
+    w.publish_task(&task("nkey-1", 0, 1)).await;
+    assert_eq!(
+        w.wait_event("nkey-1", LONG).await["event_type"],
+        "deliberation.completed"
+    );
+    w.wait_settled(LONG).await;
+    drop(worker);
+    let log = w.log("nkey");
+    assert!(!log.contains(&seed), "the seed is never logged");
+    assert!(log.contains("\\\"auth\\\":\\\"nkey\\\""), "{log}");
+
+    // A token the server does not know: start-up fails and says where.
+    let token = w.dir.path().join("token");
+    std::fs::write(&token, "not-the-token-at-all\n").expect("token file");
+    let config = w.config("token", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_council"))
+        .args(["serve", "--model-dir", &w.model, "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--config"])
+        .arg(&config)
+        .arg("--nats-token-file")
+        .arg(&token)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nats.url") && err.to_lowercase().contains("authorization"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-token-at-all"), "{err}");
+}
+
 /// Start-up refuses a consumer configured otherwise and a stream on memory storage, naming
 /// what differs; with matching settings it starts again (idempotent).
 #[tokio::test]
