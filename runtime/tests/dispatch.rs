@@ -705,6 +705,50 @@ async fn killed_mid_deliberation_another_replica_takes_over() {
     assert!(w.dead_letters().await.is_empty());
 }
 
+/// Every deliberation slot taken by a gRPC caller: a dispatched task waits for a slot while
+/// holding its delivery, instead of spending deliveries on retries, and then runs.
+#[tokio::test]
+async fn a_full_replica_holds_the_task_until_a_slot_frees() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "in_flight = 1", &["--max-concurrent", "1"]);
+    let addr = worker.addr.clone();
+    let grpc = tokio::spawn(async move {
+        client(&addr)
+            .await
+            .deliberate(pb::DeliberateRequest {
+                task_id: "grpc-long".into(),
+                task_description: "Design a cache for a slow upstream.".into(),
+                role: "DEV".into(),
+                constraints: None,
+                rounds: 1,
+                num_agents: 3,
+            })
+            .await
+    });
+    wait_status(
+        &worker.addr,
+        "grpc-long",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    w.publish_task(&task("queued-1", 0, 1)).await;
+    let event = w.wait_event("queued-1", LONG).await;
+    assert!(
+        grpc.await.expect("joined").is_ok(),
+        "the gRPC deliberation completed"
+    );
+    assert_eq!(event["event_type"], "deliberation.completed");
+    assert_eq!(event["delivery"], 1, "waited without a redelivery");
+    w.wait_settled(LONG).await;
+    assert!(
+        w.log("w").contains("no free deliberation slot"),
+        "{}",
+        w.log("w")
+    );
+    assert!(w.dead_letters().await.is_empty());
+}
+
 /// A completed record whose event was never marked published (the process died between the
 /// two), redelivered past the duplicate window: the worker searches the events stream, finds
 /// the event and does not publish a second one; when the event is not there, it publishes it.

@@ -393,9 +393,9 @@ impl Dispatcher {
             match self.deliberate(task, &ctx, &msg).await {
                 Some(d) => return d,
                 None => {
-                    // Another replica's record is live: hold the delivery (in-progress acks
-                    // keep it ours, without spending deliveries) until that record finishes
-                    // or its heartbeat stops.
+                    // Another replica's record is live, or no slot is free: hold the delivery
+                    // (in-progress acks keep it ours, without spending deliveries) until that
+                    // record finishes or its heartbeat stops, or a slot frees up.
                     if !waited {
                         self.runner.metrics().dispatched("waited");
                         waited = true;
@@ -465,7 +465,8 @@ impl Dispatcher {
         None
     }
 
-    /// Runs the task; `None` when another replica holds a live record of it.
+    /// Runs the task; `None` when it cannot start yet without being at fault (another replica
+    /// holds a live record of it, or every deliberation slot is taken): the caller waits.
     async fn deliberate(
         &self,
         task: &Task,
@@ -514,6 +515,11 @@ impl Dispatcher {
             }
             Err(e @ ServiceError::AlreadyRunning(_)) => {
                 tracing::info!(task_id = %id, error = %e, "running elsewhere; waiting for that run");
+                return None;
+            }
+            Err(e @ ServiceError::Overloaded { .. }) => {
+                // gRPC callers hold every slot: wait for one rather than spend a delivery.
+                tracing::info!(task_id = %id, error = %e, "no free deliberation slot; waiting");
                 return None;
             }
             Err(e) if e.is_retryable() && (msg.delivered as i64) < self.config.max_deliver => {
