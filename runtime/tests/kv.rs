@@ -107,7 +107,7 @@ async fn two_stores_share_councils_and_records_with_compare_and_set() {
     let live = record("task:1.x", DeliberationStatus::InProgress);
     assert_eq!(
         a.claim(live.clone(), 10).await.expect("claim"),
-        Claim::Claimed
+        Claim::Claimed { replaced: None }
     );
     assert_eq!(
         b.claim(record("task:1.x", DeliberationStatus::InProgress), 10)
@@ -127,12 +127,15 @@ async fn two_stores_share_councils_and_records_with_compare_and_set() {
     assert_eq!(b.record("never").await.expect("read"), None);
     // A failed task can be claimed again.
     let failed = record("retry-me", DeliberationStatus::Failed);
-    a.update_record(failed).await.expect("write");
+    a.update_record(failed.clone()).await.expect("write");
     assert_eq!(
         b.claim(record("retry-me", DeliberationStatus::InProgress), 10)
             .await
             .expect("claim"),
-        Claim::Claimed
+        Claim::Claimed {
+            replaced: Some(Box::new(failed))
+        },
+        "the failed record it replaced comes back"
     );
 
     // The NATS server goes away: calls say unavailable, health says why.

@@ -254,8 +254,6 @@ impl Runner {
                 limit: self.limits.max_concurrent,
             }
         })?;
-        // An interrupted earlier run of this task may have left a checkpoint to resume from.
-        let previous = self.store.record(&req.task_id).await?;
         let now = now_ms();
         let record = DeliberationRecord {
             task_id: req.task_id.clone(),
@@ -268,8 +266,9 @@ impl Runner {
             heartbeat_ms: self.limits.heartbeat.as_millis() as i64,
             ..Default::default()
         };
-        match self.store.claim(record.clone(), now).await? {
-            Claim::Claimed => {}
+        // An interrupted earlier run of this task may have left a checkpoint to resume from.
+        let previous = match self.store.claim(record.clone(), now).await? {
+            Claim::Claimed { replaced } => replaced.map(|r| *r),
             Claim::Existing(existing) => {
                 let existing = effective(*existing, now);
                 if existing.status == DeliberationStatus::Completed as i32
@@ -283,7 +282,7 @@ impl Runner {
                 self.metrics.rejected("already_running");
                 return Err(ServiceError::AlreadyRunning(req.task_id));
             }
-        }
+        };
 
         let steps = 2 + 2 * council.config.rounds;
         let agents = council.agents.len() as u64;

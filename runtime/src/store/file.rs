@@ -282,13 +282,16 @@ impl CouncilStore for FileStore {
     async fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError> {
         let _guard = self.records_locked()?;
         let path = self.record_path(&record.task_id)?;
-        if let Some(existing) = self.read_record(&path)?
-            && !claimable(&existing, now_ms)
+        let replaced = self.read_record(&path)?;
+        if let Some(existing) = &replaced
+            && !claimable(existing, now_ms)
         {
-            return Ok(Claim::Existing(Box::new(existing)));
+            return Ok(Claim::Existing(Box::new(existing.clone())));
         }
         self.write_record(&record)?;
-        Ok(Claim::Claimed)
+        Ok(Claim::Claimed {
+            replaced: replaced.map(Box::new),
+        })
     }
 
     async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError> {
@@ -451,7 +454,7 @@ mod tests {
         let live = record("task:1", DeliberationStatus::InProgress, 10);
         assert_eq!(
             store.claim(live.clone(), 10).await.expect("claim"),
-            Claim::Claimed
+            Claim::Claimed { replaced: None }
         );
         // A second claim while it runs gets the running record, and writes nothing.
         let again = record("task:1", DeliberationStatus::Pending, 20);
@@ -463,7 +466,7 @@ mod tests {
         done.response = Some(Default::default());
         assert_eq!(
             store.claim(done.clone(), 10).await.expect("claim"),
-            Claim::Claimed
+            Claim::Claimed { replaced: None }
         );
         let failed = record("failed", DeliberationStatus::Failed, 10);
         store.claim(failed.clone(), 10).await.expect("claim");
@@ -471,7 +474,10 @@ mod tests {
         let retry = record("failed", DeliberationStatus::InProgress, 30);
         assert_eq!(
             store.claim(retry.clone(), 30).await.expect("claim"),
-            Claim::Claimed
+            Claim::Claimed {
+                replaced: Some(Box::new(failed))
+            },
+            "the failed record it replaced comes back"
         );
         assert_eq!(store.record("failed").await.expect("read"), Some(retry));
         drop(store);

@@ -445,7 +445,7 @@ impl CouncilStore for KvStore {
                     self.records
                         .update(&key, value.clone(), e.revision)
                         .await
-                        .map(|_| ())
+                        .map(|_| Some(Box::new(existing)))
                         .map_err(|err| {
                             (
                                 err.kind() == UpdateErrorKind::WrongLastRevision,
@@ -457,7 +457,7 @@ impl CouncilStore for KvStore {
                     .records
                     .create(&key, value.clone())
                     .await
-                    .map(|_| ())
+                    .map(|_| None)
                     .map_err(|err| {
                         (
                             err.kind() == CreateErrorKind::AlreadyExists,
@@ -466,7 +466,7 @@ impl CouncilStore for KvStore {
                     }),
             };
             match written {
-                Ok(()) => return Ok(Claim::Claimed),
+                Ok(replaced) => return Ok(Claim::Claimed { replaced }),
                 // Another replica claimed it first: look again.
                 Err((true, _)) => continue,
                 Err((false, reason)) => return Err(unavailable(&self.name, reason)),

@@ -44,8 +44,12 @@ pub enum Created {
 /// What [`CouncilStore::claim`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
-    /// The new record was written: the caller runs the deliberation.
-    Claimed,
+    /// The new record was written: the caller runs the deliberation. `replaced` is the
+    /// failed, timed-out or interrupted record it took the place of (its checkpoint may let the
+    /// new run resume).
+    Claimed {
+        replaced: Option<Box<DeliberationRecord>>,
+    },
     /// The task already has a live or completed record (as of now); nothing was written.
     Existing(Box<DeliberationRecord>),
 }
