@@ -175,6 +175,57 @@ async fn sigterm_drains_then_exits_zero() {
     assert!(record.error_message.contains("shutting down"), "{record:?}");
 }
 
+/// A client whose runtime stopped answering (it never acknowledges the server's goodbye) holds
+/// its connection open: the drained process still exits, after a bounded linger.
+#[tokio::test]
+async fn a_client_that_stopped_answering_does_not_keep_the_process_alive() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("data");
+    let mut served = serve(
+        &model,
+        data.to_str().expect("utf-8"),
+        &["--grace-secs", "0"],
+    );
+    let addr = served.addr.clone();
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let held = runtime.block_on(async {
+            let mut c = client(&addr).await;
+            c.get_status(pb::GetStatusRequest {
+                include_stats: false,
+            })
+            .await
+            .expect("status");
+            c
+        });
+        let _ = connected_tx.send(());
+        // This runtime never runs again: the connection stays open and unanswered.
+        std::thread::sleep(Duration::from_secs(300));
+        drop(held);
+    });
+    connected_rx.recv().expect("connected");
+    let killed = Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(s) = served.child.try_wait().expect("wait") {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("exits although a client keeps its connection");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn invalid_config_exits_non_zero_naming_the_field() {
     let dir = tempfile::tempdir().expect("temp dir");
