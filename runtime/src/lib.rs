@@ -15,3 +15,10 @@ pub mod nats;
 pub mod serve;
 pub mod service;
 pub mod store;
+
+/// Chooses aws-lc-rs as the process's TLS crypto provider. Dependencies compile in both
+/// aws-lc-rs and ring, so rustls cannot pick one by itself and would panic at the first TLS
+/// handshake (gRPC or NATS). Idempotent: an error means one is installed already.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

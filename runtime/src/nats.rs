@@ -105,6 +105,7 @@ pub async fn connect(
         url: config.url.clone(),
         reason,
     };
+    crate::install_crypto_provider();
     // The last thing that went wrong, for the error when the connection never comes up (an
     // authorization violation says more than a timeout).
     let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));

@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 /// One test's world: a NATS server, a tiny model, and a client to publish and read with.
 struct World {
     nats: NatsServer,
+    /// What workers connect to (`nats://…`, or `tls://…`).
+    url: String,
     dir: tempfile::TempDir,
     model: String,
     js: jetstream::Context,
@@ -27,18 +29,30 @@ struct World {
 
 impl World {
     async fn new(nats: NatsServer, client_user: Option<(&str, &str)>) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let model = tiny_model(dir.path());
-        let mut options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        let mut options = async_nats::ConnectOptions::new();
         if let Some((user, password)) = client_user {
             options = options.user_and_password(user.into(), password.into());
         }
+        let url = nats.url();
+        Self::connect(nats, url, tempfile::tempdir().expect("temp dir"), options).await
+    }
+
+    async fn connect(
+        nats: NatsServer,
+        url: String,
+        dir: tempfile::TempDir,
+        options: async_nats::ConnectOptions,
+    ) -> Self {
+        let model = tiny_model(dir.path());
+        council_runtime::install_crypto_provider();
         let client = options
-            .connect(nats.url())
+            .retry_on_initial_connect()
+            .connect(&url)
             .await
             .expect("test client connects");
         Self {
             nats,
+            url,
             dir,
             model,
             js: jetstream::new(client),
@@ -63,7 +77,7 @@ impl World {
         }
         let text = format!(
             "[store]\nkind = \"nats\"\n[nats]\nurl = \"{}\"\n[dispatch]\nenabled = true\n{}\n",
-            self.nats.url(),
+            self.url,
             dispatch.join("\n")
         );
         std::fs::write(&path, text).expect("writes config");
@@ -924,6 +938,54 @@ async fn token_and_nkey_authentication() {
         "{err}"
     );
     assert!(!err.contains("not-the-token-at-all"), "{err}");
+}
+
+/// NATS over TLS with a private CA: the worker verifies the server against `nats.tls_ca` and
+/// serves a task; without the CA it refuses to start, saying why.
+#[tokio::test]
+async fn tls_to_nats_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).expect("ca").pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().expect("key");
+    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &issuer)
+        .expect("signed");
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("server.pem"),
+        dir.path().join("server-key.pem"),
+    );
+    std::fs::write(&ca, &ca_pem).expect("ca");
+    std::fs::write(&cert, server_cert.pem()).expect("cert");
+    std::fs::write(&key, server_key.serialize_pem()).expect("key");
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+        cert.to_str().expect("utf-8"),
+        key.to_str().expect("utf-8")
+    ));
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let options = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.clone());
+    let w = World::connect(nats, url, dir, options).await;
+
+    let worker = w.worker("tls", "", &["--nats-tls-ca", ca.to_str().expect("utf-8")]);
+    w.publish_task(&task("tls-1", 0, 1)).await;
+    assert_eq!(
+        w.wait_event("tls-1", LONG).await["event_type"],
+        "deliberation.completed"
+    );
+    w.wait_settled(LONG).await;
+    drop(worker);
+
+    let err = w.refused("untrusted", "");
+    assert!(err.contains("nats.url"), "{err}");
 }
 
 /// Start-up refuses a consumer configured otherwise and a stream on memory storage, naming

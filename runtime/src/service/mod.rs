@@ -258,10 +258,7 @@ pub async fn serve(
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
-        // Several crypto providers are compiled in (dependencies enable both aws-lc-rs and
-        // ring), so rustls cannot pick one by itself: choose aws-lc-rs for the process. An
-        // error means one was installed already, which is what we need.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        crate::install_crypto_provider();
         let mut config = tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
         if let Some(ca) = &tls.client_ca {
