@@ -312,7 +312,7 @@ impl Dispatcher {
         }) {
             Ok(t) => t,
             Err(e) => {
-                let bad = BadMessage {
+                let bad = Delivery {
                     subject: &subject,
                     sequence,
                     payload: &payload,
@@ -357,7 +357,7 @@ impl Dispatcher {
                 }
             })
         };
-        let bad = BadMessage {
+        let bad = Delivery {
             subject: &subject,
             sequence,
             payload: &payload,
@@ -375,7 +375,7 @@ impl Dispatcher {
     }
 
     /// Runs (or recognises) one valid task and publishes its terminal event.
-    async fn process(&self, task: &Task, msg: BadMessage<'_>) -> Disposition {
+    async fn process(&self, task: &Task, msg: Delivery<'_>) -> Disposition {
         let id = task.id();
         let ctx = EventContext {
             task_id: id.to_owned(),
@@ -416,7 +416,7 @@ impl Dispatcher {
         &self,
         task: &Task,
         ctx: &EventContext,
-        msg: &BadMessage<'_>,
+        msg: &Delivery<'_>,
     ) -> Option<Disposition> {
         let id = task.id();
         let metrics = self.runner.metrics().clone();
@@ -471,7 +471,7 @@ impl Dispatcher {
         &self,
         task: &Task,
         ctx: &EventContext,
-        msg: &BadMessage<'_>,
+        msg: &Delivery<'_>,
     ) -> Option<Disposition> {
         let id = task.id();
         let metrics = self.runner.metrics().clone();
@@ -551,7 +551,7 @@ impl Dispatcher {
         &self,
         task: &Task,
         ctx: &EventContext,
-        msg: &BadMessage<'_>,
+        msg: &Delivery<'_>,
         class: &str,
         reason: String,
         since_ms: i64,
@@ -764,7 +764,7 @@ impl Dispatcher {
 
     /// A message that is not a valid task: its dead letter and, when its task id can be read
     /// and the task has no terminal event yet, a failed event; then `Term`.
-    async fn reject(&self, e: &TaskError, msg: BadMessage<'_>) -> Disposition {
+    async fn reject(&self, e: &TaskError, msg: Delivery<'_>) -> Disposition {
         let salvaged = task::salvage(msg.payload);
         let task_id = salvaged.as_ref().map(|s| s.task_id.clone());
         tracing::warn!(subject = msg.subject, seq = msg.sequence, task_id = task_id.as_deref().unwrap_or("-"), error = %e, "dead-lettering a bad message");
@@ -811,7 +811,7 @@ impl Dispatcher {
     }
 
     /// Publishes a dead letter and waits for the DLQ stream's ack.
-    async fn dead_letter(&self, letter: &DeadLetter, msg: &BadMessage<'_>) -> bool {
+    async fn dead_letter(&self, letter: &DeadLetter, msg: &Delivery<'_>) -> bool {
         let body = Bytes::from(serde_json::to_vec(letter).unwrap_or_default());
         let id = format!("dlq-{}-{}", self.config.tasks_stream, msg.sequence);
         match self.publish(&self.config.dlq_subject, &id, body).await {
@@ -879,9 +879,9 @@ impl<'a> Target<'a> {
     }
 }
 
-/// The raw delivery, for dead letters.
+// The raw delivery: what dead letters and retry delays need.
 #[derive(Debug, Clone, Copy)]
-struct BadMessage<'a> {
+struct Delivery<'a> {
     subject: &'a str,
     sequence: u64,
     payload: &'a [u8],
