@@ -879,7 +879,7 @@ impl<'a> Target<'a> {
     }
 }
 
-// The raw delivery: what dead letters and retry delays need.
+/// The raw delivery: what dead letters and retry delays need.
 #[derive(Debug, Clone, Copy)]
 struct Delivery<'a> {
     subject: &'a str,
