@@ -11,6 +11,18 @@ use serde::{Deserialize, Serialize};
 const RANKING_MARKERS: &[&str] = &["final ranking"];
 const ANSWER_MARKERS: &[&str] = &["final answer", "answer"];
 const PROPOSAL: &str = "proposal";
+/// The phrase that states an answer in prose; "the answer is" and "the final answer is" end in it.
+const ANSWER_PHRASE: &str = "answer is";
+const BOXED: &str = "\\boxed{";
+const CURRENCY: &[char] = &['$', '€', '£', '¥', '₹'];
+/// Most unit words a bare value may carry ("42 square metres").
+const MAX_UNIT_WORDS: usize = 2;
+/// Words that follow numbers but never belong to a unit, so "42 or so" is no bare value.
+const NOT_UNITS: &[&str] = &[
+    "and", "or", "is", "are", "was", "were", "not", "but", "if", "to", "maybe", "probably",
+];
+/// Quote pairs that may wrap a text answer.
+const QUOTES: &[(char, char)] = &[('"', '"'), ('\'', '\''), ('“', '”'), ('‘', '’'), ('`', '`')];
 
 /// Parses a reviewer's ranking of anonymised proposals. `labels` are the labels the reviewer was
 /// shown, e.g. ["A", "B", "C"] (each shown to the model as "Proposal A"). Returns indices into
@@ -334,36 +346,231 @@ pub enum AnswerFormat {
     Text,
 }
 
-/// Extracts the final answer: the first non-blank text after the LAST line-leading "ANSWER:" /
-/// "FINAL ANSWER:" marker if present (case-insensitive; for Integer/Number the first number in
-/// it); otherwise, for Integer/Number, the last number in the reply. Normalises: Integer ->
-/// canonical integer string ("+007" -> "7", "1,234" -> "1234", "-0" -> "0", "12.0" -> "12",
-/// "12.5" -> None); Number -> shortest decimal without trailing zeros; Choice -> the option
-/// (case-insensitive exact match after trimming punctuation) or None; Text -> trimmed, markdown
-/// emphasis around it removed, whitespace collapsed, lowercase, None if empty. Unparseable -> None
-/// (callers count None as wrong; never guess).
+/// Extracts a reply's final answer; None where the reply does not state exactly one. Callers
+/// (the majority vote, the evaluation harness) count None as wrong, so nothing here guesses.
+///
+/// Where the answer is, by the first rule that finds a place (once found, a place that holds no
+/// usable answer gives None: later rules are not tried, as that would be a guess):
+/// 1. after the LAST line-leading "ANSWER:" / "FINAL ANSWER:" marker (case-insensitive, markdown
+///    decoration allowed): the first non-blank text after it. Quoted peer text comes before the
+///    agent's own verdict, so the last marker wins;
+/// 2. else after the LAST "answer is" anywhere, as whole words, case-insensitive ("So the answer
+///    is 42.", "The final answer is: 42"): the rest of that line, or the next non-blank line when
+///    the phrase ends its line with ':'. "answer is not …" states no answer: None;
+/// 3. else the content of the last `\boxed{…}` (braces may nest; an unclosed one is no place);
+/// 4. Integer/Number only: else the last non-blank line if it is only an emphasised value
+///    ("**42**", "__42__", "*42*", optionally followed by '.');
+/// 5. Integer/Number only: else the whole reply if it is only a value with optional surrounding
+///    punctuation, currency, '%' and up to two unit words ("42", "42.", "42 apples", "$1,234").
+///
+/// In places 1 and 2 a `\boxed{…}` stands for the text around it. Bare or emphasised words are
+/// not Text/Choice answers: they cannot be told apart from a heading or a remark.
+///
+/// Integer/Number, within that text: parenthesised asides are dropped ("42 (6*7)"; unless the
+/// whole answer is parenthesised, "(42)"), only the part after the last '=' counts ("3 + 4 =
+/// 7"), currency symbols, '%' and trailing unit words are stripped ("-$5" is -5, "42 km/h",
+/// "9.8 m/s^2"), and the number tokens left must hold exactly one distinct value: none, or two
+/// different ones ("42 or 43", "41, 42", "between 5 and 7"), give None; a repeat is fine
+/// ("42 (that is, 42 apples)"). Integer -> canonical
+/// integer string ("+007" -> "7", "1,234" -> "1234", "-0" -> "0", "12.0" -> "12", "12.5" ->
+/// None); Number -> shortest decimal without trailing zeros. Choice -> the option
+/// (case-insensitive exact match after trimming punctuation) or None. Text -> surrounding
+/// markdown emphasis, quotes ('…', "…", “…”, ‘…’, `…`) and one trailing '.' removed, whitespace
+/// collapsed, lowercase; None if empty.
 pub fn extract_answer(reply: &str, format: &AnswerFormat) -> Option<String> {
-    let marked = last_marker_section(reply, ANSWER_MARKERS).map(|section| {
-        let first = section.into_iter().find(|l| !l.trim().is_empty());
-        first.unwrap_or("")
-    });
-    match (marked, format) {
-        (Some(text), AnswerFormat::Integer) => {
-            number_tokens(text).first().and_then(|n| canonical(n, true))
-        }
-        (Some(text), AnswerFormat::Number) => number_tokens(text)
-            .first()
-            .and_then(|n| canonical(n, false)),
-        (Some(text), AnswerFormat::Choice { options }) => match_choice(text, options),
-        (Some(text), AnswerFormat::Text) => normalise_text(text),
-        (None, AnswerFormat::Integer) => {
-            number_tokens(reply).last().and_then(|n| canonical(n, true))
-        }
-        (None, AnswerFormat::Number) => number_tokens(reply)
-            .last()
-            .and_then(|n| canonical(n, false)),
-        (None, _) => None,
+    let numeric = matches!(format, AnswerFormat::Integer | AnswerFormat::Number);
+    let text = answer_text(reply, numeric)?;
+    match format {
+        AnswerFormat::Integer => stated_number(text, true),
+        AnswerFormat::Number => stated_number(text, false),
+        AnswerFormat::Choice { options } => match_choice(text, options),
+        AnswerFormat::Text => normalise_text(text),
     }
+}
+
+/// The place where the reply states its answer (rules 1-5 of [`extract_answer`]).
+fn answer_text(reply: &str, numeric: bool) -> Option<&str> {
+    let stated = marked_answer(reply)
+        .or_else(|| phrased_answer(reply))
+        .map(|text| last_boxed(text).unwrap_or(text));
+    stated.or_else(|| last_boxed(reply)).or_else(|| {
+        numeric
+            .then(|| emphasised_last_line(reply).or_else(|| bare_value(reply)))
+            .flatten()
+    })
+}
+
+/// The first non-blank text after the last "ANSWER:" marker ("" if none follows it).
+fn marked_answer(reply: &str) -> Option<&str> {
+    let section = last_marker_section(reply, ANSWER_MARKERS)?;
+    Some(
+        section
+            .into_iter()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(""),
+    )
+}
+
+/// The text after the last whole-word "answer is": the rest of its line, or the next non-blank
+/// line after "answer is:" ending a line. A negated statement gives "" (no answer).
+fn phrased_answer(reply: &str) -> Option<&str> {
+    let lower = reply.to_ascii_lowercase(); // ASCII lowercasing keeps byte offsets aligned.
+    let (at, _) = lower
+        .rmatch_indices(ANSWER_PHRASE)
+        .find(|&(at, m)| is_word_at(&lower, at, m.len()))?;
+    let rest = &reply[at + ANSWER_PHRASE.len()..];
+    let (line, later) = rest.split_once('\n').unwrap_or((rest, ""));
+    let line = line.trim_start_matches(is_decoration);
+    if starts_with_word(line, "not") {
+        return Some("");
+    }
+    Some(match line.strip_prefix(':') {
+        Some(after) if after.trim_matches(is_decoration).is_empty() => {
+            later.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
+        }
+        Some(after) => after,
+        None => line,
+    })
+}
+
+/// Whether `text` starts with `word` (ASCII, any case) as a whole word.
+fn starts_with_word(text: &str, word: &str) -> bool {
+    let head = text.get(..word.len());
+    let rest = text.get(word.len()..).unwrap_or("");
+    head.is_some_and(|h| h.eq_ignore_ascii_case(word)) && !rest.starts_with(char::is_alphanumeric)
+}
+
+/// The content of the last `\boxed{…}`, if its braces close.
+fn last_boxed(text: &str) -> Option<&str> {
+    let at = text.rfind(BOXED)?;
+    let content = &text[at + BOXED.len()..];
+    let mut depth = 0usize;
+    for (i, c) in content.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return Some(&content[..i]),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The value of the last non-blank line when that line is only an emphasised value ("**42**").
+fn emphasised_last_line(reply: &str) -> Option<&str> {
+    let line = reply.lines().rev().find(|l| !l.trim().is_empty())?.trim();
+    let line = line.strip_suffix('.').unwrap_or(line);
+    let inner = ["**", "__", "*", "_"]
+        .iter()
+        .find_map(|mark| line.strip_prefix(mark)?.strip_suffix(mark))?;
+    bare_value(inner)
+}
+
+/// `text` itself if it is only one number with optional surrounding punctuation, currency, '%'
+/// and at most [`MAX_UNIT_WORDS`] unit words ("42.", "$1,234", "42 apples").
+fn bare_value(text: &str) -> Option<&str> {
+    let core = strip_unit_words(text.trim_matches(is_value_edge), MAX_UNIT_WORDS, NOT_UNITS);
+    let core = core.trim_matches(is_value_edge);
+    (number_tokens(core) == [core]).then_some(text)
+}
+
+/// Punctuation, currency and '%' allowed around a value.
+fn is_value_edge(c: char) -> bool {
+    c.is_whitespace()
+        || CURRENCY.contains(&c)
+        || matches!(
+            c,
+            '.' | ',' | ';' | ':' | '!' | '?' | '%' | '(' | ')' | '[' | ']' | '"' | '\''
+        )
+}
+
+/// `text` without up to `max` trailing unit words; stops at a word in `stop`. The first word
+/// always stays, so a lone word is never stripped to nothing.
+fn strip_unit_words<'a>(text: &'a str, max: usize, stop: &[&str]) -> &'a str {
+    let mut text = text;
+    for _ in 0..max {
+        let Some((head, word)) = text
+            .trim_end_matches(is_value_edge)
+            .rsplit_once(char::is_whitespace)
+        else {
+            break;
+        };
+        if !is_unit_word(word) || stop.iter().any(|s| word.eq_ignore_ascii_case(s)) {
+            break;
+        }
+        text = head;
+    }
+    text
+}
+
+/// A word shaped like a unit: letters and unit punctuation, digits only in a trailing exponent
+/// ("apples", "km/h", "m/s^2", "°C"). So "x10^3" is no unit and its digits still count.
+fn is_unit_word(word: &str) -> bool {
+    let (base, exponent) = word.split_once('^').unwrap_or((word, ""));
+    base.starts_with(|c: char| c.is_alphabetic() || c == '°')
+        && base
+            .chars()
+            .all(|c| c.is_alphabetic() || matches!(c, '/' | '.' | '-' | '·' | '°' | '²' | '³'))
+        && exponent
+            .trim_start_matches('-')
+            .chars()
+            .all(|c| c.is_ascii_digit())
+}
+
+/// The one number a stated answer holds (rule 2 of [`extract_answer`]), canonical.
+fn stated_number(text: &str, integer: bool) -> Option<String> {
+    let text = without_asides(text);
+    let text = text
+        .rsplit_once('=')
+        .map_or(text.as_str(), |(_, after)| after);
+    let text = without_symbols(text);
+    let core = strip_unit_words(&text, usize::MAX, &[]);
+    single_value(&number_tokens(core), integer)
+}
+
+/// `text` without parenthesised asides ("42 (6*7)" -> "42  "); when nothing but asides holds
+/// letters or digits ("(42)"), only the parentheses go.
+fn without_asides(text: &str) -> String {
+    let mut depth = 0usize;
+    let mut outside = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ if depth > 0 => continue,
+            _ => {}
+        }
+        // A parenthesis becomes a space, so "4(x)2" stays two tokens.
+        outside.push(if matches!(c, '(' | ')') { ' ' } else { c });
+    }
+    if outside.chars().any(char::is_alphanumeric) {
+        outside
+    } else {
+        text.replace(['(', ')'], " ")
+    }
+}
+
+/// `text` without currency symbols and '%': "-$5" -> "-5", "US$5" -> "US 5", "42%" -> "42 ".
+fn without_symbols(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if !CURRENCY.contains(&c) && c != '%' {
+            out.push(c);
+        } else if !out.ends_with(['-', '+']) {
+            out.push(' ');
+        }
+    }
+    out
+}
+
+/// The canonical value of `tokens` if they all hold the same one; None if none or two differ.
+fn single_value(tokens: &[&str], integer: bool) -> Option<String> {
+    let (first, rest) = tokens.split_first()?;
+    let value = canonical(first, false);
+    if rest.iter().any(|token| canonical(token, false) != value) {
+        return None;
+    }
+    canonical(first, integer)
 }
 
 fn match_choice(text: &str, options: &[String]) -> Option<String> {
@@ -382,9 +589,30 @@ fn match_choice(text: &str, options: &[String]) -> Option<String> {
 }
 
 fn normalise_text(text: &str) -> Option<String> {
-    let text = text.trim().trim_matches(['*', '_', '`']);
-    let words: Vec<&str> = text.split_whitespace().collect();
+    let words: Vec<&str> = unwrap_text(text).split_whitespace().collect();
     (!words.is_empty()).then(|| words.join(" ").to_lowercase())
+}
+
+/// `text` without surrounding emphasis and quotes and one trailing '.', in any nesting:
+/// `"ebl".`, `**"ebl"**` and `"ebl."` all give `ebl`.
+fn unwrap_text(text: &str) -> &str {
+    let mut text = text.trim();
+    let mut dotted = false;
+    loop {
+        let before = text.len();
+        if let Some(shorter) = text.strip_suffix('.').filter(|_| !dotted) {
+            (text, dotted) = (shorter, true);
+        }
+        text = text.trim_matches(['*', '_', '`']).trim();
+        text = QUOTES
+            .iter()
+            .find_map(|&(open, close)| text.strip_prefix(open)?.strip_suffix(close))
+            .unwrap_or(text)
+            .trim();
+        if text.len() == before {
+            return text;
+        }
+    }
 }
 
 /// Number tokens in `text`, in order: optional sign, digits with optional ",ddd" groups, optional
@@ -591,10 +819,9 @@ mod tests {
         assert_eq!(int("**Final Answer:** 12.0").as_deref(), Some("12"));
         assert_eq!(int("ANSWER: 12.5"), None);
         assert_eq!(int("ANSWER: x = -5.").as_deref(), Some("-5"));
-        assert_eq!(
-            int("3 apples and 1-5 pears, so 9 total.").as_deref(),
-            Some("9")
-        );
+        // Was Some("9") under the old last-number-anywhere guess; prose with several numbers
+        // and no stated answer is now unparseable, since a guess would be scored as an answer.
+        assert_eq!(int("3 apples and 1-5 pears, so 9 total."), None);
         assert_eq!(
             int("ANSWER: 2\nwait, ANSWER: 3\nANSWER:\n 4").as_deref(),
             Some("4")
@@ -610,7 +837,9 @@ mod tests {
         assert_eq!(num("ANSWER: -0.50").as_deref(), Some("-0.5"));
         assert_eq!(num("ANSWER: .5").as_deref(), Some("0.5"));
         assert_eq!(num("ANSWER: 1,000.0").as_deref(), Some("1000"));
-        assert_eq!(num("it is about 2.50 metres").as_deref(), Some("2.5"));
+        // Was Some("2.5") under the old last-number guess; "it is about" is prose, not a stated
+        // answer nor a bare value, so nothing is guessed now.
+        assert_eq!(num("it is about 2.50 metres"), None);
     }
 
     #[test]
@@ -636,6 +865,123 @@ mod tests {
         assert_eq!(text("Paris"), None);
     }
 
+    fn int(reply: &str) -> Option<String> {
+        answer(reply, &AnswerFormat::Integer)
+    }
+
+    #[test]
+    fn answer_places_are_found() {
+        for reply in [
+            "The answer is 42.",
+            "ANSWER: 42",
+            "Adding up the rows gives the total.\n**42**",
+            "So we get \\boxed{42}",
+            "The final answer is: 42",
+            "The answer is:\n\n**42**",
+            "Thus the final answer is $\\boxed{42}$.",
+            "42",
+            "42.",
+            "42 apples",
+        ] {
+            assert_eq!(int(reply).as_deref(), Some("42"), "{reply:?}");
+        }
+        assert_eq!(
+            answer("$1,234", &AnswerFormat::Number).as_deref(),
+            Some("1234")
+        );
+        assert_eq!(int("__-7__.").as_deref(), Some("-7"));
+        assert_eq!(
+            int("\\boxed{\\frac{1}{2}}"),
+            None,
+            "nested braces, two values"
+        );
+        assert_eq!(int("Close to \\boxed{42"), None, "unclosed box");
+    }
+
+    #[test]
+    fn numbers_are_read_through_units_asides_and_equations() {
+        for reply in [
+            "ANSWER: 42 apples",
+            "ANSWER: $42",
+            "ANSWER: 42 km",
+            "ANSWER: 42%",
+            "ANSWER: 42 km/h",
+            "ANSWER: 42 m^2",
+            "ANSWER: (42)",
+            "ANSWER: 42 (6*7)",
+            "ANSWER: 42 (that is, 42 apples)",
+            "ANSWER: 6 * 7 = 42",
+            "ANSWER: 42 (6*7=42)",
+        ] {
+            assert_eq!(int(reply).as_deref(), Some("42"), "{reply:?}");
+        }
+        assert_eq!(int("ANSWER: 3 + 4 = 7").as_deref(), Some("7"));
+        assert_eq!(int("ANSWER: -$5").as_deref(), Some("-5"));
+        assert_eq!(int("ANSWER: US$5").as_deref(), Some("5"));
+        // "and that is final" holds no number, so 18 is the only value stated.
+        assert_eq!(
+            int("So the answer is 18 and that is final").as_deref(),
+            Some("18")
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_unstated_answers_are_none() {
+        for reply in [
+            "ANSWER: 42 or 43",
+            "The answer is 41, 42.",
+            "ANSWER: between 5 and 7",
+            "ANSWER: 5-7",
+            "ANSWER: 4.2 x10^3",
+            "The answer is not 42.",
+            "I counted 3 apples, 4 pears and 12 plums over 2 days, then ate 1.",
+            "Step 1: add 3 and 4.\nStep 2: multiply by 6.\nResult: 42",
+            "**Step 3**",
+            "I think 42",
+            "42 or so",
+            "42 is wrong",
+            "What answer is expected here?\n42",
+        ] {
+            assert_eq!(int(reply), None, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_marker_outranks_answer_phrases() {
+        let later_marker = "The answer is 41.\nOn reflection:\nANSWER: 42";
+        assert_eq!(int(later_marker).as_deref(), Some("42"));
+        let earlier_marker = "ANSWER: 42\nProposal B claims the answer is 41.";
+        assert_eq!(int(earlier_marker).as_deref(), Some("42"));
+        let phrases = "Proposal A says the answer is 41. I disagree: the answer is 42.";
+        assert_eq!(int(phrases).as_deref(), Some("42"));
+        let boxed_then_phrase = "\\boxed{41}\nBut the answer is 42.";
+        assert_eq!(int(boxed_then_phrase).as_deref(), Some("42"));
+    }
+
+    #[test]
+    fn text_answers_lose_quotes_and_a_trailing_period() {
+        let text = |reply: &str| answer(reply, &AnswerFormat::Text);
+        for reply in [
+            "The answer is \"ebl\".",
+            "ANSWER: 'ebl'",
+            "ANSWER: “EBL”",
+            "ANSWER: `ebl`",
+            "ANSWER: **\"ebl\"**.",
+            "So the final answer is \"ebl.\"",
+            "\\boxed{ebl}",
+        ] {
+            assert_eq!(text(reply).as_deref(), Some("ebl"), "{reply:?}");
+        }
+        assert_eq!(text("ANSWER: U.S.A.").as_deref(), Some("u.s.a"));
+        assert_eq!(text("ANSWER: \"\"."), None);
+        assert_eq!(text("**ebl**"), None, "emphasised words may be a heading");
+        let choice = AnswerFormat::Choice {
+            options: vec!["A".to_owned(), "B".to_owned()],
+        };
+        assert_eq!(answer("So the answer is B.", &choice).as_deref(), Some("B"));
+        assert_eq!(answer("**B**", &choice), None);
+    }
+
     fn arb_ranking() -> impl Strategy<Value = (usize, Vec<usize>)> {
         (1usize..=26).prop_flat_map(|n| (Just(n), Just((0..n).collect::<Vec<_>>()).prop_shuffle()))
     }
@@ -656,11 +1002,29 @@ mod tests {
         }
 
         #[test]
-        fn parsers_never_panic_on_any_text(reply in any::<String>(), tail in "[A-Z0-9:>,. \n*-]{0,40}") {
-            let reply = format!("{reply}{tail}");
+        fn stated_integers_round_trip_in_every_format(n in any::<i64>()) {
+            for reply in [
+                format!("ANSWER: {n}"),
+                format!("The answer is {n}."),
+                format!("**{n}**"),
+                format!("\\boxed{{{n}}}"),
+            ] {
+                prop_assert_eq!(int(&reply), Some(n.to_string()), "{:?}", reply);
+            }
+        }
+
+        #[test]
+        fn parsers_never_panic_on_any_text(
+            reply in any::<String>(),
+            place in prop::sample::select(vec!["", "ANSWER: ", "the answer is ", "\\boxed{", "**"]),
+            tail in "[A-Za-z0-9:>,. \n*_=(){}$%€\"'`^/\\-]{0,40}",
+        ) {
+            let reply = format!("{reply}{place}{tail}");
             let _ = parse_ranking(&reply, &labels(5));
             let _ = parse_scores(&reply, &["Correctness".to_owned()]);
-            for format in [AnswerFormat::Integer, AnswerFormat::Number, AnswerFormat::Text] {
+            let choice = AnswerFormat::Choice { options: vec!["A".to_owned(), "Yes".to_owned()] };
+            let formats = [AnswerFormat::Integer, AnswerFormat::Number, AnswerFormat::Text, choice];
+            for format in formats {
                 let _ = extract_answer(&reply, &format);
             }
         }

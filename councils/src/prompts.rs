@@ -218,3 +218,22 @@ pub fn judge_choice(
         &instructions,
     )
 }
+
+/// Self-refine: the agent reviews its own proposal (no peers; the baseline the council is
+/// measured against). The reply is fed back through [`revise`] as the only critique.
+pub fn self_critique(agent: &AgentSpec, task: &Task, own: &str, round: u32) -> Vec<Message> {
+    let mut middle = String::from("# Your current proposal\n");
+    middle.push_str(&quote(
+        &format!("your proposal before round {round}"),
+        own,
+        MAX_PEER_CHARS,
+    ));
+    middle.push_str("\n\n");
+    let instructions = format!(
+        "Review your own proposal above as {}: check {}. List its concrete problems and how to \
+         fix them. Be specific; do not praise. Do not rewrite the proposal yet.",
+        agent.role,
+        brief(&agent.role).review_focus
+    );
+    messages(agent, task, &middle, &instructions)
+}

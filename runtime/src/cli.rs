@@ -1,6 +1,6 @@
 //! Command-line grammar of the `council` binary and its dispatch.
 
-use crate::{deliberate, dev, generate, serve};
+use crate::{deliberate, dev, eval, generate, serve};
 
 /// Councils of role agents that deliberate, score and rank, on one batched inference engine.
 #[derive(Debug, clap::Parser)]
@@ -34,6 +34,8 @@ impl Cli {
 pub enum Command {
     /// Run one deliberation of a council on a task and print the ranked outcome.
     Deliberate(deliberate::DeliberateArgs),
+    /// Evaluate a council against single-agent, self-refine and majority-vote baselines.
+    Eval(Box<eval::EvalArgs>),
     /// Serve the fleet.orchestrator.v1 gRPC API.
     Serve(Box<serve::ServeArgs>),
     /// Generate one chat completion with the in-process engine.
@@ -46,6 +48,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Deliberate(args) => deliberate::run(args),
+        Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Dev(command) => dev::run(command),

@@ -3,9 +3,10 @@
 
 use std::time::SystemTime;
 
-use council_councils::prompts::MessageRole;
+use council_councils::prompts::{Message, MessageRole};
 use council_councils::{
-    AgentId, CallKind, Completion, Deliberation, LlmCall, Outcome, Phase, Reply, Step, StepError,
+    AgentId, CallKind, CallSampling, Completion, Deliberation, LlmCall, Outcome, Phase, Reply,
+    Step, StepError,
 };
 use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
 
@@ -20,20 +21,24 @@ pub enum DriverError {
 }
 
 fn request(call: &LlmCall) -> GenerateRequest {
-    let messages = call
-        .messages
+    chat_request(&call.messages, call.sampling)
+}
+
+/// The backend request of one chat call of the councils' vocabulary.
+pub fn chat_request(messages: &[Message], sampling: CallSampling) -> GenerateRequest {
+    let messages = messages
         .iter()
         .map(|m| match m.role {
             MessageRole::System => ChatMessage::system(m.content.clone()),
             MessageRole::User => ChatMessage::user(m.content.clone()),
         })
         .collect();
-    GenerateRequest::chat(messages, call.sampling.max_tokens as usize).with_sampling(Sampling {
-        temperature: call.sampling.temperature,
+    GenerateRequest::chat(messages, sampling.max_tokens as usize).with_sampling(Sampling {
+        temperature: sampling.temperature,
         top_k: 0,
-        top_p: call.sampling.top_p,
+        top_p: sampling.top_p,
         repetition_penalty: 1.0,
-        seed: call.sampling.seed,
+        seed: sampling.seed,
     })
 }
 

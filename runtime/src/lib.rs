@@ -9,6 +9,7 @@ pub mod deliberate;
 pub mod dev;
 pub mod dispatch;
 pub mod driver;
+pub mod eval;
 pub mod generate;
 pub mod model_source;
 pub mod nats;

@@ -15,6 +15,11 @@ fn main() -> std::process::ExitCode {
     }
     match council_runtime::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<council_runtime::eval::Interrupted>() => {
+            // The conventional status of a process stopped by SIGINT.
+            eprintln!("{e}");
+            std::process::ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
