@@ -253,7 +253,7 @@ fn write_summary(
     let summary = stats::summarize(records, info, seed);
     out.write("summary.json", &serde_json::to_string_pretty(&summary)?)?;
     out.write("report.md", &report::markdown(&summary))?;
-    plots::write_plots(&summary, &out.root().join("plots"))?;
+    plots::write_plots(&summary, &out.root().join(plots::PLOTS_DIR))?;
     Ok(summary)
 }
 

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -33,12 +35,14 @@ pub type DrawError = DrawingAreaErrorKind<std::io::Error>;
 /// Why the plots could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
+    /// The output folder could not be created.
     #[error("cannot create plot directory {}: {source}", dir.display())]
     CreateDir {
         dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// Drawing or writing one plot file failed.
     #[error("cannot draw {}: {source}", path.display())]
     Draw {
         path: PathBuf,
@@ -131,12 +135,61 @@ fn draw_empty(root: &Area<'_>, title: &str, reason: &str) -> Result<(), DrawErro
     Ok(())
 }
 
-/// The arm name under a category's centre; nothing at the segment edges.
-fn category_label(value: &SegmentValue<u32>, names: &[&str]) -> String {
-    match value {
-        SegmentValue::CenterOf(i) => names.get(*i as usize).copied().unwrap_or("").to_string(),
-        _ => String::new(),
+/// A categorical axis of `n` equal slots: slot `i` spans `[i, i + 1)` and its centre, where the
+/// tick and label go, is `i + 0.5`. (plotters' own discrete axes collapse to one pixel when
+/// there is a single category, as with one scored arm or round 0 only.)
+#[derive(Debug, Clone, Copy)]
+struct Slots(u32);
+
+impl Slots {
+    fn of(n: usize) -> Self {
+        Slots(u32::try_from(n).unwrap_or(u32::MAX).max(1))
     }
+
+    fn centre(i: usize) -> f64 {
+        i as f64 + 0.5
+    }
+
+    /// The slot a label position belongs to.
+    fn index(value: f64) -> usize {
+        value.max(0.0).floor() as usize
+    }
+}
+
+impl Ranged for Slots {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        let share = value / f64::from(self.0);
+        limit.0 + (f64::from(limit.1 - limit.0) * share).round() as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        // Only bold points: one labelled tick per slot, no light grid lines between them.
+        if hint.weight().allow_light_points() {
+            return Vec::new();
+        }
+        (0..self.0 as usize).map(Slots::centre).collect()
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        0.0..f64::from(self.0)
+    }
+}
+
+/// The common frame: caption, margins, label areas, a 0–100 % y axis.
+fn frame<'a, 'b, X: Ranged>(
+    root: &'a Area<'b>,
+    title: &str,
+    x: X,
+) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, RangedCoordf64>>, DrawError> {
+    ChartBuilder::on(root)
+        .caption(title, title_font())
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, 0.0..100.0)
 }
 
 fn draw_accuracy(summary: &Summary, root: &Area<'_>) -> Result<(), DrawError> {
@@ -146,39 +199,37 @@ fn draw_accuracy(summary: &Summary, root: &Area<'_>) -> Result<(), DrawError> {
         return draw_empty(root, TITLE, "no scored items");
     }
     let names: Vec<&str> = arms.iter().map(|s| s.arm.arm.as_str()).collect();
-    let last = u32::try_from(arms.len() - 1).unwrap_or(u32::MAX);
-    let mut chart = ChartBuilder::on(root)
-        .caption(TITLE, title_font())
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..last).into_segmented(), 0.0..100.0)?;
+    let mut chart = frame(root, TITLE, Slots::of(arms.len()))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(arms.len())
-        .x_label_formatter(&|v| category_label(v, &names))
+        .x_label_formatter(&|v| {
+            names
+                .get(Slots::index(*v))
+                .copied()
+                .unwrap_or("")
+                .to_string()
+        })
         .x_label_style(label_font())
         .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc("accuracy (%)")
         .draw()?;
-    chart.draw_series(arms.iter().zip(0u32..).map(|(s, i)| {
-        let corners = [
-            (SegmentValue::Exact(i), 0.0),
-            (SegmentValue::Exact(i + 1), s.accuracy),
-        ];
-        let mut bar = Rectangle::new(corners, arm_color(s.arm.arm).mix(0.75).filled());
-        bar.set_margin(0, 0, 25, 25);
-        bar
+    // Bars fill 70 % of a slot from four arms up, proportionally less below (one arm alone
+    // would otherwise be a wall).
+    let half = 0.35 * (arms.len().min(4) as f64 / 4.0);
+    chart.draw_series(arms.iter().enumerate().map(|(i, s)| {
+        let x = Slots::centre(i);
+        let corners = [(x - half, 0.0), (x + half, s.accuracy)];
+        Rectangle::new(corners, arm_color(s.arm.arm).mix(0.75).filled())
     }))?;
-    chart.draw_series(arms.iter().zip(0u32..).map(|(s, i)| {
+    chart.draw_series(arms.iter().enumerate().map(|(i, s)| {
         let (low, high) = error_range(s);
         let style = BLACK.stroke_width(2);
-        ErrorBar::new_vertical(SegmentValue::CenterOf(i), low, s.accuracy, high, style, 16)
+        ErrorBar::new_vertical(Slots::centre(i), low, s.accuracy, high, style, 16)
     }))?;
-    chart.draw_series(arms.iter().zip(0u32..).map(|(s, i)| {
+    chart.draw_series(arms.iter().enumerate().map(|(i, s)| {
         let style = label_font().pos(Pos::new(HPos::Center, VPos::Bottom));
-        EmptyElement::at((SegmentValue::CenterOf(i), error_range(s).1))
+        EmptyElement::at((Slots::centre(i), error_range(s).1))
             + Text::new(format!("{:.1} %", s.accuracy), (0, -6), style)
     }))?;
     Ok(())
@@ -192,11 +243,24 @@ fn error_range(s: &Scored<'_>) -> (f64, f64) {
     )
 }
 
-/// An arm's (round, accuracy in percent) points; empty when it has no scored round.
-fn round_points(arm: &ArmSummary) -> Vec<(u32, f64)> {
-    arm.rounds
+/// One arm's accuracy by round, in percent.
+type RoundLine = (Arm, Vec<(u32, f64)>);
+
+/// The scored arms with at least one scored round.
+fn round_lines(summary: &Summary) -> Vec<RoundLine> {
+    let points = |arm: &ArmSummary| -> Vec<(u32, f64)> {
+        let scored = arm
+            .rounds
+            .iter()
+            .filter_map(|r| Some((r.round, r.accuracy? * 100.0)));
+        scored.collect()
+    };
+    summary
+        .arms
         .iter()
-        .filter_map(|r| r.accuracy.map(|p| (r.round, p * 100.0)))
+        .filter(|a| a.accuracy.is_some())
+        .map(|a| (a.arm, points(a)))
+        .filter(|(_, points)| !points.is_empty())
         .collect()
 }
 
@@ -205,58 +269,63 @@ fn draw_rounds(summary: &Summary, root: &Area<'_>) -> Result<(), DrawError> {
     if scored_arms(summary).is_empty() {
         return draw_empty(root, TITLE, "no scored items");
     }
-    let lines: Vec<(Arm, Vec<(u32, f64)>)> = summary
-        .arms
-        .iter()
-        .filter(|a| a.accuracy.is_some())
-        .map(|a| (a.arm, round_points(a)))
-        .filter(|(_, points)| !points.is_empty())
-        .collect();
-    let Some(last) = lines
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|(r, _)| *r))
-        .max()
-    else {
+    let lines = round_lines(summary);
+    let rounds = lines.iter().flat_map(|(_, p)| p.iter().map(|(r, _)| *r));
+    let Some(last) = rounds.max() else {
         return draw_empty(root, TITLE, "no round data");
     };
-    let mut chart = ChartBuilder::on(root)
-        .caption(TITLE, title_font())
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..last).into_segmented(), 0.0..100.0)?;
+    let mut chart = frame(root, TITLE, Slots::of(last as usize + 1))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(last as usize + 1)
+        .x_label_formatter(&|v| Slots::index(*v).to_string())
         .x_desc("round")
         .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc("accuracy (%)")
         .draw()?;
-    for (arm, points) in lines {
-        let color = arm_color(arm);
-        let at = |(r, acc): (u32, f64)| (SegmentValue::CenterOf(r), acc);
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied().map(at),
-                color.stroke_width(3),
-            ))?
-            .label(arm.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.filled()));
-        chart.draw_series(
-            points
-                .iter()
-                .map(|p| Circle::new(at(*p), 4, color.filled())),
-        )?;
+    for line in &lines {
+        draw_round_line(&mut chart, line)?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend_position(&lines))
         .label_font(label_font())
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
     Ok(())
+}
+
+/// One arm's line, its points, and its legend entry.
+fn draw_round_line(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<Slots, RangedCoordf64>>,
+    (arm, points): &RoundLine,
+) -> Result<(), DrawError> {
+    let color = arm_color(*arm);
+    let at = |&(r, acc): &(u32, f64)| (Slots::centre(r as usize), acc);
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(at),
+            color.stroke_width(3),
+        ))?
+        .label(arm.as_str())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.filled()));
+    chart.draw_series(points.iter().map(|p| Circle::new(at(p), 4, color.filled())))?;
+    Ok(())
+}
+
+/// The legend goes in the right-hand corner the last rounds' points are furthest from.
+fn legend_position(lines: &[RoundLine]) -> SeriesLabelPosition {
+    let last: Vec<f64> = lines
+        .iter()
+        .filter_map(|(_, p)| p.last().map(|l| l.1))
+        .collect();
+    let mean = last.iter().sum::<f64>() / last.len().max(1) as f64;
+    if mean >= 50.0 {
+        SeriesLabelPosition::LowerRight
+    } else {
+        SeriesLabelPosition::UpperRight
+    }
 }
 
 fn draw_tokens(summary: &Summary, root: &Area<'_>) -> Result<(), DrawError> {
@@ -267,12 +336,7 @@ fn draw_tokens(summary: &Summary, root: &Area<'_>) -> Result<(), DrawError> {
     }
     // Headroom on the right for the point labels.
     let max_tokens = arms.iter().map(|s| s.arm.mean_tokens).fold(1.0, f64::max) * 1.25;
-    let mut chart = ChartBuilder::on(root)
-        .caption(TITLE, title_font())
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_tokens, 0.0..100.0)?;
+    let mut chart = frame(root, TITLE, RangedCoordf64::from(0.0..max_tokens))?;
     chart
         .configure_mesh()
         .x_desc("mean tokens per run")
@@ -425,6 +489,21 @@ mod tests {
         assert_eq!(lines_of(&svg, Arm::Council), 1, "{svg}");
     }
 
+    /// Widths of the filled `<rect>`s in `arm`'s colour.
+    fn bar_widths(svg: &str, arm: Arm) -> Vec<i32> {
+        let RGBColor(r, g, b) = arm_color(arm);
+        let fill = format!("fill=\"#{r:02X}{g:02X}{b:02X}\"");
+        svg.split("<rect")
+            .skip(1)
+            .map(|tag| &tag[..tag.find('>').unwrap_or(0)])
+            .filter(|tag| tag.contains(&fill))
+            .filter_map(|tag| {
+                let width = tag.split("width=\"").nth(1)?;
+                width[..width.find('"')?].parse().ok()
+            })
+            .collect()
+    }
+
     #[test]
     fn arms_without_accuracy_are_left_out() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -458,11 +537,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut summary = empty_summary();
         summary.arms[3] = crate::eval::report::tests::summary().arms[3].clone();
-        for path in write_plots(&summary, dir.path()).expect("plots written") {
-            let svg = read(&path);
+        let paths = write_plots(&summary, dir.path()).expect("plots written");
+        for path in &paths {
+            let svg = read(path);
             assert_svg(&svg);
             assert!(has_text(&svg, "council"), "{}:\n{svg}", path.display());
         }
+        // A lone category must not collapse to a zero-width bar.
+        let widths = bar_widths(&read(&paths[0]), Arm::Council);
+        assert!(matches!(widths[..], [w] if w > 50), "{widths:?}");
     }
 
     #[test]
