@@ -70,6 +70,18 @@ pub enum InferenceError {
     Model(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("backend {endpoint} is unavailable: {reason}")]
+    Unavailable { endpoint: String, reason: String },
+    #[error("backend {endpoint} answered HTTP {status}: {message}")]
+    Upstream {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error("backend {endpoint} timed out waiting for {what}")]
+    Timeout { endpoint: String, what: String },
+    #[error("backend {endpoint} broke the protocol: {reason}")]
+    Protocol { endpoint: String, reason: String },
 }
 
 impl From<candle_core::Error> for InferenceError {

@@ -1,5 +1,6 @@
 //! LLM inference for council: the [`Backend`] trait the rest of the system talks to, the
-//! request/response vocabulary, and the in-process candle engine that runs Qwen models.
+//! request/response vocabulary, the in-process candle engine that runs Qwen models, and the
+//! client of OpenAI-compatible servers (vLLM).
 //!
 //! This crate knows nothing about councils, gRPC, NATS or configuration files: it takes
 //! generation requests and returns generation results.
@@ -10,6 +11,7 @@ pub mod error;
 pub mod request;
 pub mod rng;
 pub mod tiny;
+pub mod vllm;
 
 pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
@@ -18,3 +20,4 @@ pub use request::{
     ChatMessage, ChatRole, FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling,
     Timings, TokenLogprob, TopLogprob, Usage,
 };
+pub use vllm::{ApiKey, VllmBackend, VllmConfig, VllmError};

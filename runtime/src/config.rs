@@ -246,6 +246,7 @@ impl RawConfig {
             cuda: m.cuda,
             max_batch,
             max_seq_len,
+            vllm: Default::default(),
         };
 
         let s = self.server;

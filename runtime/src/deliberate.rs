@@ -101,11 +101,11 @@ pub fn build(args: &DeliberateArgs) -> anyhow::Result<Deliberation> {
 
 pub fn run(args: DeliberateArgs) -> anyhow::Result<()> {
     let deliberation = build(&args)?;
-    let engine = args.model.start_engine()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(crate::driver::run(&engine, deliberation))?;
+    let (backend, _, _) = runtime.block_on(args.model.start_backend())?;
+    let outcome = runtime.block_on(crate::driver::run(backend.as_ref(), deliberation))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome_json(&outcome))?);
     } else {

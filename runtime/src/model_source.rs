@@ -1,10 +1,14 @@
-//! Which model to run, as the command line names it, and how to open an engine on it.
+//! Which model to run, as the command line names it, and how to open a backend on it: the
+//! in-process engine, or an OpenAI-compatible server (vLLM) with `--vllm-url`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use council_inference::engine::loader::{self, DeviceChoice, HubModel, ModelFiles};
-use council_inference::{Engine, EngineConfig, EngineHandle};
+use council_inference::{
+    ApiKey, Backend, Engine, EngineConfig, EngineHandle, VllmBackend, VllmConfig,
+};
 
 /// The model served when none is named.
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-0.5B-Instruct";
@@ -27,6 +31,51 @@ pub struct ModelArgs {
     /// Tokens one sequence may hold (prompt plus generation).
     #[arg(long, default_value_t = 4096)]
     pub max_seq_len: usize,
+    #[command(flatten)]
+    pub vllm: VllmArgs,
+}
+
+/// An OpenAI-compatible server instead of the in-process engine.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct VllmArgs {
+    /// Base URL of an OpenAI-compatible server (vLLM), e.g. http://127.0.0.1:8000; repeat or
+    /// comma-separate for several. `--model` then names the served model.
+    #[arg(long = "vllm-url", value_name = "URL", value_delimiter = ',', conflicts_with_all = ["model_dir", "cuda"])]
+    pub urls: Vec<String>,
+    /// A file holding the server's bearer key (or set COUNCIL_VLLM_API_KEY).
+    #[arg(long = "vllm-api-key-file", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Calls in flight per server.
+    #[arg(long = "vllm-max-in-flight", default_value_t = 64)]
+    pub max_in_flight: usize,
+}
+
+/// The variable that may hold the vLLM bearer key.
+pub const VLLM_API_KEY_ENV: &str = "COUNCIL_VLLM_API_KEY";
+
+impl VllmArgs {
+    /// The client configuration for serving `model`; a key from the file, else the variable.
+    pub fn config(&self, model: &str) -> anyhow::Result<VllmConfig> {
+        let mut config = VllmConfig::new(self.urls.clone(), model);
+        config.max_in_flight = self.max_in_flight;
+        config.api_key = match &self.api_key_file {
+            Some(path) => {
+                let key = std::fs::read_to_string(path)
+                    .with_context(|| format!("--vllm-api-key-file {}", path.display()))?;
+                anyhow::ensure!(
+                    !key.trim().is_empty(),
+                    "--vllm-api-key-file {}: the file is empty",
+                    path.display()
+                );
+                Some(ApiKey::new(key))
+            }
+            None => std::env::var(VLLM_API_KEY_ENV)
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+                .map(ApiKey::new),
+        };
+        Ok(config)
+    }
 }
 
 impl ModelArgs {
@@ -54,6 +103,26 @@ impl ModelArgs {
             .build()?;
         let files = runtime.block_on(loader::resolve_hub_model(&hub))?;
         Ok((files, hub.to_string()))
+    }
+
+    /// Whether calls go to an OpenAI-compatible server rather than the in-process engine.
+    pub fn is_remote(&self) -> bool {
+        !self.vllm.urls.is_empty()
+    }
+
+    /// The backend these flags name, its model's name and its kind ("engine" or "vllm"):
+    /// a vLLM client checked against its servers, or a loaded engine. Call it on the runtime
+    /// that will use the backend: an HTTP client's pooled connections belong to the runtime
+    /// they were opened on.
+    pub async fn start_backend(&self) -> anyhow::Result<(Arc<dyn Backend>, String, &'static str)> {
+        if self.is_remote() {
+            let config = self.vllm.config(&self.model)?;
+            let backend = VllmBackend::connect(config).await?;
+            return Ok((Arc::new(backend), self.model.clone(), "vllm"));
+        }
+        let (files, name) = self.resolve()?;
+        let engine = Engine::load(&files, &name, self.engine_config())?;
+        Ok((Arc::new(engine), name, "engine"))
     }
 
     /// Resolves, loads and starts an engine.

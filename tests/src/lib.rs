@@ -1,5 +1,7 @@
 //! Shared helpers of the end-to-end tests: tiny generated models and engines on them.
 
+pub mod openai_double;
+
 use std::path::Path;
 
 use council_inference::tiny::{self, TinyArch, TinyModelSpec};

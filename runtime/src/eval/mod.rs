@@ -180,13 +180,25 @@ fn prepare(args: &EvalArgs) -> anyhow::Result<Prepared> {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let prepared = prepare(&args)?;
-    let (files, model) = args.model.resolve()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The model's name (the settings of the output directory) is known before it loads.
+    let model = match (&args.model.model_dir, args.model.is_remote()) {
+        (Some(dir), false) => dir.display().to_string(),
+        _ => args.model.model.clone(),
+    };
     let settings = Settings {
         version: Settings::VERSION,
         source: prepared.source.clone(),
         seed: args.seed,
         model: model.clone(),
-        backend: "engine".to_owned(),
+        backend: if args.model.is_remote() {
+            "vllm"
+        } else {
+            "engine"
+        }
+        .to_owned(),
         role: prepared.plan.role.as_str().to_owned(),
         agents: prepared.plan.agents as u64,
         rounds: prepared.plan.rounds,
@@ -196,11 +208,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         max_tokens_per_call: prepared.plan.max_tokens_per_call,
     };
     let (mut out, existing) = OutDir::open(&args.out, &settings, args.resume)?;
-    let engine = council_inference::Engine::load(&files, &model, args.model.engine_config())?;
-    let backend: Arc<dyn Backend> = Arc::new(engine);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (backend, _, _) = runtime.block_on(args.model.start_backend())?;
     let started = Instant::now();
     let shutdown = async {
         // Without a signal handler Ctrl-C would kill the process: never finish this branch then.

@@ -1,0 +1,700 @@
+//! The [`Backend`] over OpenAI-compatible servers (vLLM): streamed chat and token completions,
+//! usage and log-probs from the response, a bounded number of calls in flight per endpoint,
+//! retries only where safe (connect errors, 429, 503) with jitter and `Retry-After`, a circuit
+//! breaker per endpoint, first-token and idle timeouts on streams, and cancellation: dropping a
+//! call's future drops its HTTP request.
+//!
+//! There is no fallback anywhere: a call that cannot be answered is an error the caller sees.
+
+pub mod policy;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use self::policy::{Breaker, BreakerPolicy, RetryPolicy};
+use self::wire::Route;
+use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+use crate::engine::tokenizer::strip_think;
+use crate::error::InferenceError;
+use crate::request::{FinishReason, GenerateRequest, GenerateResult, Timings, Usage};
+
+/// A bearer key; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into().trim().to_owned())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// How to reach the servers and how hard to try.
+#[derive(Debug, Clone)]
+pub struct VllmConfig {
+    /// Base URLs (`http://host:8000`, with or without a trailing `/v1`); calls spread over the
+    /// healthy ones.
+    pub endpoints: Vec<String>,
+    /// The served model name every call asks for.
+    pub model: String,
+    pub api_key: Option<ApiKey>,
+    /// Calls in flight per endpoint, shared by everything using this backend.
+    pub max_in_flight: usize,
+    pub connect_timeout: Duration,
+    /// The whole call, retries included (a caller with less time left cancels sooner by
+    /// dropping the call).
+    pub request_timeout: Duration,
+    /// From sending a request to its first streamed token.
+    pub first_token_timeout: Duration,
+    /// Longest silence between two streamed chunks.
+    pub idle_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerPolicy,
+}
+
+impl VllmConfig {
+    /// Defaults for everything but where the servers are and what they serve.
+    pub fn new(endpoints: Vec<String>, model: impl Into<String>) -> Self {
+        Self {
+            endpoints,
+            model: model.into(),
+            api_key: None,
+            max_in_flight: 64,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(300),
+            first_token_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<Vec<String>, VllmError> {
+        let bad = |field: &'static str, reason: String| VllmError::Config { field, reason };
+        if self.endpoints.is_empty() {
+            return Err(bad("endpoints", "name at least one endpoint URL".into()));
+        }
+        if self.model.trim().is_empty() {
+            return Err(bad("model", "must not be empty".into()));
+        }
+        if self.max_in_flight == 0 {
+            return Err(bad("max_in_flight", "must be at least 1".into()));
+        }
+        for (field, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("first_token_timeout", self.first_token_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(bad(field, "must be longer than zero".into()));
+            }
+        }
+        if self.breaker.failures == 0 {
+            return Err(bad("breaker.failures", "must be at least 1".into()));
+        }
+        self.endpoints.iter().map(|e| base_url(e)).collect()
+    }
+}
+
+/// `http(s)://host[:port][/prefix]` without a trailing `/v1` or `/`.
+fn base_url(endpoint: &str) -> Result<String, VllmError> {
+    let bad = |reason: &str| VllmError::Config {
+        field: "endpoints",
+        reason: format!("{endpoint:?}: {reason}"),
+    };
+    let url = reqwest::Url::parse(endpoint.trim()).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "credentials do not belong in the URL; use the API key setting",
+        ));
+    }
+    let text = url.as_str().trim_end_matches('/');
+    Ok(text.strip_suffix("/v1").unwrap_or(text).to_owned())
+}
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum VllmError {
+    #[error("vllm config: {field}: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("vllm endpoint {endpoint} is unreachable: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("vllm endpoint {endpoint} refused the model list: HTTP {status}: {message}")]
+    Refused {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "vllm endpoint {endpoint} does not serve model {model:?}; it serves: {}",
+        if .served.is_empty() { "nothing".to_owned() } else { .served.join(", ") }
+    )]
+    ModelNotServed {
+        endpoint: String,
+        model: String,
+        served: Vec<String>,
+    },
+    #[error("vllm endpoint {endpoint}: {reason}")]
+    Protocol { endpoint: String, reason: String },
+}
+
+/// One server.
+#[derive(Debug)]
+struct Endpoint {
+    base: String,
+    permits: Arc<Semaphore>,
+    breaker: Mutex<Breaker>,
+}
+
+impl Endpoint {
+    fn allows(&self, now: Instant) -> bool {
+        self.breaker.lock().map(|b| b.allows(now)).unwrap_or(true)
+    }
+
+    fn record(&self, ok: bool, policy: BreakerPolicy) {
+        if let Ok(mut b) = self.breaker.lock() {
+            if ok {
+                b.success();
+            } else {
+                b.failure(Instant::now(), policy);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    waiting: AtomicU64,
+    running: AtomicU64,
+    calls: AtomicU64,
+    prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: reqwest::Client,
+    config: VllmConfig,
+    endpoints: Vec<Endpoint>,
+    info: ModelInfo,
+    counters: Counters,
+    next: AtomicUsize,
+    jitter: Mutex<crate::rng::Rng>,
+}
+
+/// The backend; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct VllmBackend {
+    inner: Arc<Inner>,
+}
+
+impl VllmBackend {
+    /// Checks the configuration and that every endpoint serves the model.
+    pub async fn connect(config: VllmConfig) -> Result<Self, VllmError> {
+        let bases = config.validate()?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .build()
+            .map_err(|e| VllmError::Config {
+                field: "endpoints",
+                reason: format!("cannot build an HTTP client: {e}"),
+            })?;
+        let mut context_window = 0;
+        for base in &bases {
+            let window = check_model(&client, base, &config).await?;
+            context_window = context_window.max(window.unwrap_or(0));
+        }
+        let endpoints = bases
+            .iter()
+            .map(|base| Endpoint {
+                base: base.clone(),
+                permits: Arc::new(Semaphore::new(config.max_in_flight)),
+                breaker: Mutex::new(Breaker::default()),
+            })
+            .collect();
+        let info = ModelInfo {
+            name: config.model.clone(),
+            model_type: "vllm".to_owned(),
+            context_window,
+            vocab_size: 0,
+            device: bases.join(", "),
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                endpoints,
+                info,
+                counters: Counters::default(),
+                next: AtomicUsize::new(0),
+                jitter: Mutex::new(crate::rng::Rng::new(seed)),
+            }),
+        })
+    }
+
+    /// Calls holding an endpoint permit now (for tests and metrics).
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .endpoints
+            .iter()
+            .map(|e| self.inner.config.max_in_flight - e.permits.available_permits())
+            .sum()
+    }
+}
+
+/// `GET /v1/models` on one endpoint; the model's context window when the server says.
+async fn check_model(
+    client: &reqwest::Client,
+    base: &str,
+    config: &VllmConfig,
+) -> Result<Option<usize>, VllmError> {
+    let url = format!("{base}/v1/models");
+    let mut request = client.get(&url).timeout(config.first_token_timeout);
+    if let Some(key) = &config.api_key {
+        request = request.bearer_auth(key.expose());
+    }
+    let response = request.send().await.map_err(|e| VllmError::Unreachable {
+        endpoint: base.to_owned(),
+        reason: error_chain(&e),
+    })?;
+    let status = response.status();
+    let body: Value = response.json().await.map_err(|e| VllmError::Protocol {
+        endpoint: base.to_owned(),
+        reason: format!("the model list is not JSON: {e}"),
+    })?;
+    if !status.is_success() {
+        return Err(VllmError::Refused {
+            endpoint: base.to_owned(),
+            status: status.as_u16(),
+            message: wire::error_message(&body),
+        });
+    }
+    let models = wire::models(&body).map_err(|e| VllmError::Protocol {
+        endpoint: base.to_owned(),
+        reason: e.0,
+    })?;
+    match models.iter().find(|(id, _)| *id == config.model) {
+        Some((_, window)) => Ok(*window),
+        None => Err(VllmError::ModelNotServed {
+            endpoint: base.to_owned(),
+            model: config.model.clone(),
+            served: models.into_iter().map(|(id, _)| id).collect(),
+        }),
+    }
+}
+
+/// A reqwest error with its causes (the top level alone often just says "error sending request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How one attempt failed.
+#[derive(Debug)]
+enum AttemptError {
+    /// Safe to send again: nothing was generated (connect error, 429, 503).
+    Retryable {
+        error: InferenceError,
+        retry_after: Option<Duration>,
+    },
+    /// Not to be sent again; `endpoint_fault` says whether it counts against the endpoint.
+    Fatal {
+        error: InferenceError,
+        endpoint_fault: bool,
+    },
+}
+
+impl Inner {
+    async fn generate(&self, request: GenerateRequest) -> Result<GenerateResult, InferenceError> {
+        let submitted = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let (route, body) = wire::body(&self.config.model, &request);
+        let mut retry = 0;
+        loop {
+            let endpoint = self.pick()?;
+            self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+            let permit = tokio::time::timeout_at(deadline, endpoint.permits.acquire()).await;
+            self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+            let Ok(Ok(_permit)) = permit else {
+                return Err(timeout(&endpoint.base, "waiting for a free call slot"));
+            };
+            self.counters.running.fetch_add(1, Ordering::Relaxed);
+            let attempt =
+                tokio::time::timeout_at(deadline, self.attempt(endpoint, route, &body, submitted))
+                    .await;
+            self.counters.running.fetch_sub(1, Ordering::Relaxed);
+            let failure = match attempt {
+                Err(_) => {
+                    endpoint.record(false, self.config.breaker);
+                    return Err(timeout(&endpoint.base, "the request deadline"));
+                }
+                Ok(Ok(result)) => {
+                    endpoint.record(true, self.config.breaker);
+                    self.count(&result);
+                    return Ok(result);
+                }
+                Ok(Err(failure)) => failure,
+            };
+            drop(_permit);
+            match failure {
+                AttemptError::Fatal {
+                    error,
+                    endpoint_fault,
+                } => {
+                    if endpoint_fault {
+                        endpoint.record(false, self.config.breaker);
+                    }
+                    return Err(error);
+                }
+                AttemptError::Retryable { error, retry_after } => {
+                    endpoint.record(false, self.config.breaker);
+                    let unit = self.jitter.lock().map(|mut r| r.next_f64()).unwrap_or(0.5);
+                    let wait = (retry < self.config.retry.max_retries)
+                        .then(|| self.config.retry.wait(retry, retry_after, unit))
+                        .flatten();
+                    let Some(wait) = wait else { return Err(error) };
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(error);
+                    }
+                    tracing::debug!(endpoint = %endpoint.base, retry, ?wait, %error, "retrying");
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
+                }
+            }
+        }
+    }
+
+    /// The least busy endpoint whose breaker lets calls through (round robin among equals).
+    fn pick(&self) -> Result<&Endpoint, InferenceError> {
+        let now = Instant::now();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.endpoints.len();
+        (0..n)
+            .map(|k| &self.endpoints[(start + k) % n])
+            .filter(|e| e.allows(now))
+            .max_by_key(|e| e.permits.available_permits())
+            .ok_or_else(|| InferenceError::Unavailable {
+                endpoint: self.info.device.clone(),
+                reason: format!(
+                    "every endpoint's circuit breaker is open after {} consecutive failures; \
+                     retrying after {:?}",
+                    self.config.breaker.failures, self.config.breaker.open_for
+                ),
+            })
+    }
+
+    fn count(&self, result: &GenerateResult) {
+        let c = &self.counters;
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        let u = result.usage;
+        c.prompt_tokens
+            .fetch_add(u.prompt_tokens as u64, Ordering::Relaxed);
+        c.cached_tokens
+            .fetch_add(u.cached_prompt_tokens as u64, Ordering::Relaxed);
+        c.generated_tokens
+            .fetch_add(u.completion_tokens as u64, Ordering::Relaxed);
+    }
+
+    /// One HTTP request, streamed to its end.
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        route: Route,
+        body: &Value,
+        submitted: Instant,
+    ) -> Result<GenerateResult, AttemptError> {
+        let base = &endpoint.base;
+        let mut request = self
+            .client
+            .post(format!("{base}{}", route.path()))
+            .json(body);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        let first_token = tokio::time::Instant::now() + self.config.first_token_timeout;
+        let sent = tokio::time::timeout_at(first_token, request.send()).await;
+        let response = match sent {
+            Err(_) => return Err(fatal(timeout(base, "the first token"), true)),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(AttemptError::Retryable {
+                    error: unavailable(base, error_chain(&e)),
+                    retry_after: None,
+                });
+            }
+            Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            return Err(status_error(base, response).await);
+        }
+        let reply = self.read_stream(base, response, first_token).await?;
+        Ok(result(reply, submitted))
+    }
+
+    async fn read_stream(
+        &self,
+        base: &str,
+        mut response: reqwest::Response,
+        first_token: tokio::time::Instant,
+    ) -> Result<StreamReply, AttemptError> {
+        let mut reply = wire::Reply::default();
+        let mut buffer = String::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut first_at = None;
+        while !reply.done {
+            let limit = match first_at {
+                None => first_token,
+                Some(_) => tokio::time::Instant::now() + self.config.idle_timeout,
+            };
+            let what = if first_at.is_none() {
+                "the first token"
+            } else {
+                "the next streamed chunk (the server went idle)"
+            };
+            let chunk = match tokio::time::timeout_at(limit, response.chunk()).await {
+                Err(_) => return Err(fatal(timeout(base, what), true)),
+                Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(bytes))) => bytes,
+            };
+            pending.extend_from_slice(&chunk);
+            // Keep an incomplete UTF-8 sequence for the next chunk.
+            let valid = match std::str::from_utf8(&pending) {
+                Ok(text) => text.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            buffer.push_str(std::str::from_utf8(&pending[..valid]).unwrap_or_default());
+            pending.drain(..valid);
+            let before = reply.text.len();
+            wire::feed(&mut buffer, &mut reply).map_err(|e| fatal(protocol(base, e.0), true))?;
+            if first_at.is_none() && (reply.text.len() > before || reply.finish_reason.is_some()) {
+                first_at = Some(Instant::now());
+            }
+        }
+        if !reply.done && reply.finish_reason.is_none() {
+            return Err(fatal(
+                protocol(
+                    base,
+                    "the stream ended before the reply was finished".into(),
+                ),
+                true,
+            ));
+        }
+        Ok(StreamReply { reply, first_at })
+    }
+}
+
+/// A finished stream and when its first token came.
+#[derive(Debug)]
+struct StreamReply {
+    reply: wire::Reply,
+    first_at: Option<Instant>,
+}
+
+fn result(stream: StreamReply, submitted: Instant) -> GenerateResult {
+    let StreamReply { reply, first_at } = stream;
+    let finish_reason = match (reply.finish_reason.as_deref(), &reply.stop_reason) {
+        (Some("length"), _) => FinishReason::Length,
+        (_, Some(_)) => FinishReason::Stop,
+        _ => FinishReason::Eos,
+    };
+    let usage = reply.usage.unwrap_or_default();
+    let token_ids = reply.logprobs.iter().map(|l| l.token_id).collect();
+    let logprobs = (!reply.logprobs.is_empty()).then_some(reply.logprobs);
+    GenerateResult {
+        text: strip_think(&reply.text),
+        token_ids,
+        finish_reason,
+        usage: Usage {
+            prompt_tokens: usage.prompt_tokens,
+            cached_prompt_tokens: usage.cached_tokens,
+            completion_tokens: usage.completion_tokens,
+        },
+        timings: Timings {
+            queue: Duration::ZERO,
+            first_token: first_at.map_or(Duration::ZERO, |t| t - submitted),
+            total: submitted.elapsed(),
+        },
+        logprobs,
+    }
+}
+
+fn fatal(error: InferenceError, endpoint_fault: bool) -> AttemptError {
+    AttemptError::Fatal {
+        error,
+        endpoint_fault,
+    }
+}
+
+fn timeout(endpoint: &str, what: &str) -> InferenceError {
+    InferenceError::Timeout {
+        endpoint: endpoint.to_owned(),
+        what: what.to_owned(),
+    }
+}
+
+fn unavailable(endpoint: &str, reason: String) -> InferenceError {
+    InferenceError::Unavailable {
+        endpoint: endpoint.to_owned(),
+        reason,
+    }
+}
+
+fn protocol(endpoint: &str, reason: String) -> InferenceError {
+    InferenceError::Protocol {
+        endpoint: endpoint.to_owned(),
+        reason,
+    }
+}
+
+/// A non-2xx answer: 429 and 503 may be retried (honouring `Retry-After`); other statuses
+/// fail at once with the server's message.
+async fn status_error(endpoint: &str, response: reqwest::Response) -> AttemptError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(policy::parse_retry_after);
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .map(|body| wire::error_message(&body))
+        .unwrap_or_else(|_| text.chars().take(500).collect());
+    let error = InferenceError::Upstream {
+        endpoint: endpoint.to_owned(),
+        status,
+        message,
+    };
+    match status {
+        429 | 503 => AttemptError::Retryable { error, retry_after },
+        // A client error is the request's fault, not the server's.
+        400..=499 => fatal(error, false),
+        _ => fatal(error, true),
+    }
+}
+
+impl Backend for VllmBackend {
+    fn generate(&self, request: GenerateRequest) -> BackendFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            request.validate()?;
+            inner.generate(request).await
+        })
+    }
+
+    fn health(&self) -> Health {
+        let now = Instant::now();
+        if self.inner.endpoints.iter().any(|e| e.allows(now)) {
+            Health::Ready
+        } else {
+            Health::Unavailable {
+                reason: format!(
+                    "every vLLM endpoint's circuit breaker is open ({})",
+                    self.inner.info.device
+                ),
+            }
+        }
+    }
+
+    fn model_info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    fn load(&self) -> BackendLoad {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let calls = get(&c.calls);
+        BackendLoad {
+            waiting: get(&c.waiting),
+            running: get(&c.running),
+            steps: calls,
+            batched_sequences: calls,
+            prompt_tokens: get(&c.prompt_tokens),
+            generated_tokens: get(&c.generated_tokens),
+            prefix_cache: Some((get(&c.cached_tokens), get(&c.prompt_tokens))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_normalised_and_bad_ones_named() {
+        assert_eq!(base_url("http://h:8000").expect("ok"), "http://h:8000");
+        assert_eq!(base_url("http://h:8000/v1/").expect("ok"), "http://h:8000");
+        assert_eq!(
+            base_url("https://h/proxy/v1").expect("ok"),
+            "https://h/proxy"
+        );
+        for bad in ["h:8000", "ftp://h", "http://user:pw@h:1", "not a url"] {
+            let err = base_url(bad).expect_err(bad).to_string();
+            assert!(err.contains("endpoints") && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_field_and_keys_never_print() {
+        let mut config = VllmConfig::new(vec![], "m");
+        assert!(
+            config
+                .validate()
+                .expect_err("no endpoints")
+                .to_string()
+                .contains("endpoints")
+        );
+        config.endpoints = vec!["http://h:1".into()];
+        config.max_in_flight = 0;
+        assert!(
+            config
+                .validate()
+                .expect_err("zero")
+                .to_string()
+                .contains("max_in_flight")
+        );
+        config.max_in_flight = 1;
+        config.idle_timeout = Duration::ZERO;
+        assert!(
+            config
+                .validate()
+                .expect_err("zero")
+                .to_string()
+                .contains("idle_timeout")
+        );
+        config.api_key = Some(ApiKey::new("sk-secret"));
+        assert!(!format!("{config:?}").contains("sk-secret"));
+    }
+}

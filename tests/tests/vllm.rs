@@ -1,0 +1,416 @@
+//! The vLLM backend against a test-only OpenAI-compatible server that misbehaves on demand
+//! (`council_tests::openai_double`): the well-behaved path with usage, auth and thinking; the
+//! start-up model check; every fault mode with its error or retry, no leaked call slots and
+//! bounded time; the circuit breaker; several endpoints; cancellation; a council deliberation
+//! and `council eval` end to end over the backend.
+
+use std::time::{Duration, Instant};
+
+use council_councils::personas::default_council;
+use council_councils::{Deliberation, OutcomeStatus, Role, Task, TaskId};
+use council_inference::vllm::policy::{BreakerPolicy, RetryPolicy};
+use council_inference::{
+    ApiKey, Backend, ChatMessage, GenerateRequest, Health, InferenceError, VllmBackend, VllmConfig,
+    VllmError,
+};
+use council_tests::openai_double::{Fault, OpenAiDouble};
+
+const MODEL: &str = "Qwen/Qwen2.5-0.5B-Instruct";
+
+/// Short timeouts and retries so fault tests end quickly.
+fn config(urls: &[String]) -> VllmConfig {
+    let mut config = VllmConfig::new(urls.to_vec(), MODEL);
+    config.first_token_timeout = Duration::from_millis(500);
+    config.idle_timeout = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(20);
+    config.retry = RetryPolicy {
+        max_retries: 3,
+        base_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        max_retry_after: Duration::from_secs(5),
+    };
+    config
+}
+
+async fn backend(double: &OpenAiDouble) -> VllmBackend {
+    VllmBackend::connect(config(&[double.url()]))
+        .await
+        .expect("connects")
+}
+
+fn ask(text: &str) -> GenerateRequest {
+    GenerateRequest::chat(
+        vec![ChatMessage::system("be brief"), ChatMessage::user(text)],
+        32,
+    )
+}
+
+/// Waits (bounded) until the double has no request in flight.
+async fn settles(double: &OpenAiDouble) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while double.in_flight() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server still holds a request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn well_behaved_calls_carry_usage_auth_and_no_thinking() {
+    let double = OpenAiDouble::start(&[MODEL, "other"]).await;
+    let mut config = config(&[double.url()]);
+    config.api_key = Some(ApiKey::new("sk-test-key"));
+    assert!(!format!("{config:?}").contains("sk-test-key"));
+    let backend = VllmBackend::connect(config).await.expect("connects");
+    assert_eq!(backend.health(), Health::Ready);
+
+    let result = backend
+        .generate(ask("What is 6 * 7?"))
+        .await
+        .expect("answer");
+    assert!(
+        result.text.starts_with("Reply to: What is 6 * 7?"),
+        "{}",
+        result.text
+    );
+    assert!(result.text.ends_with("ANSWER: 42"));
+    assert!(result.usage.prompt_tokens > 0);
+    assert_eq!(
+        result.usage.cached_prompt_tokens,
+        result.usage.prompt_tokens / 2
+    );
+    assert_eq!(
+        result.usage.completion_tokens,
+        result.text.split_whitespace().count()
+    );
+    let body = double.bodies().last().cloned().expect("a body");
+    assert_eq!(body["model"], MODEL);
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["chat_template_kwargs"]["enable_thinking"], false);
+    let headers = double.headers().last().cloned().expect("headers");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && v == "Bearer sk-test-key"),
+        "{headers:?}"
+    );
+
+    // A thinking reply is stripped of its think block.
+    let mut thinking = ask("think first");
+    thinking.enable_thinking = true;
+    let result = backend.generate(thinking).await.expect("answer");
+    assert!(
+        result.text.starts_with("Reply to: think first"),
+        "{}",
+        result.text
+    );
+    assert_eq!(backend.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn start_up_checks_the_model_list() {
+    let double = OpenAiDouble::start(&["some/other-model", "third"]).await;
+    let err = VllmBackend::connect(config(&[double.url()]))
+        .await
+        .expect_err("model not served");
+    assert!(matches!(err, VllmError::ModelNotServed { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&double.url()) && text.contains("some/other-model"),
+        "{text}"
+    );
+
+    let err = VllmBackend::connect(config(&["http://127.0.0.1:9".to_owned()]))
+        .await
+        .expect_err("nothing listens there");
+    assert!(
+        matches!(err, VllmError::Unreachable { .. }) && err.to_string().contains("127.0.0.1:9"),
+        "{err}"
+    );
+    let err = VllmBackend::connect(config(&["ftp://h".to_owned()]))
+        .await
+        .expect_err("bad URL");
+    assert!(err.to_string().contains("endpoints"), "{err}");
+}
+
+#[tokio::test]
+async fn server_errors_fail_at_once_with_the_message() {
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    double.push_faults([Fault::Status500]);
+    let err = backend.generate(ask("x")).await.expect_err("500");
+    assert!(
+        matches!(err, InferenceError::Upstream { status: 500, .. })
+            && err.to_string().contains("boom"),
+        "{err}"
+    );
+    assert_eq!(double.requests(), 1, "a 500 is not retried");
+    double.push_faults([Fault::BadRequest400]);
+    let err = backend.generate(ask("x")).await.expect_err("400");
+    assert!(err.to_string().contains("max_tokens is too large"), "{err}");
+    assert_eq!(double.requests(), 2, "a 400 is not retried");
+    double.push_faults([Fault::MalformedJson]);
+    let err = backend.generate(ask("x")).await.expect_err("bad JSON");
+    assert!(matches!(err, InferenceError::Protocol { .. }), "{err}");
+    assert_eq!(backend.in_flight(), 0);
+    // And the next call is fine.
+    backend.generate(ask("x")).await.expect("recovered");
+}
+
+#[tokio::test]
+async fn overload_is_retried_honouring_retry_after() {
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    double.push_faults([Fault::TooManyRequests {
+        retry_after_secs: 1,
+    }]);
+    let started = Instant::now();
+    backend.generate(ask("x")).await.expect("retried");
+    assert_eq!(double.requests(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
+
+    double.push_faults([Fault::Unavailable503, Fault::Unavailable503]);
+    backend.generate(ask("x")).await.expect("retried twice");
+    assert_eq!(double.requests(), 5);
+
+    // Asking for longer than we wait fails at once with the server's answer.
+    double.push_faults([Fault::TooManyRequests {
+        retry_after_secs: 60,
+    }]);
+    let err = backend
+        .generate(ask("x"))
+        .await
+        .expect_err("too long a wait");
+    assert!(
+        matches!(err, InferenceError::Upstream { status: 429, .. }),
+        "{err}"
+    );
+    assert_eq!(double.requests(), 6);
+
+    // Retries are bounded: 1 + max_retries attempts.
+    double.set_fault_always(Some(Fault::Unavailable503));
+    let err = backend.generate(ask("x")).await.expect_err("always 503");
+    assert!(
+        matches!(err, InferenceError::Upstream { status: 503, .. }),
+        "{err}"
+    );
+    assert_eq!(double.requests(), 10);
+    assert_eq!(backend.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn hangs_and_stalls_time_out_and_free_their_slots() {
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    double.push_faults([Fault::Hang]);
+    let err = backend.generate(ask("x")).await.expect_err("hangs");
+    assert!(
+        matches!(&err, InferenceError::Timeout { what, .. } if what.contains("first token")),
+        "{err}"
+    );
+    double.push_faults([Fault::StallMidStream { after_chunks: 2 }]);
+    let err = backend.generate(ask("x")).await.expect_err("stalls");
+    assert!(
+        matches!(&err, InferenceError::Timeout { what, .. } if what.contains("idle")),
+        "{err}"
+    );
+    assert_eq!(backend.in_flight(), 0);
+    settles(&double).await;
+}
+
+#[tokio::test]
+async fn the_breaker_stops_calls_to_a_failing_endpoint() {
+    let sick = OpenAiDouble::start(&[MODEL]).await;
+    let well = OpenAiDouble::start(&[MODEL]).await;
+    let mut config = config(&[sick.url(), well.url()]);
+    config.breaker = BreakerPolicy {
+        failures: 2,
+        open_for: Duration::from_secs(60),
+    };
+    let backend = VllmBackend::connect(config).await.expect("connects");
+    sick.set_fault_always(Some(Fault::Status500));
+    let mut failed = 0;
+    for _ in 0..12 {
+        if backend.generate(ask("x")).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 2, "two failures open the sick endpoint's breaker");
+    assert_eq!(sick.requests(), 2, "then it gets no more work");
+    assert_eq!(well.requests(), 10);
+    assert_eq!(
+        backend.health(),
+        Health::Ready,
+        "one endpoint is still healthy"
+    );
+
+    // With the only endpoint open, calls fail fast without reaching it.
+    let lone = OpenAiDouble::start(&[MODEL]).await;
+    let mut config = self::config(&[lone.url()]);
+    config.breaker = BreakerPolicy {
+        failures: 1,
+        open_for: Duration::from_secs(60),
+    };
+    let backend = VllmBackend::connect(config).await.expect("connects");
+    lone.push_faults([Fault::Status500]);
+    backend.generate(ask("x")).await.expect_err("500");
+    let err = backend.generate(ask("x")).await.expect_err("breaker open");
+    assert!(matches!(err, InferenceError::Unavailable { .. }), "{err}");
+    assert_eq!(lone.requests(), 1);
+    assert!(matches!(backend.health(), Health::Unavailable { .. }));
+}
+
+#[tokio::test]
+async fn calls_spread_over_healthy_endpoints_and_in_flight_is_bounded() {
+    let a = OpenAiDouble::start(&[MODEL]).await;
+    let b = OpenAiDouble::start(&[MODEL]).await;
+    let backend = VllmBackend::connect(config(&[a.url(), b.url()]))
+        .await
+        .expect("connects");
+    for _ in 0..10 {
+        backend.generate(ask("x")).await.expect("answer");
+    }
+    assert!(
+        a.requests() >= 3 && b.requests() >= 3,
+        "{} / {}",
+        a.requests(),
+        b.requests()
+    );
+
+    let one = OpenAiDouble::start(&[MODEL]).await;
+    let mut config = config(&[one.url()]);
+    config.max_in_flight = 2;
+    config.first_token_timeout = Duration::from_secs(30);
+    let backend = VllmBackend::connect(config).await.expect("connects");
+    one.set_fault_always(Some(Fault::Hang));
+    let calls: Vec<_> = (0..5).map(|_| backend.generate(ask("x"))).collect();
+    let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while one.in_flight() < 2 {
+        assert!(Instant::now() < deadline, "calls never reached the server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        one.max_in_flight(),
+        2,
+        "never more than max_in_flight at once"
+    );
+    assert_eq!(backend.in_flight(), 2);
+    // Dropping the callers cancels the calls: the HTTP requests are aborted, the slots freed.
+    for h in &handles {
+        h.abort();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    assert_eq!(backend.in_flight(), 0);
+    settles(&one).await;
+}
+
+#[tokio::test]
+async fn a_council_deliberates_over_the_backend() {
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    let council = default_council(&Role::Dev).expect("council");
+    let config = council.config;
+    let task = Task::new(
+        TaskId::new("vllm-e2e").expect("id"),
+        "Propose a retry policy.",
+    )
+    .expect("task");
+    let deliberation = Deliberation::new(council, task, config, 5);
+    let outcome = council_runtime::driver::run(&backend, deliberation)
+        .await
+        .expect("runs");
+    assert_eq!(outcome.status, OutcomeStatus::Completed);
+    assert_eq!(outcome.proposals.len(), 3);
+    assert!(outcome.transcript.iter().all(|c| c.reply.is_ok()));
+    assert_eq!(outcome.usage.failed_calls, 0);
+    assert!(
+        outcome
+            .proposals
+            .iter()
+            .all(|p| p.scores.peer_ranking.is_some()),
+        "the judges' rankings were read"
+    );
+    assert_eq!(double.requests() as u64, outcome.usage.calls);
+    assert_eq!(backend.in_flight(), 0);
+}
+
+/// Runs the `council` command line in-process (it blocks on its own runtime).
+async fn council(args: Vec<String>) -> anyhow::Result<()> {
+    use clap::Parser;
+    let cli = council_runtime::cli::Cli::try_parse_from(args)?;
+    tokio::task::spawn_blocking(move || council_runtime::cli::run(cli)).await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_runs_over_the_backend_and_bad_settings_are_named() {
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "council",
+            "eval",
+            "--model",
+            MODEL,
+            "--suite",
+            "arithmetic",
+            "--limit",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.push(out.display().to_string());
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    council(args(&["--vllm-url", &double.url()]))
+        .await
+        .expect("eval over vLLM");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary"))
+            .expect("JSON");
+    assert_eq!(summary["run"]["backend"], "vllm");
+    assert_eq!(summary["run"]["complete"], true);
+    let results = std::fs::read_to_string(out.join("results.jsonl")).expect("results");
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(lines.len(), 8, "2 items × 4 arms");
+    for line in &lines {
+        assert_eq!(line["status"]["state"], "ok", "{line}");
+        assert_eq!(line["answer"], "42", "the double always answers 42: {line}");
+        assert!(line["cached_prompt_tokens"].as_u64().is_some_and(|c| c > 0));
+    }
+
+    let err = council(args(&["--vllm-url", "ftp://nowhere", "--resume"]))
+        .await
+        .expect_err("bad URL");
+    assert!(format!("{err:#}").contains("endpoints"), "{err:#}");
+    let err = council(args(&[
+        "--vllm-url",
+        &double.url(),
+        "--vllm-api-key-file",
+        "/nonexistent/key",
+        "--resume",
+    ]))
+    .await
+    .expect_err("missing key file");
+    assert!(
+        format!("{err:#}").contains("--vllm-api-key-file"),
+        "{err:#}"
+    );
+}
