@@ -80,6 +80,8 @@ pub enum InferenceError {
     },
     #[error("backend {endpoint} timed out waiting for {what}")]
     Timeout { endpoint: String, what: String },
+    #[error("backend {endpoint} ignored the reply constraint: {reason}")]
+    ConstraintViolated { endpoint: String, reason: String },
     #[error("backend {endpoint} broke the protocol: {reason}")]
     Protocol { endpoint: String, reason: String },
 }

@@ -6,6 +6,7 @@
 //! generation requests and returns generation results.
 
 pub mod backend;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod request;
@@ -14,6 +15,7 @@ pub mod tiny;
 pub mod vllm;
 
 pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+pub use constraint::Constraint;
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use error::{InferenceError, LoadError};
 pub use request::{

@@ -151,6 +151,11 @@ pub struct GenerateRequest {
     /// assistant turn with an empty think block. Think blocks are stripped from the text either way.
     #[serde(default)]
     pub enable_thinking: bool,
+    /// A required form of the reply (structured output). A backend that cannot enforce it
+    /// refuses the request; one that can still has the reply checked, and a reply that breaks
+    /// it is an error, never a result.
+    #[serde(default)]
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 impl GenerateRequest {
@@ -163,6 +168,7 @@ impl GenerateRequest {
             stop_token_ids: Vec::new(),
             top_logprobs: None,
             enable_thinking: false,
+            constraint: None,
         }
     }
 
@@ -201,6 +207,9 @@ impl GenerateRequest {
                 });
             }
             _ => {}
+        }
+        if let Some(constraint) = &self.constraint {
+            constraint.validate()?;
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(InferenceError::InvalidRequest {

@@ -52,6 +52,12 @@ pub struct RawModel {
     pub cuda: Option<usize>,
     pub max_batch: Option<usize>,
     pub max_seq_len: Option<usize>,
+    /// OpenAI-compatible servers (vLLM) to use instead of the in-process engine; `repo` then
+    /// names the served model.
+    pub vllm_urls: Option<Vec<String>>,
+    /// A file holding the servers' bearer key (else COUNCIL_VLLM_API_KEY).
+    pub vllm_api_key_file: Option<PathBuf>,
+    pub vllm_max_in_flight: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -156,7 +162,10 @@ impl RawConfig {
             repo,
             cuda,
             max_batch,
-            max_seq_len
+            max_seq_len,
+            vllm_urls,
+            vllm_api_key_file,
+            vllm_max_in_flight
         );
         overlay!(
             self.server,
@@ -240,13 +249,14 @@ impl RawConfig {
         }
         let max_batch = positive("model.max_batch", m.max_batch.unwrap_or(8))?;
         let max_seq_len = positive("model.max_seq_len", m.max_seq_len.unwrap_or(4096))?;
+        let vllm = vllm_settings(&m)?;
         let model = ModelArgs {
             model_dir: m.dir,
             model: m.repo.unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
             cuda: m.cuda,
             max_batch,
             max_seq_len,
-            vllm: Default::default(),
+            vllm,
         };
 
         let s = self.server;
@@ -789,6 +799,54 @@ pub enum StoreChoice {
     Nats(crate::store::KvConfig),
 }
 
+/// The vLLM settings of `[model]`, checked: URLs well formed, not mixed with a local model,
+/// the key file readable.
+fn vllm_settings(m: &RawModel) -> Result<crate::model_source::VllmArgs, ConfigError> {
+    let urls = m.vllm_urls.clone().unwrap_or_default();
+    let max_in_flight = positive(
+        "model.vllm_max_in_flight",
+        m.vllm_max_in_flight.unwrap_or(64),
+    )?;
+    if urls.is_empty() {
+        if m.vllm_api_key_file.is_some() {
+            return Err(err(
+                "model.vllm_api_key_file",
+                "set only with model.vllm_urls",
+            ));
+        }
+        return Ok(crate::model_source::VllmArgs::default());
+    }
+    if m.dir.is_some() || m.cuda.is_some() {
+        return Err(err(
+            "model.vllm_urls",
+            "a vLLM backend serves the model: leave model.dir and model.cuda unset",
+        ));
+    }
+    for url in &urls {
+        council_inference::vllm::normalise_endpoint(url)
+            .map_err(|e| err("model.vllm_urls", e.to_string()))?;
+    }
+    if let Some(path) = &m.vllm_api_key_file {
+        let key = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "model.vllm_api_key_file",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        if key.trim().is_empty() {
+            return Err(err(
+                "model.vllm_api_key_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+    }
+    Ok(crate::model_source::VllmArgs {
+        urls,
+        api_key_file: m.vllm_api_key_file.clone(),
+        max_in_flight,
+    })
+}
+
 impl ServeConfig {
     /// The effective config as JSON, secrets redacted (for the start-up log).
     pub fn redacted(&self) -> serde_json::Value {
@@ -799,6 +857,9 @@ impl ServeConfig {
                 "cuda": self.model.cuda,
                 "max_batch": self.model.max_batch,
                 "max_seq_len": self.model.max_seq_len,
+                "vllm_urls": self.model.vllm.urls,
+                "vllm_api_key_file": self.model.vllm.api_key_file,
+                "vllm_max_in_flight": self.model.vllm.max_in_flight,
             },
             "server": {
                 "listen": self.listen.to_string(),
@@ -922,6 +983,19 @@ mod tests {
             ("[model]\ndir = \"/m\"\nrepo = \"a/b\"", "model.dir"),
             ("[model]\nrepo = \"not a repo\"", "model.repo"),
             ("[model]\nmax_batch = 0", "model.max_batch"),
+            ("[model]\nvllm_urls = [\"ftp://x\"]", "model.vllm_urls"),
+            (
+                "[model]\ndir = \"/m\"\nvllm_urls = [\"http://x:8000\"]",
+                "model.vllm_urls",
+            ),
+            (
+                "[model]\nvllm_urls = [\"http://x:8000\"]\nvllm_api_key_file = \"/nonexistent/k\"",
+                "model.vllm_api_key_file",
+            ),
+            (
+                "[model]\nvllm_urls = [\"http://x:8000\"]\nvllm_max_in_flight = 0",
+                "model.vllm_max_in_flight",
+            ),
             ("[store]\nretention_secs = 5", "store.retention_secs"),
             ("[store]\nkind = \"s3\"", "store.kind"),
             ("[store]\nkind = \"nats\"", "nats.url"),

@@ -38,6 +38,21 @@ pub struct ServeArgs {
     /// [model.max_seq_len] Tokens one sequence may hold (default 4096).
     #[arg(long, env = "COUNCIL_MAX_SEQ_LEN")]
     pub max_seq_len: Option<usize>,
+    /// [model.vllm_urls] OpenAI-compatible servers (vLLM) to use instead of the in-process
+    /// engine, comma-separated; --model names the served model.
+    #[arg(
+        long = "vllm-url",
+        env = "COUNCIL_VLLM_URL",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub vllm_urls: Option<Vec<String>>,
+    /// [model.vllm_api_key_file] A file holding the servers' bearer key (else COUNCIL_VLLM_API_KEY).
+    #[arg(long, env = "COUNCIL_VLLM_API_KEY_FILE", value_name = "FILE")]
+    pub vllm_api_key_file: Option<PathBuf>,
+    /// [model.vllm_max_in_flight] Calls in flight per vLLM server (default 64).
+    #[arg(long, env = "COUNCIL_VLLM_MAX_IN_FLIGHT")]
+    pub vllm_max_in_flight: Option<usize>,
     /// [server.listen] gRPC address (default 127.0.0.1:50051; port 0 picks one, printed).
     #[arg(long, env = "COUNCIL_LISTEN", value_name = "IP:PORT")]
     pub listen: Option<String>,
@@ -140,6 +155,9 @@ impl ServeArgs {
                 cuda: a.cuda,
                 max_batch: a.max_batch,
                 max_seq_len: a.max_seq_len,
+                vllm_urls: a.vllm_urls,
+                vllm_api_key_file: a.vllm_api_key_file,
+                vllm_max_in_flight: a.vllm_max_in_flight,
             },
             server: RawServer {
                 listen: a.listen,
@@ -255,7 +273,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let created = runtime.block_on(apply_default_councils(store.as_ref()))?;
     tracing::info!(created, "council store ready");
-    let engine = config.model.start_engine()?;
+    let (backend, name, kind) = runtime.block_on(config.model.start_backend())?;
+    tracing::info!(model = %name, backend = kind, "backend ready");
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -281,13 +300,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             metrics,
             dispatch,
         };
-        service::serve(
-            listener,
-            Arc::new(engine),
-            store,
-            options,
-            shutdown_signal(),
-        )
-        .await
+        service::serve(listener, backend, store, options, shutdown_signal()).await
     })
 }

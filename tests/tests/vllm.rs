@@ -414,3 +414,79 @@ async fn eval_runs_over_the_backend_and_bad_settings_are_named() {
         "{err:#}"
     );
 }
+
+#[tokio::test]
+async fn structured_output_is_sent_and_a_reply_that_ignores_it_is_an_error() {
+    use council_inference::Constraint;
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    let choice = |reply: &str| {
+        double.set_reply(Some(reply.to_owned()));
+        let mut request = ask("accept or reject?");
+        request.constraint = Some(Constraint::Choice(vec!["accept".into(), "reject".into()]));
+        backend.generate(request)
+    };
+    let ok = choice("accept").await.expect("honoured");
+    assert_eq!(ok.text, "accept");
+    let body = double.bodies().last().cloned().expect("body");
+    assert_eq!(
+        body["structured_outputs"],
+        serde_json::json!({ "choice": ["accept", "reject"] })
+    );
+    assert!(
+        body.get("guided_choice").is_none(),
+        "never the ignored legacy keys"
+    );
+    let err = choice("maybe").await.expect_err("not honoured");
+    assert!(
+        matches!(&err, InferenceError::ConstraintViolated { reason, .. } if reason.contains("maybe")),
+        "{err}"
+    );
+    let before = double.requests();
+
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "score": { "type": "integer" } },
+        "required": ["score"]
+    });
+    let json = |reply: &str| {
+        double.set_reply(Some(reply.to_owned()));
+        let mut request = ask("score it");
+        request.constraint = Some(Constraint::JsonSchema(schema.clone()));
+        backend.generate(request)
+    };
+    json("{\"score\": 7}").await.expect("valid JSON");
+    let err = json("{\"grade\": 7}").await.expect_err("missing field");
+    assert!(err.to_string().contains("score"), "{err}");
+    assert_eq!(
+        double.requests(),
+        before + 2,
+        "a violated constraint is not retried"
+    );
+    assert_eq!(backend.in_flight(), 0);
+
+    // A bad constraint is refused before any request; the engine refuses constraints outright.
+    let mut bad = ask("x");
+    bad.constraint = Some(Constraint::Regex("(".into()));
+    let err = backend.generate(bad.clone()).await.expect_err("bad regex");
+    assert!(matches!(
+        err,
+        InferenceError::InvalidRequest {
+            field: "constraint",
+            ..
+        }
+    ));
+    assert_eq!(double.requests(), before + 2);
+    let model = council_tests::tiny_model(council_inference::tiny::TinyArch::Qwen2);
+    let engine = council_tests::engine(model.path(), council_inference::EngineConfig::default());
+    let mut constrained = ask("x");
+    constrained.constraint = Some(Constraint::Choice(vec!["a".into()]));
+    let err = engine
+        .generate(constrained)
+        .await
+        .expect_err("engine refuses");
+    assert!(
+        matches!(&err, InferenceError::InvalidRequest { field: "constraint", reason } if reason.contains("vLLM")),
+        "{err}"
+    );
+}

@@ -253,6 +253,14 @@ impl EngineHandle {
     ) -> Result<oneshot::Receiver<Result<GenerateResult, InferenceError>>, InferenceError> {
         let submitted = Instant::now();
         request.validate()?;
+        if request.constraint.is_some() {
+            return Err(InferenceError::InvalidRequest {
+                field: "constraint",
+                reason: "the in-process engine cannot constrain its output (structured output \
+                         needs a vLLM backend)"
+                    .into(),
+            });
+        }
         let prompt = self.prompt_tokens(&request)?;
         let window = self.inner.info.context_window;
         if prompt.len() > window {

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use self::policy::{Breaker, BreakerPolicy, RetryPolicy};
 use self::wire::Route;
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+use crate::constraint::Constraint;
 use crate::engine::tokenizer::strip_think;
 use crate::error::InferenceError;
 use crate::request::{FinishReason, GenerateRequest, GenerateResult, Timings, Usage};
@@ -111,7 +112,12 @@ impl VllmConfig {
     }
 }
 
-/// `http(s)://host[:port][/prefix]` without a trailing `/v1` or `/`.
+/// Checks an endpoint URL and returns its base: `http(s)://host[:port][/prefix]` without a
+/// trailing `/v1` or `/`.
+pub fn normalise_endpoint(endpoint: &str) -> Result<String, VllmError> {
+    base_url(endpoint)
+}
+
 fn base_url(endpoint: &str) -> Result<String, VllmError> {
     let bad = |reason: &str| VllmError::Config {
         field: "endpoints",
@@ -350,9 +356,9 @@ impl Inner {
                 return Err(timeout(&endpoint.base, "waiting for a free call slot"));
             };
             self.counters.running.fetch_add(1, Ordering::Relaxed);
-            let attempt =
-                tokio::time::timeout_at(deadline, self.attempt(endpoint, route, &body, submitted))
-                    .await;
+            let constraint = request.constraint.as_ref();
+            let attempt = self.attempt(endpoint, route, &body, constraint, submitted);
+            let attempt = tokio::time::timeout_at(deadline, attempt).await;
             self.counters.running.fetch_sub(1, Ordering::Relaxed);
             let failure = match attempt {
                 Err(_) => {
@@ -432,6 +438,7 @@ impl Inner {
         endpoint: &Endpoint,
         route: Route,
         body: &Value,
+        constraint: Option<&Constraint>,
         submitted: Instant,
     ) -> Result<GenerateResult, AttemptError> {
         let base = &endpoint.base;
@@ -460,7 +467,17 @@ impl Inner {
             return Err(status_error(base, response).await);
         }
         let reply = self.read_stream(base, response, first_token).await?;
-        Ok(result(reply, submitted))
+        let result = result(reply, submitted);
+        if let Some(constraint) = constraint
+            && let Err(reason) = constraint.check(&result.text)
+        {
+            let error = InferenceError::ConstraintViolated {
+                endpoint: base.to_owned(),
+                reason,
+            };
+            return Err(fatal(error, false));
+        }
+        Ok(result)
     }
 
     async fn read_stream(

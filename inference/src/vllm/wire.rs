@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use crate::constraint::Constraint;
 use crate::request::{GenerateRequest, Prompt, TokenLogprob, TopLogprob};
 
 /// Which endpoint a request goes to.
@@ -54,6 +55,15 @@ pub fn body(model: &str, request: &GenerateRequest) -> (Route, Value) {
     }
     if !request.stop_token_ids.is_empty() {
         fields.insert("stop_token_ids".into(), json!(request.stop_token_ids));
+    }
+    if let Some(constraint) = &request.constraint {
+        // vLLM's current key; the older `guided_*` keys are silently ignored by it now.
+        let spec = match constraint {
+            Constraint::Choice(options) => json!({ "choice": options }),
+            Constraint::JsonSchema(schema) => json!({ "json": schema }),
+            Constraint::Regex(pattern) => json!({ "regex": pattern }),
+        };
+        fields.insert("structured_outputs".into(), spec);
     }
     let route = match &request.prompt {
         Prompt::Chat(messages) => {
