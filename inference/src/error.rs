@@ -86,6 +86,19 @@ pub enum InferenceError {
     Protocol { endpoint: String, reason: String },
 }
 
+/// An error and all its sources ("error sending request: connection refused"): the top level
+/// alone often hides the cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 impl From<candle_core::Error> for InferenceError {
     fn from(e: candle_core::Error) -> Self {
         InferenceError::Model(e.to_string())

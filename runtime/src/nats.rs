@@ -177,16 +177,7 @@ pub fn health(client: &async_nats::Client) -> Result<(), String> {
 }
 
 /// An error and all its sources, for logs and for matching on what the server said.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use council_inference::error::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use self::wire::Route;
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
 use crate::constraint::Constraint;
 use crate::engine::tokenizer::strip_think;
-use crate::error::InferenceError;
+use crate::error::{InferenceError, error_chain};
 use crate::request::{FinishReason, GenerateRequest, GenerateResult, Timings, Usage};
 
 /// A bearer key; never printed.
@@ -312,18 +312,6 @@ async fn check_model(
             served: models.into_iter().map(|(id, _)| id).collect(),
         }),
     }
-}
-
-/// A reqwest error with its causes (the top level alone often just says "error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// How one attempt failed.
