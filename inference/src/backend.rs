@@ -6,12 +6,15 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::error::InferenceError;
-use crate::request::{GenerateRequest, GenerateResult};
+use crate::request::{GenerateRequest, GenerateResult, ScoreRequest, ScoreResult};
 
 /// The future of one submitted request. Dropping it cancels the request: the backend stops
 /// spending compute on it by its next step.
 pub type BackendFuture =
     Pin<Box<dyn Future<Output = Result<GenerateResult, InferenceError>> + Send>>;
+
+/// The future of one scoring request; dropping it cancels the request.
+pub type ScoreFuture = Pin<Box<dyn Future<Output = Result<ScoreResult, InferenceError>> + Send>>;
 
 /// Whether a backend can take work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +39,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Submits a request. Validation errors, overload and prompt-too-long come back from the
     /// future without any model compute.
     fn generate(&self, request: GenerateRequest) -> BackendFuture;
+
+    /// Scores candidate continuations of one prompt (log-prob judging): each choice's total
+    /// log-probability, without sampling.
+    fn score(&self, request: ScoreRequest) -> ScoreFuture;
 
     fn health(&self) -> Health;
 

@@ -14,12 +14,12 @@ pub mod rng;
 pub mod tiny;
 pub mod vllm;
 
-pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 pub use constraint::Constraint;
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use error::{InferenceError, LoadError};
 pub use request::{
     ChatMessage, ChatRole, FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling,
-    Timings, TokenLogprob, TopLogprob, Usage,
+    ScoreRequest, ScoreResult, Timings, TokenLogprob, TopLogprob, Usage,
 };
 pub use vllm::{ApiKey, VllmBackend, VllmConfig, VllmError};

@@ -281,3 +281,59 @@ pub struct GenerateResult {
     /// Present when the request asked for `top_logprobs`.
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
+
+/// Candidate continuations of one prompt to score: e.g. "1".."10" after a judging prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    /// A chat prompt is rendered with the assistant turn opened, so a choice is what the
+    /// assistant would say first.
+    pub prompt: Prompt,
+    pub choices: Vec<String>,
+    #[serde(default)]
+    pub enable_thinking: bool,
+}
+
+impl ScoreRequest {
+    pub const MAX_CHOICES: usize = 64;
+
+    pub fn new(prompt: Prompt, choices: Vec<String>) -> Self {
+        Self {
+            prompt,
+            choices,
+            enable_thinking: false,
+        }
+    }
+
+    /// Checks what can be checked without a tokenizer.
+    pub fn validate(&self) -> Result<(), InferenceError> {
+        let bad = |field: &'static str, reason: &str| InferenceError::InvalidRequest {
+            field,
+            reason: reason.to_owned(),
+        };
+        match &self.prompt {
+            Prompt::Chat(m) if m.is_empty() => {
+                return Err(bad("prompt", "chat prompt has no messages"));
+            }
+            Prompt::Tokens(t) if t.is_empty() => {
+                return Err(bad("prompt", "token prompt is empty"));
+            }
+            _ => {}
+        }
+        if self.choices.is_empty() || self.choices.len() > Self::MAX_CHOICES {
+            return Err(bad("choices", "need 1..=64 choices"));
+        }
+        if self.choices.iter().any(String::is_empty) {
+            return Err(bad("choices", "a choice must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// The log-probability of each choice as the continuation of the prompt (the sum over its
+/// tokens), in the order given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResult {
+    pub logprobs: Vec<f64>,
+    /// Prompt tokens of one choice's sequence (prompt plus the longest choice is what ran).
+    pub usage: Usage,
+}

@@ -8,7 +8,9 @@ use council_councils::{
     AgentId, CallKind, CallSampling, Completion, Deliberation, LlmCall, Outcome, Phase, Reply,
     Step, StepError,
 };
-use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
+use council_inference::{
+    Backend, ChatMessage, GenerateRequest, Sampling, ScoreRequest, ScoreResult,
+};
 
 /// The driver could not finish a deliberation (a protocol bug, never a model failure: failed
 /// calls are data inside the outcome).
@@ -48,6 +50,15 @@ fn completion(result: council_inference::GenerateResult) -> Completion {
         prompt_tokens: result.usage.prompt_tokens as u64,
         completion_tokens: result.usage.completion_tokens as u64,
         choice_logprobs: None,
+    }
+}
+
+fn scored(result: ScoreResult) -> Completion {
+    Completion {
+        text: String::new(),
+        prompt_tokens: result.usage.prompt_tokens as u64,
+        completion_tokens: 0,
+        choice_logprobs: Some(result.logprobs),
     }
 }
 
@@ -94,10 +105,16 @@ async fn answer_all(
                     }
                 });
             }
-            CallKind::ScoreChoices { .. } => replies.push(Reply {
-                call: call.id,
-                result: Err("this backend cannot score choices".to_owned()),
-            }),
+            CallKind::ScoreChoices { ref choices } => {
+                let scoring = ScoreRequest::new(request(&call).prompt, choices.clone());
+                let future = backend.score(scoring);
+                tasks.spawn(async move {
+                    Reply {
+                        call: call.id,
+                        result: future.await.map(scored).map_err(|e| e.to_string()),
+                    }
+                });
+            }
         }
     }
     let mut report = |reply: &Reply| {

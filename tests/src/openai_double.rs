@@ -117,6 +117,7 @@ impl OpenAiDouble {
             .route("/health", get(|| async { StatusCode::OK }))
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/completions", post(completions))
+            .route("/tokenize", post(tokenize))
             .with_state(Arc::clone(&shared));
         tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -899,6 +900,50 @@ fn owned(models: &[&str]) -> Vec<String> {
 
 fn json_body_response(status: StatusCode, body: Body) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `POST /tokenize` as vLLM answers it (`{"tokens": [..], "count": n, "max_model_len": ..}`),
+/// with the double's own tokenizer: see [`double_tokens`].
+async fn tokenize(body: Bytes) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "the body is not JSON",
+            "invalid_request",
+        );
+    };
+    let tokens = double_tokens(&request);
+    json_response(
+        StatusCode::OK,
+        &json!({"tokens": tokens, "count": tokens.len(), "max_model_len": 4096}),
+    )
+}
+
+/// The double's tokenizer: one token per character (its code point), of `prompt`, or of
+/// `messages` rendered as `role: content\n` lines followed by `assistant: ` when
+/// `add_generation_prompt` is true. Tests use it to know where a scored choice starts.
+pub fn double_tokens(request: &Value) -> Vec<u32> {
+    let text = match (request["prompt"].as_str(), request["messages"].as_array()) {
+        (Some(prompt), _) => prompt.to_owned(),
+        (None, Some(messages)) => {
+            let mut text: String = messages
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}: {}\n",
+                        m["role"].as_str().unwrap_or_default(),
+                        m["content"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            if request["add_generation_prompt"].as_bool().unwrap_or(false) {
+                text.push_str("assistant: ");
+            }
+            text
+        }
+        (None, None) => String::new(),
+    };
+    text.chars().map(u32::from).collect()
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response {

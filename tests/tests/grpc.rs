@@ -38,6 +38,9 @@ impl Backend for Switchable {
     fn generate(&self, request: GenerateRequest) -> BackendFuture {
         self.inner.generate(request)
     }
+    fn score(&self, request: council_inference::ScoreRequest) -> council_inference::ScoreFuture {
+        self.inner.score(request)
+    }
     fn health(&self) -> Health {
         if self.sick.load(Ordering::SeqCst) {
             Health::Unavailable {

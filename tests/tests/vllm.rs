@@ -490,3 +490,57 @@ async fn structured_output_is_sent_and_a_reply_that_ignores_it_is_an_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn choices_are_scored_from_prompt_logprobs_and_the_log_prob_judge_works() {
+    use council_councils::spec::JudgeMode;
+    use council_inference::{Prompt, ScoreRequest};
+    use council_tests::openai_double::double_tokens;
+    let double = OpenAiDouble::start(&[MODEL]).await;
+    let backend = backend(&double).await;
+    let chat = vec![
+        ChatMessage::system("Judge."),
+        ChatMessage::user("Score it."),
+    ];
+    let scored = backend
+        .score(ScoreRequest::new(
+            Prompt::Chat(chat.clone()),
+            vec!["7".into(), "10".into()],
+        ))
+        .await
+        .expect("scores");
+    // The double's log-prob at position p is -0.1 (p mod 7 + 1); its tokenizer is one token
+    // per character, so the choices start right after the rendered prompt.
+    let rendered = serde_json::json!({
+        "messages": chat.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect::<Vec<_>>(),
+        "add_generation_prompt": true,
+    });
+    let start = double_tokens(&rendered).len();
+    let at = |p: usize| -0.1 * ((p % 7) as f64 + 1.0);
+    let expected = [at(start), at(start) + at(start + 1)];
+    for (got, want) in scored.logprobs.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+    assert_eq!(scored.usage.prompt_tokens, start);
+    let completions = double
+        .bodies()
+        .into_iter()
+        .filter(|b| b.get("prompt_logprobs").is_some())
+        .count();
+    assert_eq!(completions, 2, "one completions call per choice");
+
+    // The councils' log-prob rubric judge runs over the backend.
+    let mut council = default_council(&Role::Qa).expect("council");
+    council.config.judge = JudgeMode::LogProb;
+    council.config.rounds = 0;
+    let config = council.config;
+    let mut task =
+        Task::new(TaskId::new("vllm-judge").expect("id"), "Test a login form.").expect("task");
+    task.rubric = "coverage; clarity".into();
+    let outcome =
+        council_runtime::driver::run(&backend, Deliberation::new(council, task, config, 1))
+            .await
+            .expect("runs");
+    assert_eq!(outcome.usage.failed_calls, 0);
+    assert!(outcome.proposals.iter().all(|p| p.scores.rubric.is_some()));
+}

@@ -28,10 +28,11 @@ use self::loader::{DeviceChoice, LoadedModel, ModelFiles};
 use self::model::{Logits, QwenModel, SeqChunk};
 use self::sampler::Sampler;
 use self::tokenizer::ChatTokenizer;
-use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 use crate::error::{InferenceError, LoadError};
 use crate::request::{
-    FinishReason, GenerateRequest, GenerateResult, Prompt, Timings, TokenLogprob, Usage,
+    FinishReason, GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult, Timings,
+    TokenLogprob, Usage,
 };
 
 /// Limits of one engine.
@@ -115,6 +116,25 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
+/// Choices to score after one prompt, on their way to the engine thread.
+#[derive(Debug)]
+struct ScoreJob {
+    prompt: Vec<u32>,
+    /// Token ids of each choice.
+    choices: Vec<Vec<u32>>,
+    /// Log-probabilities found so far, one per scored choice.
+    scores: Vec<f64>,
+    reply: oneshot::Sender<Result<ScoreResult, InferenceError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the engine thread is asked to do.
+#[derive(Debug)]
+enum Command {
+    Generate(Job),
+    Score(ScoreJob),
+}
+
 /// The in-process engine.
 #[derive(Debug)]
 pub struct Engine;
@@ -172,6 +192,7 @@ impl Engine {
             pool,
             tokenizer: tokenizer.clone(),
             rx,
+            scoring: VecDeque::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             context_window,
@@ -195,7 +216,7 @@ impl Engine {
 
 #[derive(Debug)]
 struct HandleInner {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Command>,
     permits: Arc<Semaphore>,
     max_pending: usize,
     tokenizer: Arc<ChatTokenizer>,
@@ -269,15 +290,7 @@ impl EngineHandle {
                 context_window: window,
             });
         }
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| InferenceError::Overloaded {
-                pending: self.inner.max_pending - self.inner.permits.available_permits(),
-                limit: self.inner.max_pending,
-            })?;
+        let permit = self.permit()?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             prompt,
@@ -286,13 +299,68 @@ impl EngineHandle {
             submitted,
             _permit: permit,
         };
-        self.inner.tx.try_send(job).map_err(|e| match e {
+        self.send(Command::Generate(job))?;
+        Ok(rx)
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, InferenceError> {
+        self.inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferenceError::Overloaded {
+                pending: self.inner.max_pending - self.inner.permits.available_permits(),
+                limit: self.inner.max_pending,
+            })
+    }
+
+    fn send(&self, command: Command) -> Result<(), InferenceError> {
+        self.inner.tx.try_send(command).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InferenceError::Overloaded {
                 pending: self.inner.max_pending,
                 limit: self.inner.max_pending,
             },
             mpsc::error::TrySendError::Closed(_) => InferenceError::EngineStopped,
-        })?;
+        })
+    }
+
+    /// Tokenizes and checks a scoring request, then queues it.
+    fn submit_score(
+        &self,
+        request: ScoreRequest,
+    ) -> Result<oneshot::Receiver<Result<ScoreResult, InferenceError>>, InferenceError> {
+        request.validate()?;
+        let mut as_generation = GenerateRequest::new(request.prompt.clone(), 1);
+        as_generation.enable_thinking = request.enable_thinking;
+        let prompt = self.prompt_tokens(&as_generation)?;
+        let choices = request
+            .choices
+            .iter()
+            .map(|c| self.inner.tokenizer.encode(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        if choices.iter().any(Vec::is_empty) {
+            return Err(InferenceError::InvalidRequest {
+                field: "choices",
+                reason: "a choice encodes to no tokens".into(),
+            });
+        }
+        let longest = prompt.len() + choices.iter().map(Vec::len).max().unwrap_or(0);
+        let window = self.inner.info.context_window;
+        if longest > window {
+            return Err(InferenceError::PromptTooLong {
+                prompt_tokens: longest,
+                context_window: window,
+            });
+        }
+        let permit = self.permit()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Score(ScoreJob {
+            prompt,
+            scores: Vec::with_capacity(choices.len()),
+            choices,
+            reply,
+            _permit: permit,
+        }))?;
         Ok(rx)
     }
 }
@@ -301,6 +369,14 @@ impl Backend for EngineHandle {
     fn generate(&self, request: GenerateRequest) -> BackendFuture {
         // Admission happens now, not at first poll, so overload is reported at once.
         let submitted = self.submit(request);
+        Box::pin(async move {
+            let rx = submitted?;
+            rx.await.map_err(|_| InferenceError::EngineStopped)?
+        })
+    }
+
+    fn score(&self, request: ScoreRequest) -> ScoreFuture {
+        let submitted = self.submit_score(request);
         Box::pin(async move {
             let rx = submitted?;
             rx.await.map_err(|_| InferenceError::EngineStopped)?
@@ -406,7 +482,9 @@ struct Worker {
     model: QwenModel,
     pool: KvPool,
     tokenizer: Arc<ChatTokenizer>,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Command>,
+    /// Scoring requests, served ahead of generation admissions (each is one forward).
+    scoring: VecDeque<ScoreJob>,
     waiting: VecDeque<Job>,
     running: Vec<Sequence>,
     context_window: usize,
@@ -417,22 +495,84 @@ impl Worker {
     fn run(mut self) {
         let _span = tracing::info_span!("engine").entered();
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.scoring.is_empty() {
                 match self.rx.blocking_recv() {
-                    Some(job) => self.waiting.push_back(job),
+                    Some(command) => self.take(command),
                     None => break,
                 }
             }
-            while let Ok(job) = self.rx.try_recv() {
-                self.waiting.push_back(job);
+            while let Ok(command) = self.rx.try_recv() {
+                self.take(command);
             }
             self.drop_cancelled();
+            self.score_next();
             self.admit();
             if !self.running.is_empty() {
                 self.step();
             }
         }
         tracing::info!("engine stopped: every handle is gone");
+    }
+
+    fn take(&mut self, command: Command) {
+        match command {
+            Command::Generate(job) => self.waiting.push_back(job),
+            Command::Score(job) => self.scoring.push_back(job),
+        }
+    }
+
+    /// Scores as many choices of the first scoring request as there are free KV slots, all in
+    /// one forward (each choice after its own copy of the prompt); answers it when all are done.
+    fn score_next(&mut self) {
+        self.scoring.retain(|job| !job.reply.is_closed());
+        let Some(job) = self.scoring.front_mut() else {
+            return;
+        };
+        let todo = (job.choices.len() - job.scores.len()).min(self.pool.free_slots());
+        if todo == 0 {
+            return;
+        }
+        let batch = &job.choices[job.scores.len()..job.scores.len() + todo];
+        let outcome = score_batch(&self.model, &mut self.pool, &job.prompt, batch);
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .batched
+            .fetch_add(todo as u64, Ordering::Relaxed);
+        let prefilled: usize = batch.iter().map(|c| job.prompt.len() + c.len()).sum();
+        self.counters
+            .prompt_tokens
+            .fetch_add(prefilled as u64, Ordering::Relaxed);
+        let failed = match outcome {
+            Ok(scores) => {
+                job.scores.extend(scores);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if failed.is_none() && job.scores.len() < job.choices.len() {
+            return;
+        }
+        let Some(job) = self.scoring.pop_front() else {
+            return;
+        };
+        let result = match failed {
+            Some(e) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                Err(InferenceError::Model(e.to_string()))
+            }
+            None => {
+                self.counters.finished.fetch_add(1, Ordering::Relaxed);
+                Ok(ScoreResult {
+                    usage: Usage {
+                        prompt_tokens: job.prompt.len(),
+                        cached_prompt_tokens: 0,
+                        completion_tokens: 0,
+                    },
+                    logprobs: job.scores,
+                })
+            }
+        };
+        let _ = job.reply.send(result);
     }
 
     fn drop_cancelled(&mut self) {
@@ -630,4 +770,65 @@ pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result
     model
         .forward(tokens, &[chunk], Logits::All, &pool)?
         .to_vec2::<f32>()
+}
+
+/// Log-probability of each choice after `prompt`: one forward over `prompt + choice` per
+/// choice, each in a slot of its own, keeping only the rows that predict the choice's tokens.
+fn score_batch(
+    model: &QwenModel,
+    pool: &mut KvPool,
+    prompt: &[u32],
+    choices: &[Vec<u32>],
+) -> candle_core::Result<Vec<f64>> {
+    let mut slots = Vec::with_capacity(choices.len());
+    for _ in choices {
+        match pool.allocate()? {
+            Some(slot) => slots.push(slot),
+            None => break,
+        }
+    }
+    let result = score_in_slots(model, pool, prompt, &choices[..slots.len()], &slots);
+    for slot in slots {
+        pool.release(slot);
+    }
+    result
+}
+
+fn score_in_slots(
+    model: &QwenModel,
+    pool: &KvPool,
+    prompt: &[u32],
+    choices: &[Vec<u32>],
+    slots: &[SlotId],
+) -> candle_core::Result<Vec<f64>> {
+    let mut tokens = Vec::new();
+    let mut chunks = Vec::with_capacity(choices.len());
+    let mut rows = Vec::new();
+    for (choice, &slot) in choices.iter().zip(slots) {
+        let offset = tokens.len() as u32;
+        tokens.extend_from_slice(prompt);
+        tokens.extend_from_slice(choice);
+        // Row p predicts token p + 1: the choice's tokens are predicted by the rows from the
+        // prompt's last token to the choice's second-to-last.
+        let first = offset + prompt.len() as u32 - 1;
+        rows.extend(first..first + choice.len() as u32);
+        chunks.push(SeqChunk {
+            slot,
+            start: 0,
+            len: prompt.len() + choice.len(),
+        });
+    }
+    let logits = model.forward(&tokens, &chunks, Logits::Rows(&rows), pool)?;
+    let mut row = 0;
+    let mut scores = Vec::with_capacity(choices.len());
+    for choice in choices {
+        let mut total = 0.0;
+        for &token in choice {
+            let values = model::logits_row(&logits, row)?;
+            total += f64::from(sampler::token_logprob(&values, token, 0).logprob);
+            row += 1;
+        }
+        scores.push(total);
+    }
+    Ok(scores)
 }

@@ -22,11 +22,14 @@ pub struct SeqChunk {
 
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
+pub enum Logits<'a> {
     /// One row per chunk: the logits after its last new token (what generation needs).
     Last,
     /// One row per new token, in packed order.
     All,
+    /// These rows of the packed tokens, in this order (what scoring needs: the LM head runs
+    /// on them only).
+    Rows(&'a [u32]),
 }
 
 /// Rows up to which a projection is computed as `(W·xᵀ)ᵀ` (see [`Proj::forward`]).
@@ -399,6 +402,7 @@ impl QwenModel {
         }
         let x = match logits {
             Logits::All => x,
+            Logits::Rows(rows) => x.index_select(&Tensor::new(rows, &self.device)?, 0)?,
             Logits::Last => {
                 let mut last = Vec::with_capacity(chunks.len());
                 let mut end = 0u32;

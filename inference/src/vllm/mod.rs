@@ -18,11 +18,14 @@ use tokio::sync::Semaphore;
 
 use self::policy::{Breaker, BreakerPolicy, RetryPolicy};
 use self::wire::Route;
-use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo};
+use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 use crate::constraint::Constraint;
 use crate::engine::tokenizer::strip_think;
 use crate::error::{InferenceError, error_chain};
-use crate::request::{FinishReason, GenerateRequest, GenerateResult, Timings, Usage};
+use crate::request::{
+    FinishReason, GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult, Timings,
+    Usage,
+};
 
 /// A bearer key; never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -332,36 +335,54 @@ enum AttemptError {
 impl Inner {
     async fn generate(&self, request: GenerateRequest) -> Result<GenerateResult, InferenceError> {
         let submitted = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let (route, body) = wire::body(&self.config.model, &request);
+        let constraint = request.constraint.as_ref();
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let result = self
+            .call(deadline, |endpoint| {
+                self.attempt(endpoint, route, &body, constraint, submitted)
+            })
+            .await?;
+        self.count(&result);
+        Ok(result)
+    }
+
+    /// Runs `attempt` on a healthy endpoint under its call limit, retrying where safe, until
+    /// it succeeds, fails for good, or `deadline` passes.
+    async fn call<'a, T, F, Fut>(
+        &'a self,
+        deadline: tokio::time::Instant,
+        attempt: F,
+    ) -> Result<T, InferenceError>
+    where
+        F: Fn(&'a Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T, AttemptError>>,
+    {
         let mut retry = 0;
         loop {
             let endpoint = self.pick()?;
             self.counters.waiting.fetch_add(1, Ordering::Relaxed);
             let permit = tokio::time::timeout_at(deadline, endpoint.permits.acquire()).await;
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
-            let Ok(Ok(_permit)) = permit else {
+            let Ok(Ok(permit)) = permit else {
                 return Err(timeout(&endpoint.base, "waiting for a free call slot"));
             };
             self.counters.running.fetch_add(1, Ordering::Relaxed);
-            let constraint = request.constraint.as_ref();
-            let attempt = self.attempt(endpoint, route, &body, constraint, submitted);
-            let attempt = tokio::time::timeout_at(deadline, attempt).await;
+            let outcome = tokio::time::timeout_at(deadline, attempt(endpoint)).await;
             self.counters.running.fetch_sub(1, Ordering::Relaxed);
-            let failure = match attempt {
+            drop(permit);
+            let failure = match outcome {
                 Err(_) => {
                     endpoint.record(false, self.config.breaker);
                     return Err(timeout(&endpoint.base, "the request deadline"));
                 }
-                Ok(Ok(result)) => {
+                Ok(Ok(value)) => {
                     endpoint.record(true, self.config.breaker);
-                    self.count(&result);
-                    return Ok(result);
+                    return Ok(value);
                 }
                 Ok(Err(failure)) => failure,
             };
-            drop(_permit);
-            match failure {
+            let (error, retry_after) = match failure {
                 AttemptError::Fatal {
                     error,
                     endpoint_fault,
@@ -371,22 +392,111 @@ impl Inner {
                     }
                     return Err(error);
                 }
-                AttemptError::Retryable { error, retry_after } => {
-                    endpoint.record(false, self.config.breaker);
-                    let unit = self.jitter.lock().map(|mut r| r.next_f64()).unwrap_or(0.5);
-                    let wait = (retry < self.config.retry.max_retries)
-                        .then(|| self.config.retry.wait(retry, retry_after, unit))
-                        .flatten();
-                    let Some(wait) = wait else { return Err(error) };
-                    if tokio::time::Instant::now() + wait >= deadline {
-                        return Err(error);
-                    }
-                    tracing::debug!(endpoint = %endpoint.base, retry, ?wait, %error, "retrying");
-                    tokio::time::sleep(wait).await;
-                    retry += 1;
-                }
+                AttemptError::Retryable { error, retry_after } => (error, retry_after),
+            };
+            endpoint.record(false, self.config.breaker);
+            let unit = self.jitter.lock().map(|mut r| r.next_f64()).unwrap_or(0.5);
+            let wait = (retry < self.config.retry.max_retries)
+                .then(|| self.config.retry.wait(retry, retry_after, unit))
+                .flatten();
+            let Some(wait) = wait else { return Err(error) };
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(error);
             }
+            tracing::debug!(endpoint = %endpoint.base, retry, ?wait, %error, "retrying");
+            tokio::time::sleep(wait).await;
+            retry += 1;
         }
+    }
+
+    /// One JSON POST to `path`, not streamed, answered within the first-token timeout.
+    async fn post_json(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, AttemptError> {
+        let base = &endpoint.base;
+        let mut request = self.client.post(format!("{base}{path}")).json(body);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        let response =
+            match tokio::time::timeout(self.config.first_token_timeout, request.send()).await {
+                Err(_) => return Err(fatal(timeout(base, "the response"), true)),
+                Ok(Err(e)) if e.is_connect() => {
+                    return Err(AttemptError::Retryable {
+                        error: unavailable(base, error_chain(&e)),
+                        retry_after: None,
+                    });
+                }
+                Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
+                Ok(Ok(response)) => response,
+            };
+        if !response.status().is_success() {
+            return Err(status_error(base, response).await);
+        }
+        let text = tokio::time::timeout(self.config.idle_timeout, response.text())
+            .await
+            .map_err(|_| fatal(timeout(base, "the response body"), true))?
+            .map_err(|e| fatal(unavailable(base, error_chain(&e)), true))?;
+        serde_json::from_str(&text).map_err(|e| {
+            fatal(
+                protocol(base, format!("the response is not JSON ({e})")),
+                true,
+            )
+        })
+    }
+
+    /// POSTs `body` to `path` on a healthy endpoint, with the usual retries and limits.
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, InferenceError> {
+        self.call(deadline, |endpoint| self.post_json(endpoint, path, body))
+            .await
+    }
+
+    /// Scores choices: the prompt and each choice are tokenized by the server (`/tokenize`),
+    /// then each `prompt + choice` is sent to `/v1/completions` with `prompt_logprobs`, and
+    /// the log-probs of the choice's tokens are summed. The server's prefix cache computes the
+    /// shared prompt once.
+    async fn score(&self, request: ScoreRequest) -> Result<ScoreResult, InferenceError> {
+        request.validate()?;
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let prompt = match &request.prompt {
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Chat(_) => {
+                let body = wire::tokenize_prompt(&self.config.model, &request);
+                let answer = self.post("/tokenize", &body, deadline).await?;
+                wire::tokens(&answer).map_err(|e| protocol(&self.info.device, e.0))?
+            }
+        };
+        let mut scores = Vec::with_capacity(request.choices.len());
+        for choice in &request.choices {
+            let body = wire::tokenize_text(&self.config.model, choice);
+            let answer = self.post("/tokenize", &body, deadline).await?;
+            let ids = wire::tokens(&answer).map_err(|e| protocol(&self.info.device, e.0))?;
+            let mut sequence = prompt.clone();
+            sequence.extend_from_slice(&ids);
+            let body = wire::prompt_logprobs_body(&self.config.model, &sequence);
+            let answer = self
+                .post(Route::Completions.path(), &body, deadline)
+                .await?;
+            let logprobs = wire::prompt_logprobs(&answer, &sequence)
+                .map_err(|e| protocol(&self.info.device, e.0))?;
+            scores.push(logprobs[prompt.len()..].iter().sum());
+        }
+        Ok(ScoreResult {
+            logprobs: scores,
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                cached_prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+        })
     }
 
     /// The least busy endpoint whose breaker lets calls through (round robin among equals).
@@ -617,6 +727,11 @@ impl Backend for VllmBackend {
             request.validate()?;
             inner.generate(request).await
         })
+    }
+
+    fn score(&self, request: ScoreRequest) -> ScoreFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.score(request).await })
     }
 
     fn health(&self) -> Health {

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::constraint::Constraint;
-use crate::request::{GenerateRequest, Prompt, TokenLogprob, TopLogprob};
+use crate::request::{GenerateRequest, Prompt, ScoreRequest, TokenLogprob, TopLogprob};
 
 /// Which endpoint a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +289,88 @@ pub fn models(body: &Value) -> Result<Vec<(String, Option<usize>)>, ProtocolErro
             Some((id, m["max_model_len"].as_u64().map(|n| n as usize)))
         })
         .collect())
+}
+
+/// `/tokenize` body for a scoring request's chat prompt, with the assistant turn opened.
+pub fn tokenize_prompt(model: &str, request: &ScoreRequest) -> Value {
+    let messages: Vec<Value> = match &request.prompt {
+        Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| json!({ "role": m.role.as_str(), "content": m.content }))
+            .collect(),
+        Prompt::Tokens(_) => Vec::new(),
+    };
+    json!({
+        "model": model,
+        "messages": messages,
+        "add_generation_prompt": true,
+        "chat_template_kwargs": { "enable_thinking": request.enable_thinking },
+    })
+}
+
+/// `/tokenize` body for a continuation's text (no special tokens added).
+pub fn tokenize_text(model: &str, text: &str) -> Value {
+    json!({ "model": model, "prompt": text, "add_special_tokens": false })
+}
+
+/// The token ids of a `/tokenize` answer.
+pub fn tokens(answer: &Value) -> Result<Vec<u32>, ProtocolError> {
+    answer["tokens"]
+        .as_array()
+        .ok_or_else(|| ProtocolError("the /tokenize answer has no `tokens` array".into()))?
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(|| ProtocolError(format!("token {t} is not a token id")))
+        })
+        .collect()
+}
+
+/// `/v1/completions` body that returns the log-prob of every prompt token and generates one.
+pub fn prompt_logprobs_body(model: &str, sequence: &[u32]) -> Value {
+    json!({
+        "model": model,
+        "prompt": sequence,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": 0,
+        "stream": false,
+    })
+}
+
+/// The log-prob of each token of `sequence` after the first, from a completions answer's
+/// `prompt_logprobs` (`[null, {"<id>": {"logprob": …}}, …]`); index i is token i's (0 for the
+/// first, which has none).
+pub fn prompt_logprobs(answer: &Value, sequence: &[u32]) -> Result<Vec<f64>, ProtocolError> {
+    let entries = answer["choices"][0]["prompt_logprobs"]
+        .as_array()
+        .or_else(|| answer["prompt_logprobs"].as_array())
+        .ok_or_else(|| {
+            ProtocolError(
+                "the answer has no prompt_logprobs (does the server support them?)".into(),
+            )
+        })?;
+    if entries.len() != sequence.len() {
+        return Err(ProtocolError(format!(
+            "{} prompt log-probs for {} prompt tokens",
+            entries.len(),
+            sequence.len()
+        )));
+    }
+    entries
+        .iter()
+        .zip(sequence)
+        .enumerate()
+        .map(|(i, (entry, id))| {
+            if i == 0 {
+                return Ok(0.0);
+            }
+            entry[id.to_string()]["logprob"].as_f64().ok_or_else(|| {
+                ProtocolError(format!("no log-prob for prompt token {id} at position {i}"))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,7 +18,10 @@ use council_councils::prompts::{self, Message};
 use council_councils::rng::{hash_str, mix};
 use council_councils::spec::{AgentSpec, CouncilSpec};
 use council_councils::{CallSampling, Deliberation, OutcomeStatus, Phase, Role, Task, TaskId};
-use council_inference::{Backend, BackendFuture, BackendLoad, GenerateRequest, Health, ModelInfo};
+use council_inference::{
+    Backend, BackendFuture, BackendLoad, GenerateRequest, Health, ModelInfo, ScoreFuture,
+    ScoreRequest,
+};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
@@ -174,6 +177,29 @@ impl Backend for Metered {
                     tally
                         .completion
                         .fetch_add(u.completion_tokens as u64, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            result
+        })
+    }
+
+    fn score(&self, request: ScoreRequest) -> ScoreFuture {
+        let (inner, permits, tally) = (
+            self.inner.clone(),
+            self.in_flight.clone(),
+            self.tally.clone(),
+        );
+        Box::pin(async move {
+            let _permit = permits.acquire_owned().await.ok();
+            let result = inner.score(request).await;
+            tally.calls.fetch_add(1, Ordering::Relaxed);
+            match &result {
+                Ok(r) => {
+                    let prompt = r.usage.prompt_tokens as u64;
+                    tally.prompt.fetch_add(prompt, Ordering::Relaxed);
                 }
                 Err(_) => {
                     tally.failed.fetch_add(1, Ordering::Relaxed);
