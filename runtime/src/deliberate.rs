@@ -5,7 +5,7 @@ use anyhow::Context;
 use council_councils::checks::CheckStatus;
 use council_councils::parse::AnswerFormat;
 use council_councils::personas::council_of;
-use council_councils::spec::{DeliberationConfig, Visibility};
+use council_councils::spec::{DeliberationConfig, JudgeMode, Visibility};
 use council_councils::{Deliberation, Outcome, OutcomeStatus, Role, Task, TaskId};
 use serde_json::json;
 
@@ -43,11 +43,31 @@ pub struct DeliberateArgs {
     pub token_budget: Option<u64>,
     #[arg(long, default_value_t = 256)]
     pub max_tokens_per_call: u32,
+    /// How rubric criteria are judged: scores written in the reply, or the expected value of
+    /// the log-probabilities of "1".."10".
+    #[arg(long, value_enum, default_value_t = Judge::Text)]
+    pub judge: Judge,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--judge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Judge {
+    Text,
+    Logprob,
+}
+
+impl From<Judge> for JudgeMode {
+    fn from(judge: Judge) -> Self {
+        match judge {
+            Judge::Text => JudgeMode::Text,
+            Judge::Logprob => JudgeMode::LogProb,
+        }
+    }
 }
 
 fn visibility(s: &str) -> anyhow::Result<Visibility> {
@@ -79,6 +99,7 @@ pub fn build(args: &DeliberateArgs) -> anyhow::Result<Deliberation> {
         visibility: visibility(&args.visibility)?,
         token_budget: args.token_budget,
         max_tokens_per_call: args.max_tokens_per_call,
+        judge: args.judge.into(),
         ..council.config
     };
     config.validate().context("deliberation config")?;

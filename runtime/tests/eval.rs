@@ -391,7 +391,14 @@ fn task_files_with_free_form_tasks_are_judged_by_the_council() {
     let out = dir.path().join("run");
     let out_str = out.to_str().expect("utf-8");
     let tasks_str = tasks.to_str().expect("utf-8");
-    let extra = ["--tasks", tasks_str, "--arms", "council,majority,single"];
+    let extra = [
+        "--tasks",
+        tasks_str,
+        "--arms",
+        "council,majority,single",
+        "--judge",
+        "logprob",
+    ];
     let done = run(&eval_args(&model, out_str, &extra));
     assert!(done.status.success(), "{}", text(&done.stderr));
     let pairs = by_pair(&lines(&out));
@@ -404,6 +411,13 @@ fn task_files_with_free_form_tasks_are_judged_by_the_council() {
     assert!(
         free["score"].is_number() && free["margin"].is_number(),
         "{free}"
+    );
+    // The log-prob judge scored the rubric ("safety; cost") of every peer's proposal.
+    let transcript = json_file(&out.join(free["transcript"].as_str().expect("path")));
+    let proposals = transcript["proposals"].as_array().expect("proposals");
+    assert!(
+        proposals.iter().all(|p| p["scores"]["rubric"].is_number()),
+        "{proposals:?}"
     );
     assert_eq!(get("design", "majority")["status"]["state"], "skipped");
     assert_eq!(u(&get("design", "majority")["calls"]), 0);

@@ -16,7 +16,7 @@ use council_councils::parse::extract_answer;
 use council_councils::personas::council_of;
 use council_councils::prompts::{self, Message};
 use council_councils::rng::{hash_str, mix};
-use council_councils::spec::{AgentSpec, CouncilSpec};
+use council_councils::spec::{AgentSpec, CouncilSpec, JudgeMode};
 use council_councils::{CallSampling, Deliberation, OutcomeStatus, Phase, Role, Task, TaskId};
 use council_inference::{
     Backend, BackendFuture, BackendLoad, GenerateRequest, Health, ModelInfo, ScoreFuture,
@@ -41,6 +41,8 @@ pub struct Plan {
     /// Upper bound on the samples of one majority vote.
     pub max_vote_samples: u64,
     pub max_tokens_per_call: u32,
+    /// How the council judges rubric criteria.
+    pub judge: JudgeMode,
     pub seed: u64,
 }
 
@@ -54,6 +56,7 @@ impl Plan {
         let mut council = council_of(&role, self.agents).map_err(|e| e.to_string())?;
         council.config.rounds = self.rounds;
         council.config.max_tokens_per_call = self.max_tokens_per_call;
+        council.config.judge = self.judge;
         council.config.validate().map_err(|e| e.to_string())?;
         Ok(council)
     }
@@ -73,11 +76,24 @@ impl Plan {
         mix(&[self.seed, hash_str(&item.id)])
     }
 
-    /// Calls a council makes on an item when every round runs and every agent answers.
-    pub fn planned_council_calls(&self) -> u64 {
+    /// Calls a council makes on an item when every round runs and every agent answers: a
+    /// proposal, a critique and a revision per round, a ranking per judge, and with the
+    /// log-prob judge one scoring call per judge, peer and criterion.
+    pub fn planned_council_calls(&self, item: &EvalItem) -> u64 {
         let agents = self.agents as u64;
-        let judges = if agents >= 2 { agents } else { 0 };
-        agents * (1 + 2 * u64::from(self.rounds)) + judges
+        if agents < 2 {
+            return agents;
+        }
+        let choice_calls = match self.judge {
+            JudgeMode::Text => 0,
+            JudgeMode::LogProb => {
+                let criteria = self.task(item).map_or(0, |t| t.criteria().len());
+                // A task without a rubric is judged on the three default criteria.
+                let criteria = if criteria == 0 { 3 } else { criteria } as u64;
+                agents * (agents - 1) * criteria
+            }
+        };
+        agents * (1 + 2 * u64::from(self.rounds)) + agents + choice_calls
     }
 
     /// Sampling of `agent`'s call, exactly as the council seeds it.

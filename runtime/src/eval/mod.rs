@@ -80,6 +80,9 @@ pub struct EvalArgs {
     pub max_vote_samples: u64,
     #[arg(long, default_value_t = 256)]
     pub max_tokens_per_call: u32,
+    /// How the council judges rubric criteria: written scores, or log-prob expected scores.
+    #[arg(long, value_enum, default_value_t = crate::deliberate::Judge::Text)]
+    pub judge: crate::deliberate::Judge,
     /// Items in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -146,6 +149,7 @@ fn prepare(args: &EvalArgs) -> anyhow::Result<Prepared> {
         },
         max_vote_samples: args.max_vote_samples,
         max_tokens_per_call: args.max_tokens_per_call,
+        judge: args.judge.into(),
         seed: args.seed,
     };
     let (mut items, source) = match (&args.suite, &args.tasks) {
@@ -206,6 +210,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         vote_match: prepared.plan.vote_match,
         max_vote_samples: prepared.plan.max_vote_samples,
         max_tokens_per_call: prepared.plan.max_tokens_per_call,
+        judge: format!("{:?}", prepared.plan.judge).to_lowercase(),
     };
     let (mut out, existing) = OutDir::open(&args.out, &settings, args.resume)?;
     let (backend, _, _) = runtime.block_on(args.model.start_backend())?;
@@ -473,7 +478,7 @@ impl ItemWork {
             }
             if self.wants(Arm::Majority) {
                 let target = target.unwrap_or(Target {
-                    calls: plan.planned_council_calls(),
+                    calls: plan.planned_council_calls(item),
                     tokens: None,
                 });
                 self.send(arms::majority(self.meter(), plan, item, target).await);

@@ -30,6 +30,9 @@ pub struct Settings {
     pub vote_match: BudgetKind,
     pub max_vote_samples: u64,
     pub max_tokens_per_call: u32,
+    /// The council's rubric judge ("text" or "logprob").
+    #[serde(default)]
+    pub judge: String,
 }
 
 impl Settings {
