@@ -1033,7 +1033,11 @@ async fn reflection_can_be_switched_off() {
 
 #[tokio::test]
 async fn shutdown_lets_running_deliberations_finish_within_the_grace_period() {
-    let mut s = start(Limits::default()).await;
+    // A grace period far longer than the deliberation, so a loaded machine (CI's two cores
+    // running other test binaries) cannot turn "finishes within the grace" into a timeout.
+    let mut options = Options::new(Limits::default());
+    options.grace = Duration::from_secs(300);
+    let mut s = start_with(options).await;
     let mut client = s.client.clone();
     let call = tokio::spawn(async move { client.deliberate(request("graceful", "DEV", 1)).await });
     s.wait_record("graceful", |r| r.status() == DeliberationStatus::InProgress)
