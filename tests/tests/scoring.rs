@@ -46,6 +46,15 @@ async fn choice_logprobs_match_an_independent_forward() {
     let scored = wide.score(request.clone()).await.expect("scores");
     let one_by_one = narrow.score(request).await.expect("scores");
     assert_eq!(scored.logprobs.len(), choices.len());
+    // With free slots the prompt is prefilled once and shared; with one slot, once per choice.
+    let encoded: Vec<Vec<u32>> = choices
+        .iter()
+        .map(|c| loaded.tokenizer.encode(c).expect("encodes"))
+        .collect();
+    let tails: usize = encoded.iter().map(|ids| ids.len() - 1).sum();
+    assert_eq!(wide.stats().prompt_tokens as usize, base.len() + tails);
+    let whole: usize = encoded.iter().map(|ids| base.len() + ids.len()).sum();
+    assert_eq!(narrow.stats().prompt_tokens as usize, whole);
     assert_eq!(scored.usage.prompt_tokens, base.len());
     for (i, choice) in choices.iter().enumerate() {
         let ids = loaded.tokenizer.encode(choice).expect("encodes");

@@ -122,6 +122,19 @@ impl KvPool {
     }
 
     /// Keys and values of positions `0..len` of `layer` in `slot`, `[kv_heads, len, head_dim]`.
+    /// Copies the first `len` positions of `from` into `to` (a sequence that starts with the
+    /// same tokens then needs no prefill of them).
+    pub fn copy_prefix(&self, from: SlotId, to: SlotId, len: usize) -> candle_core::Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        for layer in 0..self.shape.layers {
+            let (k, v) = self.read(layer, from, len)?;
+            self.write(layer, to, 0, &k.contiguous()?, &v.contiguous()?)?;
+        }
+        Ok(())
+    }
+
     pub fn read(
         &self,
         layer: usize,
@@ -162,6 +175,17 @@ mod tests {
         assert!(
             pool.write(0, a, 3, &k, &k).is_err(),
             "write past capacity must fail"
+        );
+        pool.copy_prefix(a, b, 3)?;
+        let (ak, av) = pool.read(0, a, 3)?;
+        let (bk, bv) = pool.read(0, b, 3)?;
+        assert_eq!(
+            bk.flatten_all()?.to_vec1::<f32>()?,
+            ak.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert_eq!(
+            bv.flatten_all()?.to_vec1::<f32>()?,
+            av.flatten_all()?.to_vec1::<f32>()?
         );
         pool.release(a);
         assert_eq!(pool.allocate()?, Some(a));

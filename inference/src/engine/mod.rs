@@ -528,17 +528,32 @@ impl Worker {
         let Some(job) = self.scoring.front_mut() else {
             return;
         };
-        let todo = (job.choices.len() - job.scores.len()).min(self.pool.free_slots());
-        if todo == 0 {
-            return;
-        }
-        let batch = &job.choices[job.scores.len()..job.scores.len() + todo];
-        let outcome = score_batch(&self.model, &mut self.pool, &job.prompt, batch);
+        let free = self.pool.free_slots();
+        let left = &job.choices[job.scores.len()..];
+        // With two slots or more the prompt is prefilled once and its KV copied to each
+        // choice; with one, each choice runs after its own copy of the prompt.
+        let (outcome, prefilled) = match free {
+            0 => return,
+            1 => {
+                let batch = &left[..1];
+                let tokens = job.prompt.len() + batch[0].len();
+                (
+                    score_batch(&self.model, &mut self.pool, &job.prompt, batch),
+                    tokens,
+                )
+            }
+            _ => {
+                let batch = &left[..left.len().min(free - 1)];
+                let tails: usize = batch.iter().map(|c| c.len() - 1).sum();
+                let tokens = job.prompt.len() + tails;
+                (
+                    score_shared(&self.model, &mut self.pool, &job.prompt, batch),
+                    tokens,
+                )
+            }
+        };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .batched
-            .fetch_add(todo as u64, Ordering::Relaxed);
-        let prefilled: usize = batch.iter().map(|c| job.prompt.len() + c.len()).sum();
+        self.counters.batched.fetch_add(1, Ordering::Relaxed);
         self.counters
             .prompt_tokens
             .fetch_add(prefilled as u64, Ordering::Relaxed);
@@ -825,6 +840,88 @@ fn score_in_slots(
         let mut total = 0.0;
         for &token in choice {
             let values = model::logits_row(&logits, row)?;
+            total += f64::from(sampler::token_logprob(&values, token, 0).logprob);
+            row += 1;
+        }
+        scores.push(total);
+    }
+    Ok(scores)
+}
+
+/// Log-probability of each choice after `prompt`, the prompt prefilled once: its last row
+/// scores every choice's first token; its KV is copied into a slot per choice, and one forward
+/// over the choices' remaining tokens scores the rest. Needs `choices.len() + 1` free slots.
+fn score_shared(
+    model: &QwenModel,
+    pool: &mut KvPool,
+    prompt: &[u32],
+    choices: &[Vec<u32>],
+) -> candle_core::Result<Vec<f64>> {
+    let mut slots = Vec::with_capacity(choices.len() + 1);
+    for _ in 0..=choices.len() {
+        match pool.allocate()? {
+            Some(slot) => slots.push(slot),
+            None => break,
+        }
+    }
+    let result = match slots.split_first() {
+        Some((&prompt_slot, choice_slots)) if !choice_slots.is_empty() => {
+            let choices = &choices[..choice_slots.len()];
+            shared_in_slots(model, pool, prompt, choices, prompt_slot, choice_slots)
+        }
+        _ => Err(candle_core::Error::Msg("no KV slots to score in".into())),
+    };
+    for slot in slots {
+        pool.release(slot);
+    }
+    result
+}
+
+fn shared_in_slots(
+    model: &QwenModel,
+    pool: &KvPool,
+    prompt: &[u32],
+    choices: &[Vec<u32>],
+    prompt_slot: SlotId,
+    choice_slots: &[SlotId],
+) -> candle_core::Result<Vec<f64>> {
+    let whole = SeqChunk {
+        slot: prompt_slot,
+        start: 0,
+        len: prompt.len(),
+    };
+    let last = [prompt.len() as u32 - 1];
+    let first = model.forward(prompt, &[whole], Logits::Rows(&last), pool)?;
+    let first = model::logits_row(&first, 0)?;
+    // Each choice's tokens but the last: their rows predict the choice's tokens after the first.
+    let mut tokens = Vec::new();
+    let mut chunks = Vec::new();
+    for (choice, &slot) in choices.iter().zip(choice_slots) {
+        if choice.len() < 2 {
+            continue;
+        }
+        pool.copy_prefix(prompt_slot, slot, prompt.len())?;
+        tokens.extend_from_slice(&choice[..choice.len() - 1]);
+        chunks.push(SeqChunk {
+            slot,
+            start: prompt.len(),
+            len: choice.len() - 1,
+        });
+    }
+    let tails = if chunks.is_empty() {
+        None
+    } else {
+        Some(model.forward(&tokens, &chunks, Logits::All, pool)?)
+    };
+    let mut row = 0;
+    let mut scores = Vec::with_capacity(choices.len());
+    for choice in choices {
+        let mut total = f64::from(sampler::token_logprob(&first, choice[0], 0).logprob);
+        for &token in &choice[1..] {
+            let logits = tails
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("missing choice rows".into()))?;
+            let values = model::logits_row(logits, row)?;
             total += f64::from(sampler::token_logprob(&values, token, 0).logprob);
             row += 1;
         }
