@@ -417,25 +417,10 @@ impl Inner {
         body: &Value,
     ) -> Result<Value, AttemptError> {
         let base = &endpoint.base;
-        let mut request = self.client.post(format!("{base}{path}")).json(body);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key.expose());
-        }
-        let response =
-            match tokio::time::timeout(self.config.first_token_timeout, request.send()).await {
-                Err(_) => return Err(fatal(timeout(base, "the response"), true)),
-                Ok(Err(e)) if e.is_connect() => {
-                    return Err(AttemptError::Retryable {
-                        error: unavailable(base, error_chain(&e)),
-                        retry_after: None,
-                    });
-                }
-                Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
-                Ok(Ok(response)) => response,
-            };
-        if !response.status().is_success() {
-            return Err(status_error(base, response).await);
-        }
+        let answered_by = tokio::time::Instant::now() + self.config.first_token_timeout;
+        let response = self
+            .send(base, path, body, answered_by, "the response")
+            .await?;
         let text = tokio::time::timeout(self.config.idle_timeout, response.text())
             .await
             .map_err(|_| fatal(timeout(base, "the response body"), true))?
@@ -446,6 +431,38 @@ impl Inner {
                 true,
             )
         })
+    }
+
+    /// POSTs `body` to `base + path` with the key, and waits for a 2xx status until `by`
+    /// (`what` names the wait in the timeout error). A connect error may be retried; a non-2xx
+    /// status is classified by [`status_error`].
+    async fn send(
+        &self,
+        base: &str,
+        path: &str,
+        body: &Value,
+        by: tokio::time::Instant,
+        what: &str,
+    ) -> Result<reqwest::Response, AttemptError> {
+        let mut request = self.client.post(format!("{base}{path}")).json(body);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        let response = match tokio::time::timeout_at(by, request.send()).await {
+            Err(_) => return Err(fatal(timeout(base, what), true)),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(AttemptError::Retryable {
+                    error: unavailable(base, error_chain(&e)),
+                    retry_after: None,
+                });
+            }
+            Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
+            Ok(Ok(response)) => response,
+        };
+        if !response.status().is_success() {
+            return Err(status_error(base, response).await);
+        }
+        Ok(response)
     }
 
     /// POSTs `body` to `path` on a healthy endpoint, with the usual retries and limits.
@@ -540,30 +557,10 @@ impl Inner {
         submitted: Instant,
     ) -> Result<GenerateResult, AttemptError> {
         let base = &endpoint.base;
-        let mut request = self
-            .client
-            .post(format!("{base}{}", route.path()))
-            .json(body);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key.expose());
-        }
         let first_token = tokio::time::Instant::now() + self.config.first_token_timeout;
-        let sent = tokio::time::timeout_at(first_token, request.send()).await;
-        let response = match sent {
-            Err(_) => return Err(fatal(timeout(base, "the first token"), true)),
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(AttemptError::Retryable {
-                    error: unavailable(base, error_chain(&e)),
-                    retry_after: None,
-                });
-            }
-            Ok(Err(e)) => return Err(fatal(unavailable(base, error_chain(&e)), true)),
-            Ok(Ok(response)) => response,
-        };
-        let status = response.status();
-        if !status.is_success() {
-            return Err(status_error(base, response).await);
-        }
+        let response = self
+            .send(base, route.path(), body, first_token, "the first token")
+            .await?;
         let reply = self.read_stream(base, response, first_token).await?;
         let result = result(reply, submitted);
         if let Some(constraint) = constraint

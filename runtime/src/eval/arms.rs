@@ -6,6 +6,8 @@
 //! `agents` samples are the council's round-0 proposals. So the arms differ only in what they
 //! do after the first answers, and the comparison measures that.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -19,8 +21,8 @@ use council_councils::rng::{hash_str, mix};
 use council_councils::spec::{AgentSpec, CouncilSpec, JudgeMode};
 use council_councils::{CallSampling, Deliberation, OutcomeStatus, Phase, Role, Task, TaskId};
 use council_inference::{
-    Backend, BackendFuture, BackendLoad, GenerateRequest, Health, ModelInfo, ScoreFuture,
-    ScoreRequest,
+    Backend, BackendFuture, BackendLoad, GenerateRequest, GenerateResult, Health, InferenceError,
+    ModelInfo, ScoreFuture, ScoreRequest, ScoreResult,
 };
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -169,8 +171,20 @@ impl Metered {
     }
 }
 
-impl Backend for Metered {
-    fn generate(&self, request: GenerateRequest) -> BackendFuture {
+/// Tokens one backend call reported: prompt, cached prompt, completion.
+type Spend = (usize, usize, usize);
+
+impl Metered {
+    /// Runs `call` on the inner backend under the in-flight bound, counting what it spent.
+    fn metered<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(
+            &dyn Backend,
+        ) -> Pin<Box<dyn Future<Output = Result<T, InferenceError>> + Send>>
+        + Send
+        + 'static,
+        spent: fn(&T) -> Spend,
+    ) -> Pin<Box<dyn Future<Output = Result<T, InferenceError>> + Send>> {
         let (inner, permits, tally) = (
             self.inner.clone(),
             self.in_flight.clone(),
@@ -179,20 +193,16 @@ impl Backend for Metered {
         Box::pin(async move {
             // A closed semaphore never happens (it is never closed); treat it as no limit.
             let _permit = permits.acquire_owned().await.ok();
-            let result = inner.generate(request).await;
+            let result = call(inner.as_ref()).await;
             tally.calls.fetch_add(1, Ordering::Relaxed);
             match &result {
-                Ok(r) => {
-                    let u = r.usage;
-                    tally
-                        .prompt
-                        .fetch_add(u.prompt_tokens as u64, Ordering::Relaxed);
-                    tally
-                        .cached
-                        .fetch_add(u.cached_prompt_tokens as u64, Ordering::Relaxed);
+                Ok(value) => {
+                    let (prompt, cached, completion) = spent(value);
+                    tally.prompt.fetch_add(prompt as u64, Ordering::Relaxed);
+                    tally.cached.fetch_add(cached as u64, Ordering::Relaxed);
                     tally
                         .completion
-                        .fetch_add(u.completion_tokens as u64, Ordering::Relaxed);
+                        .fetch_add(completion as u64, Ordering::Relaxed);
                 }
                 Err(_) => {
                     tally.failed.fetch_add(1, Ordering::Relaxed);
@@ -201,28 +211,24 @@ impl Backend for Metered {
             result
         })
     }
+}
+
+impl Backend for Metered {
+    fn generate(&self, request: GenerateRequest) -> BackendFuture {
+        self.metered(
+            move |backend| backend.generate(request),
+            |r: &GenerateResult| {
+                let u = r.usage;
+                (u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens)
+            },
+        )
+    }
 
     fn score(&self, request: ScoreRequest) -> ScoreFuture {
-        let (inner, permits, tally) = (
-            self.inner.clone(),
-            self.in_flight.clone(),
-            self.tally.clone(),
-        );
-        Box::pin(async move {
-            let _permit = permits.acquire_owned().await.ok();
-            let result = inner.score(request).await;
-            tally.calls.fetch_add(1, Ordering::Relaxed);
-            match &result {
-                Ok(r) => {
-                    let prompt = r.usage.prompt_tokens as u64;
-                    tally.prompt.fetch_add(prompt, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            result
-        })
+        self.metered(
+            move |backend| backend.score(request),
+            |r: &ScoreResult| (r.usage.prompt_tokens, r.usage.cached_prompt_tokens, 0),
+        )
     }
 
     fn health(&self) -> Health {
