@@ -319,15 +319,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let guard = InFlight::enter(&shared);
-    let (request, fault) = shared.receive(&headers, &body);
-    if let Some(response) = early_fault(&shared, fault.as_ref()).await {
-        return response;
-    }
-    match request.and_then(|request| Generation::chat(&shared, &request)) {
-        Ok(generation) => generation.respond(&shared, fault, guard),
-        Err(error) => error.into_response(),
-    }
+    generate(&shared, &headers, &body, Generation::chat).await
 }
 
 async fn completions(
@@ -335,13 +327,23 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let guard = InFlight::enter(&shared);
-    let (request, fault) = shared.receive(&headers, &body);
-    if let Some(response) = early_fault(&shared, fault.as_ref()).await {
+    generate(&shared, &headers, &body, Generation::completion).await
+}
+
+/// A generation route: record the request, apply its fault, build and send the reply.
+async fn generate(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    build: fn(&Shared, &Value) -> Result<Generation, ApiError>,
+) -> Response {
+    let guard = InFlight::enter(shared);
+    let (request, fault) = shared.receive(headers, body);
+    if let Some(response) = early_fault(shared, fault.as_ref()).await {
         return response;
     }
-    match request.and_then(|request| Generation::completion(&shared, &request)) {
-        Ok(generation) => generation.respond(&shared, fault, guard),
+    match request.and_then(|request| build(shared, &request)) {
+        Ok(generation) => generation.respond(shared, fault, guard),
         Err(error) => error.into_response(),
     }
 }
