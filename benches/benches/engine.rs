@@ -1,9 +1,10 @@
-//! Engine throughput on a tiny generated model: prefill of one prompt, and decode of a batch.
+//! Engine throughput on a tiny generated model: prefill of one prompt, decode at batch 1 / 8 /
+//! 32, and log-prob scoring of ten choices after one prompt (the rubric judge's call).
 //! A regression guard for the engine's own overhead; real-shape figures come from
 //! `council dev bench` (docs/PERFORMANCE.md).
 
 use council_inference::tiny::{TinyArch, TinyModelSpec, write_tiny_model};
-use council_inference::{Backend, Engine, EngineConfig, GenerateRequest};
+use council_inference::{Backend, Engine, EngineConfig, GenerateRequest, Prompt, ScoreRequest};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -15,7 +16,11 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
 fn engine_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     write_tiny_model(dir.path(), &TinyModelSpec::new(TinyArch::Qwen2)).expect("tiny model");
-    let engine = Engine::load_dir(dir.path(), EngineConfig::default()).expect("loads");
+    let config = EngineConfig {
+        max_batch: 32,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::load_dir(dir.path(), config).expect("loads");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -32,7 +37,7 @@ fn engine_benches(c: &mut Criterion) {
             })
         });
     }
-    for batch in [1usize, 4] {
+    for batch in [1usize, 8, 32] {
         let new_tokens = 32;
         group.throughput(Throughput::Elements((batch * new_tokens) as u64));
         group.bench_with_input(BenchmarkId::new("decode_32", batch), &batch, |b, &batch| {
@@ -51,6 +56,14 @@ fn engine_benches(c: &mut Criterion) {
             })
         });
     }
+    let choices: Vec<String> = (1..=10).map(|v| v.to_string()).collect();
+    group.throughput(Throughput::Elements(choices.len() as u64));
+    group.bench_function("score_10_choices_after_256", |b| {
+        b.iter(|| {
+            let request = ScoreRequest::new(Prompt::Tokens(prompt(256, 2)), choices.clone());
+            runtime.block_on(engine.score(request)).expect("scores")
+        })
+    });
     group.finish();
 }
 
