@@ -56,14 +56,29 @@ fn engine_benches(c: &mut Criterion) {
             })
         });
     }
+    // Scoring with free KV slots shares the prompt's prefill; an engine with one slot computes
+    // the prompt once per choice (the baseline of the sharing).
+    let one_slot = Engine::load_dir(
+        dir.path(),
+        EngineConfig {
+            max_batch: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("loads");
     let choices: Vec<String> = (1..=10).map(|v| v.to_string()).collect();
     group.throughput(Throughput::Elements(choices.len() as u64));
-    group.bench_function("score_10_choices_after_256", |b| {
-        b.iter(|| {
-            let request = ScoreRequest::new(Prompt::Tokens(prompt(256, 2)), choices.clone());
-            runtime.block_on(engine.score(request)).expect("scores")
-        })
-    });
+    for (name, scorer) in [
+        ("score_10_after_256_shared", &engine),
+        ("score_10_after_256_per_choice", &one_slot),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let request = ScoreRequest::new(Prompt::Tokens(prompt(256, 2)), choices.clone());
+                runtime.block_on(scorer.score(request)).expect("scores")
+            })
+        });
+    }
     group.finish();
 }
 
