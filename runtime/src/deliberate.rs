@@ -125,7 +125,7 @@ pub fn run(args: DeliberateArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (backend, _, _) = runtime.block_on(args.model.start_backend())?;
+    let (backend, _, _) = args.model.start_backend(&runtime)?;
     let outcome = runtime.block_on(crate::driver::run(backend.as_ref(), deliberation))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome_json(&outcome))?);

@@ -9,7 +9,7 @@ use council_councils::{
     Step, StepError,
 };
 use council_inference::{
-    Backend, ChatMessage, GenerateRequest, Sampling, ScoreRequest, ScoreResult,
+    Backend, ChatMessage, GenerateRequest, Prompt, Sampling, ScoreRequest, ScoreResult,
 };
 
 /// The driver could not finish a deliberation (a protocol bug, never a model failure: failed
@@ -26,22 +26,28 @@ fn request(call: &LlmCall) -> GenerateRequest {
     chat_request(&call.messages, call.sampling)
 }
 
-/// The backend request of one chat call of the councils' vocabulary.
-pub fn chat_request(messages: &[Message], sampling: CallSampling) -> GenerateRequest {
-    let messages = messages
+/// The councils' messages as the backend's chat messages.
+fn chat_messages(messages: &[Message]) -> Vec<ChatMessage> {
+    messages
         .iter()
         .map(|m| match m.role {
             MessageRole::System => ChatMessage::system(m.content.clone()),
             MessageRole::User => ChatMessage::user(m.content.clone()),
         })
-        .collect();
-    GenerateRequest::chat(messages, sampling.max_tokens as usize).with_sampling(Sampling {
-        temperature: sampling.temperature,
-        top_k: 0,
-        top_p: sampling.top_p,
-        repetition_penalty: 1.0,
-        seed: sampling.seed,
-    })
+        .collect()
+}
+
+/// The backend request of one chat call of the councils' vocabulary.
+pub fn chat_request(messages: &[Message], sampling: CallSampling) -> GenerateRequest {
+    GenerateRequest::chat(chat_messages(messages), sampling.max_tokens as usize).with_sampling(
+        Sampling {
+            temperature: sampling.temperature,
+            top_k: 0,
+            top_p: sampling.top_p,
+            repetition_penalty: 1.0,
+            seed: sampling.seed,
+        },
+    )
 }
 
 fn completion(result: council_inference::GenerateResult) -> Completion {
@@ -106,7 +112,8 @@ async fn answer_all(
                 });
             }
             CallKind::ScoreChoices { ref choices } => {
-                let scoring = ScoreRequest::new(request(&call).prompt, choices.clone());
+                let prompt = Prompt::Chat(chat_messages(&call.messages));
+                let scoring = ScoreRequest::new(prompt, choices.clone());
                 let future = backend.score(scoring);
                 tasks.spawn(async move {
                     Reply {

@@ -111,17 +111,20 @@ impl ModelArgs {
     }
 
     /// The backend these flags name, its model's name and its kind ("engine" or "vllm"):
-    /// a vLLM client checked against its servers, or a loaded engine. Call it on the runtime
-    /// that will use the backend: an HTTP client's pooled connections belong to the runtime
-    /// they were opened on.
-    pub async fn start_backend(&self) -> anyhow::Result<(Arc<dyn Backend>, String, &'static str)> {
+    /// a vLLM client checked against its servers, or a loaded engine. `runtime` is the one
+    /// that will use the backend (an HTTP client's pooled connections belong to the runtime
+    /// they were opened on); call this outside it, as hub resolution runs a runtime of its own.
+    pub fn start_backend(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<(Arc<dyn Backend>, String, &'static str)> {
         if self.is_remote() {
             let config = self.vllm.config(&self.model)?;
-            let backend = VllmBackend::connect(config).await?;
+            let backend = runtime.block_on(VllmBackend::connect(config))?;
             return Ok((Arc::new(backend), self.model.clone(), "vllm"));
         }
-        let (files, name) = self.resolve()?;
-        let engine = Engine::load(&files, &name, self.engine_config())?;
+        let engine = self.start_engine()?;
+        let name = engine.model_info().name.clone();
         Ok((Arc::new(engine), name, "engine"))
     }
 

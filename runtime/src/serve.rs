@@ -273,7 +273,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let created = runtime.block_on(apply_default_councils(store.as_ref()))?;
     tracing::info!(created, "council store ready");
-    let (backend, name, kind) = runtime.block_on(config.model.start_backend())?;
+    let (backend, name, kind) = config.model.start_backend(&runtime)?;
     tracing::info!(model = %name, backend = kind, "backend ready");
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -83,6 +83,37 @@ fn bad_model_sources_fail_with_a_clear_message() {
         assert!(err.contains(needle), "missing {needle:?} in: {err}");
     }
 
+    // Every command that loads a model says the same (resolving a hub model must not run
+    // inside the command's own async runtime).
+    let out_dir = tempfile::tempdir().expect("temp dir");
+    let out_dir = out_dir.path().join("eval");
+    let eval = [
+        "eval",
+        "--model",
+        "nobody/nothing",
+        "--suite",
+        "arithmetic",
+        "--limit",
+        "1",
+        "--out",
+        out_dir.to_str().expect("utf-8"),
+    ];
+    for args in [
+        &["deliberate", "--model", "nobody/nothing", "hi"][..],
+        &eval[..],
+    ] {
+        let out = council(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        for needle in ["nobody/nothing", "--model-dir"] {
+            assert!(
+                err.contains(needle),
+                "{args:?}: missing {needle:?} in: {err}"
+            );
+        }
+    }
+
     let out = council(&["generate", "--model", "not-a-repo-ref", "hi"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("ORG/NAME"), "{}", stderr(&out));

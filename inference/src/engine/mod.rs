@@ -532,28 +532,24 @@ impl Worker {
         let left = &job.choices[job.scores.len()..];
         // With two slots or more the prompt is prefilled once and its KV copied to each
         // choice; with one, each choice runs after its own copy of the prompt.
-        let (outcome, prefilled) = match free {
+        let batch = match free {
             0 => return,
-            1 => {
-                let batch = &left[..1];
-                let tokens = job.prompt.len() + batch[0].len();
-                (
-                    score_batch(&self.model, &mut self.pool, &job.prompt, batch),
-                    tokens,
-                )
-            }
-            _ => {
-                let batch = &left[..left.len().min(free - 1)];
-                let tails: usize = batch.iter().map(|c| c.len() - 1).sum();
-                let tokens = job.prompt.len() + tails;
-                (
-                    score_shared(&self.model, &mut self.pool, &job.prompt, batch),
-                    tokens,
-                )
-            }
+            1 => &left[..1],
+            _ => &left[..left.len().min(free - 1)],
+        };
+        let (outcome, prefilled) = if free == 1 {
+            let tokens = job.prompt.len() + batch[0].len();
+            let scores = score_batch(&self.model, &mut self.pool, &job.prompt, batch);
+            (scores, tokens)
+        } else {
+            let tails: usize = batch.iter().map(|c| c.len() - 1).sum();
+            let scores = score_shared(&self.model, &mut self.pool, &job.prompt, batch);
+            (scores, job.prompt.len() + tails)
         };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.counters.batched.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .batched
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.counters
             .prompt_tokens
             .fetch_add(prefilled as u64, Ordering::Relaxed);

@@ -213,7 +213,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         judge: format!("{:?}", prepared.plan.judge).to_lowercase(),
     };
     let (mut out, existing) = OutDir::open(&args.out, &settings, args.resume)?;
-    let (backend, _, _) = runtime.block_on(args.model.start_backend())?;
+    let (backend, _, _) = args.model.start_backend(&runtime)?;
     let started = Instant::now();
     let shutdown = async {
         // Without a signal handler Ctrl-C would kill the process: never finish this branch then.
