@@ -23,6 +23,12 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// `server.listen` when nothing sets it. Deployment manifests and the container image use its
+/// port (`tests/tests/deploy.rs` checks them against it).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// `server.metrics_listen` when nothing sets it.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
+
 fn err(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.to_owned(),
@@ -52,6 +58,12 @@ pub struct RawModel {
     pub cuda: Option<usize>,
     pub max_batch: Option<usize>,
     pub max_seq_len: Option<usize>,
+    /// KV cache size: a token count or bytes with a unit ("16384", "2GiB", "auto").
+    pub kv_cache: Option<String>,
+    /// Tokens one engine step computes at most.
+    pub max_step_tokens: Option<usize>,
+    /// Share the KV of common prompt prefixes between requests (default true).
+    pub prefix_cache: Option<bool>,
     /// OpenAI-compatible servers (vLLM) to use instead of the in-process engine; `repo` then
     /// names the served model.
     pub vllm_urls: Option<Vec<String>>,
@@ -163,6 +175,9 @@ impl RawConfig {
             cuda,
             max_batch,
             max_seq_len,
+            kv_cache,
+            max_step_tokens,
+            prefix_cache,
             vllm_urls,
             vllm_api_key_file,
             vllm_max_in_flight
@@ -249,6 +264,15 @@ impl RawConfig {
         }
         let max_batch = positive("model.max_batch", m.max_batch.unwrap_or(8))?;
         let max_seq_len = positive("model.max_seq_len", m.max_seq_len.unwrap_or(4096))?;
+        let kv_cache = council_inference::KvBudget::parse(m.kv_cache.as_deref().unwrap_or("auto"))
+            .map_err(|e| err("model.kv_cache", e))?;
+        let max_step_tokens = positive("model.max_step_tokens", m.max_step_tokens.unwrap_or(512))?;
+        if max_step_tokens < max_batch {
+            return Err(err(
+                "model.max_step_tokens",
+                format!("must be at least model.max_batch ({max_batch})"),
+            ));
+        }
         let vllm = vllm_settings(&m)?;
         let model = ModelArgs {
             model_dir: m.dir,
@@ -256,15 +280,22 @@ impl RawConfig {
             cuda: m.cuda,
             max_batch,
             max_seq_len,
+            kv_cache,
+            max_step_tokens,
+            no_prefix_cache: !m.prefix_cache.unwrap_or(true),
             vllm,
         };
 
         let s = self.server;
         let listen = address(
             "server.listen",
-            s.listen.as_deref().unwrap_or("127.0.0.1:50051"),
+            s.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
         )?;
-        let metrics_listen = match s.metrics_listen.as_deref().unwrap_or("127.0.0.1:9090") {
+        let metrics_listen = match s
+            .metrics_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN)
+        {
             "off" => None,
             a => Some(address("server.metrics_listen", a)?),
         };
@@ -857,6 +888,9 @@ impl ServeConfig {
                 "cuda": self.model.cuda,
                 "max_batch": self.model.max_batch,
                 "max_seq_len": self.model.max_seq_len,
+                "kv_cache": format!("{:?}", self.model.kv_cache),
+                "max_step_tokens": self.model.max_step_tokens,
+                "prefix_cache": !self.model.no_prefix_cache,
                 "vllm_urls": self.model.vllm.urls,
                 "vllm_api_key_file": self.model.vllm.api_key_file,
                 "vllm_max_in_flight": self.model.vllm.max_in_flight,
@@ -983,6 +1017,13 @@ mod tests {
             ("[model]\ndir = \"/m\"\nrepo = \"a/b\"", "model.dir"),
             ("[model]\nrepo = \"not a repo\"", "model.repo"),
             ("[model]\nmax_batch = 0", "model.max_batch"),
+            ("[model]\nkv_cache = \"12 parsecs\"", "model.kv_cache"),
+            ("[model]\nkv_cache = \"lots\"", "model.kv_cache"),
+            ("[model]\nmax_step_tokens = 0", "model.max_step_tokens"),
+            (
+                "[model]\nmax_batch = 16\nmax_step_tokens = 8",
+                "model.max_step_tokens",
+            ),
             ("[model]\nvllm_urls = [\"ftp://x\"]", "model.vllm_urls"),
             (
                 "[model]\ndir = \"/m\"\nvllm_urls = [\"http://x:8000\"]",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use council_inference::engine::loader::{self, DeviceChoice, HubModel, ModelFiles};
 use council_inference::{
-    ApiKey, Backend, Engine, EngineConfig, EngineHandle, VllmBackend, VllmConfig,
+    ApiKey, Backend, Engine, EngineConfig, EngineHandle, KvBudget, VllmBackend, VllmConfig,
 };
 
 /// The model served when none is named.
@@ -31,6 +31,16 @@ pub struct ModelArgs {
     /// Tokens one sequence may hold (prompt plus generation).
     #[arg(long, default_value_t = 4096)]
     pub max_seq_len: usize,
+    /// Size of the engine's KV cache: a token count (16384) or bytes with a unit (512MiB,
+    /// 2GiB); `auto` holds max-batch whole windows, at most 32768 tokens.
+    #[arg(long, value_name = "TOKENS|SIZE", default_value = "auto", value_parser = KvBudget::parse)]
+    pub kv_cache: KvBudget,
+    /// Tokens one engine step computes at most: decode tokens plus chunks of new prompts.
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+    /// Recompute every prompt instead of sharing the KV of common prefixes.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     #[command(flatten)]
     pub vllm: VllmArgs,
 }
@@ -84,6 +94,9 @@ impl ModelArgs {
             max_batch: self.max_batch,
             max_seq_len: self.max_seq_len,
             device: self.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
+            kv_cache: self.kv_cache,
+            max_step_tokens: self.max_step_tokens,
+            prefix_cache: !self.no_prefix_cache,
             ..EngineConfig::default()
         }
     }

@@ -38,6 +38,15 @@ pub struct ServeArgs {
     /// [model.max_seq_len] Tokens one sequence may hold (default 4096).
     #[arg(long, env = "COUNCIL_MAX_SEQ_LEN")]
     pub max_seq_len: Option<usize>,
+    /// [model.kv_cache] KV cache size: tokens (16384) or bytes with a unit (2GiB); default auto.
+    #[arg(long, env = "COUNCIL_KV_CACHE", value_name = "TOKENS|SIZE")]
+    pub kv_cache: Option<String>,
+    /// [model.max_step_tokens] Tokens one engine step computes at most (default 512).
+    #[arg(long, env = "COUNCIL_MAX_STEP_TOKENS")]
+    pub max_step_tokens: Option<usize>,
+    /// [model.prefix_cache] Share the KV of common prompt prefixes (default true).
+    #[arg(long, env = "COUNCIL_PREFIX_CACHE", value_name = "BOOL")]
+    pub prefix_cache: Option<bool>,
     /// [model.vllm_urls] OpenAI-compatible servers (vLLM) to use instead of the in-process
     /// engine, comma-separated; --model names the served model.
     #[arg(
@@ -155,6 +164,9 @@ impl ServeArgs {
                 cuda: a.cuda,
                 max_batch: a.max_batch,
                 max_seq_len: a.max_seq_len,
+                kv_cache: a.kv_cache,
+                max_step_tokens: a.max_step_tokens,
+                prefix_cache: a.prefix_cache,
                 vllm_urls: a.vllm_urls,
                 vllm_api_key_file: a.vllm_api_key_file,
                 vllm_max_in_flight: a.vllm_max_in_flight,

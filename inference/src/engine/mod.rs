@@ -1,11 +1,11 @@
 //! The in-process candle engine: one OS thread owns the model and the KV cache; a cloneable
 //! [`EngineHandle`] submits requests to it over a bounded channel and implements [`Backend`].
 //!
-//! Every step the thread admits waiting requests into free KV slots (first come, first
-//! served), runs one ragged forward over all running sequences (new prompts are prefilled in
-//! the same forward as the decode tokens of older ones), samples one token per sequence, and
-//! answers the sequences that finished. A request whose caller went away is dropped before
-//! the next step.
+//! The thread ([`worker`]) batches continuously: every step it runs one ragged forward over
+//! the decode tokens of running sequences and chunks of new prompts, under a token budget,
+//! with the KV of every sequence in a bounded pool of paged blocks ([`cache`]) that shares
+//! common prompt prefixes between requests. A request whose caller went away is dropped
+//! before the next step.
 
 pub mod cache;
 pub mod config;
@@ -13,8 +13,8 @@ pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod tokenizer;
+mod worker;
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,28 +23,90 @@ use std::time::Instant;
 use candle_core::DType;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use self::cache::{KvPool, SlotId};
+use self::cache::KvPool;
 use self::loader::{DeviceChoice, LoadedModel, ModelFiles};
 use self::model::{Logits, QwenModel, SeqChunk};
-use self::sampler::Sampler;
 use self::tokenizer::ChatTokenizer;
+use self::worker::{Limits, Worker};
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 use crate::error::{InferenceError, LoadError};
-use crate::request::{
-    FinishReason, GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult, Timings,
-    TokenLogprob, Usage,
-};
+use crate::request::{GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult};
+
+/// How much memory the KV cache may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvBudget {
+    /// Room for `max_batch` sequences of the whole context window, capped at
+    /// [`AUTO_KV_TOKENS`] tokens, and never less than one window.
+    #[default]
+    Auto,
+    Tokens(usize),
+    Bytes(u64),
+}
+
+/// The most tokens an automatically sized KV cache holds.
+pub const AUTO_KV_TOKENS: usize = 32_768;
+
+impl KvBudget {
+    /// Parses `16384` (tokens) or a byte size with a unit: `512MiB`, `2GiB`, `300MB`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a token count or a size like 512MiB"))?;
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "tokens" => {
+                let tokens =
+                    usize::try_from(number).map_err(|_| format!("{text:?} is too large"))?;
+                return Ok(Self::Tokens(tokens));
+            }
+            "b" => 1,
+            "kb" => 1_000,
+            "kib" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?} (use tokens, or B, KB, KiB, MB, MiB, GB, GiB)"
+                ));
+            }
+        };
+        number
+            .checked_mul(scale)
+            .map(Self::Bytes)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
 
 /// Limits of one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Sequences decoded together (KV slots).
+    /// Sequences in one forward.
     pub max_batch: usize,
     /// Tokens one sequence may hold (prompt plus generation); capped by the model's window.
     pub max_seq_len: usize,
     /// Requests accepted but not finished (running plus waiting); beyond it, `Overloaded`.
     pub max_pending: usize,
     pub device: DeviceChoice,
+    /// Size of the KV pool.
+    pub kv_cache: KvBudget,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Tokens one forward computes at most (decode tokens plus prefill chunks).
+    pub max_step_tokens: usize,
+    /// Share the KV of common prompt prefixes between requests.
+    pub prefix_cache: bool,
+    /// Times a waiting request may be passed by later, smaller ones before it blocks
+    /// admissions until it fits.
+    pub max_bypass: u32,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +116,11 @@ impl Default for EngineConfig {
             max_seq_len: 4096,
             max_pending: 256,
             device: DeviceChoice::Cpu,
+            kv_cache: KvBudget::Auto,
+            block_size: 16,
+            max_step_tokens: 512,
+            prefix_cache: true,
+            max_bypass: 16,
         }
     }
 }
@@ -64,6 +131,8 @@ impl EngineConfig {
             ("max_batch", self.max_batch),
             ("max_seq_len", self.max_seq_len),
             ("max_pending", self.max_pending),
+            ("block_size", self.block_size),
+            ("max_step_tokens", self.max_step_tokens),
         ] {
             if value == 0 {
                 return Err(LoadError::InvalidConfig {
@@ -72,7 +141,45 @@ impl EngineConfig {
                 });
             }
         }
+        if self.max_step_tokens < self.max_batch {
+            return Err(LoadError::InvalidConfig {
+                field: "max_step_tokens",
+                reason: format!(
+                    "is {}, less than max_batch {}: every running sequence needs a token per step",
+                    self.max_step_tokens, self.max_batch
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// Blocks of the KV pool for a model whose tokens take `bytes_per_token` and whose
+    /// sequences hold at most `window` tokens. The pool always holds one whole window and a
+    /// block more (so a lone sequence, or a scoring request, always fits).
+    fn kv_blocks(&self, window: usize, bytes_per_token: usize) -> Result<usize, LoadError> {
+        let tokens = match self.kv_cache {
+            KvBudget::Auto => (self.max_batch * window).min(AUTO_KV_TOKENS),
+            KvBudget::Tokens(tokens) => tokens,
+            KvBudget::Bytes(bytes) => (bytes / bytes_per_token.max(1) as u64) as usize,
+        };
+        let blocks = tokens / self.block_size;
+        let least = window.div_ceil(self.block_size) + 1;
+        if blocks >= least {
+            return Ok(blocks);
+        }
+        if self.kv_cache == KvBudget::Auto {
+            return Ok(least);
+        }
+        Err(LoadError::InvalidConfig {
+            field: "kv_cache",
+            reason: format!(
+                "holds {} tokens; one sequence of the {window}-token window needs {} \
+                 ({} bytes per token); raise it or lower max_seq_len",
+                blocks * self.block_size,
+                least * self.block_size,
+                bytes_per_token
+            ),
+        })
     }
 }
 
@@ -86,9 +193,15 @@ struct Counters {
     running: AtomicU64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached_tokens: AtomicU64,
     finished: AtomicU64,
     cancelled: AtomicU64,
     failed: AtomicU64,
+    preempted: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_lookups: AtomicU64,
+    prefix_evictions: AtomicU64,
 }
 
 /// A snapshot of what the engine has done since it started.
@@ -96,14 +209,20 @@ struct Counters {
 pub struct EngineStats {
     /// Forward passes run.
     pub steps: u64,
-    /// Prompt tokens prefilled.
+    /// Prompt tokens computed (prefilled).
     pub prompt_tokens: u64,
+    /// Prompt tokens served from the prefix cache instead of computed.
+    pub cached_prompt_tokens: u64,
     /// Tokens sampled, over all requests, finished or not.
     pub generated_tokens: u64,
     pub finished: u64,
     /// Requests dropped because their caller went away (waiting or running).
     pub cancelled: u64,
     pub failed: u64,
+    /// Times a running sequence was sent back to the queue because the KV pool ran dry.
+    pub preempted: u64,
+    /// Cached blocks dropped to make room.
+    pub prefix_evictions: u64,
 }
 
 /// A request on its way to, or inside, the engine thread.
@@ -124,6 +243,8 @@ struct ScoreJob {
     choices: Vec<Vec<u32>>,
     /// Log-probabilities found so far, one per scored choice.
     scores: Vec<f64>,
+    /// Prompt tokens the first pass took from the prefix cache.
+    cached_prompt: Option<usize>,
     reply: oneshot::Sender<Result<ScoreResult, InferenceError>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -166,37 +287,45 @@ impl Engine {
             tokenizer,
             name,
         } = loaded;
-        let context_window = config
+        let window = config
             .max_seq_len
             .min(model.config().max_position_embeddings);
+        let (shape, dtype) = (model.kv_shape(), model.dtype());
+        let blocks = config.kv_blocks(window, shape.bytes_per_token(dtype))?;
+        let pool = KvPool::new(
+            shape,
+            blocks,
+            config.block_size,
+            dtype,
+            model.device().clone(),
+            config.prefix_cache,
+        )
+        .map_err(|e| LoadError::Device(format!("cannot allocate the KV cache: {e}")))?;
+        tracing::info!(
+            blocks,
+            block_size = config.block_size,
+            tokens = pool.capacity_tokens(),
+            mib = (pool.capacity_tokens() * pool.bytes_per_token()) >> 20,
+            prefix_cache = config.prefix_cache,
+            "KV cache allocated"
+        );
         let info = ModelInfo {
             name,
             model_type: model.config().arch.as_str().to_owned(),
-            context_window,
+            context_window: window,
             vocab_size: model.config().vocab_size,
             device: format!("{:?}", model.device()),
         };
-        let pool = KvPool::new(
-            model.kv_shape(),
-            config.max_batch,
-            context_window,
-            model.dtype(),
-            model.device().clone(),
-        );
         let (tx, rx) = mpsc::channel(config.max_pending);
         let tokenizer = Arc::new(tokenizer);
         let counters = Arc::new(Counters::default());
-        let worker = Worker {
-            counters: counters.clone(),
-            model,
-            pool,
-            tokenizer: tokenizer.clone(),
-            rx,
-            scoring: VecDeque::new(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            context_window,
+        let limits = Limits {
+            max_batch: config.max_batch,
+            max_step_tokens: config.max_step_tokens,
+            context_window: window,
+            max_bypass: config.max_bypass,
         };
+        let worker = Worker::new(model, pool, tokenizer.clone(), rx, counters.clone(), limits);
         std::thread::Builder::new()
             .name("council-engine".into())
             .spawn(move || worker.run())
@@ -237,10 +366,13 @@ impl EngineHandle {
         EngineStats {
             steps: get(&c.steps),
             prompt_tokens: get(&c.prompt_tokens),
+            cached_prompt_tokens: get(&c.cached_tokens),
             generated_tokens: get(&c.generated_tokens),
             finished: get(&c.finished),
             cancelled: get(&c.cancelled),
             failed: get(&c.failed),
+            preempted: get(&c.preempted),
+            prefix_evictions: get(&c.prefix_evictions),
         }
     }
 
@@ -357,6 +489,7 @@ impl EngineHandle {
         self.send(Command::Score(ScoreJob {
             prompt,
             scores: Vec::with_capacity(choices.len()),
+            cached_prompt: None,
             choices,
             reply,
             _permit: permit,
@@ -412,516 +545,32 @@ impl Backend for EngineHandle {
             batched_sequences: get(&c.batched),
             prompt_tokens: get(&c.prompt_tokens),
             generated_tokens: get(&c.generated_tokens),
-            prefix_cache: None,
+            prefix_cache: Some((get(&c.prefix_hits), get(&c.prefix_lookups))),
         }
-    }
-}
-
-/// A request that holds a KV slot.
-#[derive(Debug)]
-struct Sequence {
-    job: Job,
-    slot: SlotId,
-    sampler: Sampler,
-    /// Prompt followed by generated tokens.
-    history: Vec<u32>,
-    /// Tokens whose KV is in the slot.
-    cached: usize,
-    logprobs: Option<Vec<TokenLogprob>>,
-    admitted: Instant,
-    first_token: Option<Instant>,
-}
-
-type ReplySender = oneshot::Sender<Result<GenerateResult, InferenceError>>;
-
-impl Sequence {
-    fn generated(&self) -> &[u32] {
-        &self.history[self.job.prompt.len()..]
-    }
-
-    /// Consumes a finished sequence into its reply channel and what to send on it.
-    fn into_result(
-        self,
-        outcome: Result<(FinishReason, String), InferenceError>,
-        now: Instant,
-    ) -> (ReplySender, Result<GenerateResult, InferenceError>) {
-        let Sequence {
-            job,
-            mut history,
-            admitted,
-            first_token,
-            logprobs,
-            ..
-        } = self;
-        let prompt_tokens = job.prompt.len();
-        let token_ids = history.split_off(prompt_tokens);
-        let submitted = job.submitted;
-        let result = outcome.map(|(finish_reason, text)| GenerateResult {
-            text,
-            usage: Usage {
-                prompt_tokens,
-                cached_prompt_tokens: 0,
-                completion_tokens: token_ids.len(),
-            },
-            token_ids,
-            finish_reason,
-            timings: Timings {
-                queue: admitted - submitted,
-                first_token: first_token.unwrap_or(now) - submitted,
-                total: now - submitted,
-            },
-            logprobs,
-        });
-        (job.reply, result)
-    }
-}
-
-/// The engine thread's state: it alone touches the model and the cache.
-#[derive(Debug)]
-struct Worker {
-    model: QwenModel,
-    pool: KvPool,
-    tokenizer: Arc<ChatTokenizer>,
-    rx: mpsc::Receiver<Command>,
-    /// Scoring requests, served ahead of generation admissions (each is one forward).
-    scoring: VecDeque<ScoreJob>,
-    waiting: VecDeque<Job>,
-    running: Vec<Sequence>,
-    context_window: usize,
-    counters: Arc<Counters>,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let _span = tracing::info_span!("engine").entered();
-        loop {
-            if self.running.is_empty() && self.waiting.is_empty() && self.scoring.is_empty() {
-                match self.rx.blocking_recv() {
-                    Some(command) => self.take(command),
-                    None => break,
-                }
-            }
-            while let Ok(command) = self.rx.try_recv() {
-                self.take(command);
-            }
-            self.drop_cancelled();
-            self.score_next();
-            self.admit();
-            if !self.running.is_empty() {
-                self.step();
-            }
-        }
-        tracing::info!("engine stopped: every handle is gone");
-    }
-
-    fn take(&mut self, command: Command) {
-        match command {
-            Command::Generate(job) => self.waiting.push_back(job),
-            Command::Score(job) => self.scoring.push_back(job),
-        }
-    }
-
-    /// Scores as many choices of the first scoring request as there are free KV slots, all in
-    /// one forward (each choice after its own copy of the prompt); answers it when all are done.
-    fn score_next(&mut self) {
-        self.scoring.retain(|job| !job.reply.is_closed());
-        let Some(job) = self.scoring.front_mut() else {
-            return;
-        };
-        let free = self.pool.free_slots();
-        let left = &job.choices[job.scores.len()..];
-        // With two slots or more the prompt is prefilled once and its KV copied to each
-        // choice; with one, each choice runs after its own copy of the prompt.
-        let batch = match free {
-            0 => return,
-            1 => &left[..1],
-            _ => &left[..left.len().min(free - 1)],
-        };
-        let (outcome, prefilled) = if free == 1 {
-            let tokens = job.prompt.len() + batch[0].len();
-            let scores = score_batch(&self.model, &mut self.pool, &job.prompt, batch);
-            (scores, tokens)
-        } else {
-            let tails: usize = batch.iter().map(|c| c.len() - 1).sum();
-            let scores = score_shared(&self.model, &mut self.pool, &job.prompt, batch);
-            (scores, job.prompt.len() + tails)
-        };
-        self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .batched
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.counters
-            .prompt_tokens
-            .fetch_add(prefilled as u64, Ordering::Relaxed);
-        let failed = match outcome {
-            Ok(scores) => {
-                job.scores.extend(scores);
-                None
-            }
-            Err(e) => Some(e),
-        };
-        if failed.is_none() && job.scores.len() < job.choices.len() {
-            return;
-        }
-        let Some(job) = self.scoring.pop_front() else {
-            return;
-        };
-        let result = match failed {
-            Some(e) => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                Err(InferenceError::Model(e.to_string()))
-            }
-            None => {
-                self.counters.finished.fetch_add(1, Ordering::Relaxed);
-                Ok(ScoreResult {
-                    usage: Usage {
-                        prompt_tokens: job.prompt.len(),
-                        cached_prompt_tokens: 0,
-                        completion_tokens: 0,
-                    },
-                    logprobs: job.scores,
-                })
-            }
-        };
-        let _ = job.reply.send(result);
-    }
-
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len() + self.running.len();
-        self.waiting.retain(|job| !job.reply.is_closed());
-        let pool = &mut self.pool;
-        self.running.retain(|seq| {
-            let keep = !seq.job.reply.is_closed();
-            if !keep {
-                pool.release(seq.slot);
-            }
-            keep
-        });
-        let dropped = before - self.waiting.len() - self.running.len();
-        self.counters
-            .cancelled
-            .fetch_add(dropped as u64, Ordering::Relaxed);
-    }
-
-    fn admit(&mut self) {
-        while self.pool.free_slots() > 0 {
-            let Some(job) = self.waiting.pop_front() else {
-                break;
-            };
-            let slot = match self.pool.allocate() {
-                Ok(Some(slot)) => slot,
-                Ok(None) => {
-                    self.waiting.push_front(job);
-                    break;
-                }
-                Err(e) => {
-                    let _ = job.reply.send(Err(InferenceError::Model(format!(
-                        "KV allocation failed: {e}"
-                    ))));
-                    continue;
-                }
-            };
-            self.running.push(Sequence {
-                sampler: Sampler::new(job.request.sampling),
-                history: job.prompt.clone(),
-                cached: 0,
-                logprobs: job.request.top_logprobs.map(|_| Vec::new()),
-                slot,
-                admitted: Instant::now(),
-                first_token: None,
-                job,
-            });
-        }
-    }
-
-    fn step(&mut self) {
-        let mut tokens = Vec::new();
-        let chunks: Vec<SeqChunk> = self
-            .running
-            .iter()
-            .map(|seq| {
-                let new = &seq.history[seq.cached..];
-                tokens.extend_from_slice(new);
-                SeqChunk {
-                    slot: seq.slot,
-                    start: seq.cached,
-                    len: new.len(),
-                }
-            })
-            .collect();
-        let prefill: usize = chunks.iter().filter(|c| c.start == 0).map(|c| c.len).sum();
-        self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        let rows = chunks.len() as u64;
-        self.counters.batched.fetch_add(rows, Ordering::Relaxed);
-        self.counters.running.store(rows, Ordering::Relaxed);
-        self.counters
-            .prompt_tokens
-            .fetch_add(prefill as u64, Ordering::Relaxed);
-        let logits = match self
-            .model
-            .forward(&tokens, &chunks, Logits::Last, &self.pool)
-        {
-            Ok(logits) => logits,
-            Err(e) => {
-                tracing::error!(error = %e, "forward failed; failing the batch");
-                self.counters
-                    .failed
-                    .fetch_add(self.running.len() as u64, Ordering::Relaxed);
-                for seq in self.running.drain(..) {
-                    self.pool.release(seq.slot);
-                    let _ = seq
-                        .job
-                        .reply
-                        .send(Err(InferenceError::Model(e.to_string())));
-                }
-                return;
-            }
-        };
-        let now = Instant::now();
-        let mut finished = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            seq.cached = seq.history.len();
-            let row = match model::logits_row(&logits, i) {
-                Ok(row) => row,
-                Err(e) => {
-                    finished.push((i, Err(InferenceError::Model(e.to_string()))));
-                    continue;
-                }
-            };
-            let token = seq.sampler.sample(&row, &seq.history);
-            if let (Some(lps), Some(top)) = (seq.logprobs.as_mut(), seq.job.request.top_logprobs) {
-                lps.push(sampler::token_logprob(&row, token, top));
-            }
-            seq.first_token.get_or_insert(now);
-            self.counters
-                .generated_tokens
-                .fetch_add(1, Ordering::Relaxed);
-            seq.history.push(token);
-            if let Some(outcome) = finish(seq, token, &self.tokenizer, self.context_window) {
-                finished.push((i, outcome));
-            }
-        }
-        for (i, outcome) in finished.into_iter().rev() {
-            let seq = self.running.swap_remove(i);
-            self.pool.release(seq.slot);
-            let counter = if outcome.is_ok() {
-                &self.counters.finished
-            } else {
-                &self.counters.failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let (reply, result) = seq.into_result(outcome, now);
-            let _ = reply.send(result);
-        }
-    }
-}
-
-/// Why `seq` is done after producing `token`, with its final text; `None` to keep going.
-fn finish(
-    seq: &Sequence,
-    token: u32,
-    tokenizer: &ChatTokenizer,
-    window: usize,
-) -> Option<Result<(FinishReason, String), InferenceError>> {
-    let generated = seq.generated();
-    let request = &seq.job.request;
-    let without_last = &generated[..generated.len() - 1];
-    if tokenizer.eos_ids().contains(&token) {
-        return Some(
-            tokenizer
-                .decode(without_last)
-                .map(|t| (FinishReason::Eos, t)),
-        );
-    }
-    if request.stop_token_ids.contains(&token) {
-        return Some(
-            tokenizer
-                .decode(without_last)
-                .map(|t| (FinishReason::Stop, t)),
-        );
-    }
-    let at_limit = generated.len() >= request.max_new_tokens || seq.history.len() > window;
-    if request.stop.is_empty() && !at_limit {
-        return None;
-    }
-    let text = match tokenizer.decode(generated) {
-        Ok(text) => text,
-        Err(e) => return Some(Err(e)),
-    };
-    let first_stop = request
-        .stop
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min();
-    match first_stop {
-        Some(cut) => Some(Ok((FinishReason::Stop, text[..cut].to_owned()))),
-        None if at_limit => Some(Ok((FinishReason::Length, text))),
-        None => None,
     }
 }
 
 /// Full-sequence logits `[tokens, vocab]` of one token sequence, computed directly on a model
-/// with a private one-slot cache (no engine thread). For parity checks and scoring tools.
+/// with a private cache (no engine thread). For parity checks and scoring tools.
 pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let block_size = 16;
     let mut pool = KvPool::new(
         model.kv_shape(),
-        1,
-        tokens.len(),
+        tokens.len().div_ceil(block_size).max(1),
+        block_size,
         model.dtype(),
         model.device().clone(),
-    );
-    let slot = pool
-        .allocate()?
-        .ok_or_else(|| candle_core::Error::Msg("no KV slot".into()))?;
+        false,
+    )?;
+    let table: Vec<_> = (0..pool.total_blocks())
+        .filter_map(|_| pool.allocate())
+        .collect();
     let chunk = SeqChunk {
-        slot,
+        table: &table,
         start: 0,
         len: tokens.len(),
     };
     model
         .forward(tokens, &[chunk], Logits::All, &pool)?
         .to_vec2::<f32>()
-}
-
-/// Log-probability of each choice after `prompt`: one forward over `prompt + choice` per
-/// choice, each in a slot of its own, keeping only the rows that predict the choice's tokens.
-fn score_batch(
-    model: &QwenModel,
-    pool: &mut KvPool,
-    prompt: &[u32],
-    choices: &[Vec<u32>],
-) -> candle_core::Result<Vec<f64>> {
-    let mut slots = Vec::with_capacity(choices.len());
-    for _ in choices {
-        match pool.allocate()? {
-            Some(slot) => slots.push(slot),
-            None => break,
-        }
-    }
-    let result = score_in_slots(model, pool, prompt, &choices[..slots.len()], &slots);
-    for slot in slots {
-        pool.release(slot);
-    }
-    result
-}
-
-fn score_in_slots(
-    model: &QwenModel,
-    pool: &KvPool,
-    prompt: &[u32],
-    choices: &[Vec<u32>],
-    slots: &[SlotId],
-) -> candle_core::Result<Vec<f64>> {
-    let mut tokens = Vec::new();
-    let mut chunks = Vec::with_capacity(choices.len());
-    let mut rows = Vec::new();
-    for (choice, &slot) in choices.iter().zip(slots) {
-        let offset = tokens.len() as u32;
-        tokens.extend_from_slice(prompt);
-        tokens.extend_from_slice(choice);
-        // Row p predicts token p + 1: the choice's tokens are predicted by the rows from the
-        // prompt's last token to the choice's second-to-last.
-        let first = offset + prompt.len() as u32 - 1;
-        rows.extend(first..first + choice.len() as u32);
-        chunks.push(SeqChunk {
-            slot,
-            start: 0,
-            len: prompt.len() + choice.len(),
-        });
-    }
-    let logits = model.forward(&tokens, &chunks, Logits::Rows(&rows), pool)?;
-    let mut row = 0;
-    let mut scores = Vec::with_capacity(choices.len());
-    for choice in choices {
-        let mut total = 0.0;
-        for &token in choice {
-            let values = model::logits_row(&logits, row)?;
-            total += f64::from(sampler::token_logprob(&values, token, 0).logprob);
-            row += 1;
-        }
-        scores.push(total);
-    }
-    Ok(scores)
-}
-
-/// Log-probability of each choice after `prompt`, the prompt prefilled once: its last row
-/// scores every choice's first token; its KV is copied into a slot per choice, and one forward
-/// over the choices' remaining tokens scores the rest. Needs `choices.len() + 1` free slots.
-fn score_shared(
-    model: &QwenModel,
-    pool: &mut KvPool,
-    prompt: &[u32],
-    choices: &[Vec<u32>],
-) -> candle_core::Result<Vec<f64>> {
-    let mut slots = Vec::with_capacity(choices.len() + 1);
-    for _ in 0..=choices.len() {
-        match pool.allocate()? {
-            Some(slot) => slots.push(slot),
-            None => break,
-        }
-    }
-    let result = match slots.split_first() {
-        Some((&prompt_slot, choice_slots)) if !choice_slots.is_empty() => {
-            let choices = &choices[..choice_slots.len()];
-            shared_in_slots(model, pool, prompt, choices, prompt_slot, choice_slots)
-        }
-        _ => Err(candle_core::Error::Msg("no KV slots to score in".into())),
-    };
-    for slot in slots {
-        pool.release(slot);
-    }
-    result
-}
-
-fn shared_in_slots(
-    model: &QwenModel,
-    pool: &KvPool,
-    prompt: &[u32],
-    choices: &[Vec<u32>],
-    prompt_slot: SlotId,
-    choice_slots: &[SlotId],
-) -> candle_core::Result<Vec<f64>> {
-    let whole = SeqChunk {
-        slot: prompt_slot,
-        start: 0,
-        len: prompt.len(),
-    };
-    let last = [prompt.len() as u32 - 1];
-    let first = model.forward(prompt, &[whole], Logits::Rows(&last), pool)?;
-    let first = model::logits_row(&first, 0)?;
-    // Each choice's tokens but the last: their rows predict the choice's tokens after the first.
-    let mut tokens = Vec::new();
-    let mut chunks = Vec::new();
-    for (choice, &slot) in choices.iter().zip(choice_slots) {
-        if choice.len() < 2 {
-            continue;
-        }
-        pool.copy_prefix(prompt_slot, slot, prompt.len())?;
-        tokens.extend_from_slice(&choice[..choice.len() - 1]);
-        chunks.push(SeqChunk {
-            slot,
-            start: prompt.len(),
-            len: choice.len() - 1,
-        });
-    }
-    let tails = if chunks.is_empty() {
-        None
-    } else {
-        Some(model.forward(&tokens, &chunks, Logits::All, pool)?)
-    };
-    let mut row = 0;
-    let mut scores = Vec::with_capacity(choices.len());
-    for choice in choices {
-        let mut total = f64::from(sampler::token_logprob(&first, choice[0], 0).logprob);
-        for &token in &choice[1..] {
-            let logits = tails
-                .as_ref()
-                .ok_or_else(|| candle_core::Error::Msg("missing choice rows".into()))?;
-            let values = model::logits_row(logits, row)?;
-            total += f64::from(sampler::token_logprob(&values, token, 0).logprob);
-            row += 1;
-        }
-        scores.push(total);
-    }
-    Ok(scores)
 }

@@ -7,17 +7,26 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::cache::{KvPool, KvShape, SlotId};
+use super::cache::{BlockId, KvPool, KvShape, KvView};
 use super::config::{Arch, Config};
 
 /// New tokens of one sequence in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SeqChunk {
-    pub slot: SlotId,
+pub struct SeqChunk<'a> {
+    /// The blocks of the sequence's KV, enough for `start + len` positions.
+    pub table: &'a [BlockId],
     /// Position of the first new token, i.e. how many tokens of this sequence are cached.
     pub start: usize,
     /// Number of new tokens.
     pub len: usize,
+}
+
+/// The sequences of one forward with where their KV lives.
+struct KvBatch<'a> {
+    chunks: &'a [SeqChunk<'a>],
+    /// How each chunk's whole KV (cached and new) is read back.
+    views: Vec<KvView>,
+    cache: &'a KvPool,
 }
 
 /// Which logits a forward returns.
@@ -153,8 +162,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         layer: usize,
-        chunks: &[SeqChunk],
-        cache: &KvPool,
+        kv: &KvBatch,
     ) -> candle_core::Result<Tensor> {
         let tokens = x.dim(0)?;
         let heads_first = |t: Tensor, heads: usize, norm: &Option<RmsNorm>| {
@@ -173,15 +181,15 @@ impl Attention {
         let v = v.squeeze(0)?;
 
         let groups = self.heads / self.kv_heads;
-        let mut outputs = Vec::with_capacity(chunks.len());
         let mut offset = 0;
-        for chunk in chunks {
+        let mut outputs = Vec::with_capacity(kv.chunks.len());
+        for (chunk, view) in kv.chunks.iter().zip(&kv.views) {
             let n = chunk.len;
             let k_new = k.narrow(1, offset, n)?.contiguous()?;
             let v_new = v.narrow(1, offset, n)?.contiguous()?;
-            cache.write(layer, chunk.slot, chunk.start, &k_new, &v_new)?;
-            let total = chunk.start + n;
-            let (k_all, v_all) = cache.read(layer, chunk.slot, total)?;
+            kv.cache
+                .write(layer, chunk.table, chunk.start, &k_new, &v_new)?;
+            let (k_all, v_all) = kv.cache.read(layer, view)?;
             // Query heads of one KV group are adjacent, so grouping is a reshape, not a copy
             // of K and V per query head.
             let q_chunk = q.narrow(1, offset, n)?.contiguous()?.reshape((
@@ -196,7 +204,7 @@ impl Attention {
                 scores
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            // The cached view is strided only in its batch dim, which matmul takes as it is.
+            // A sliced view is strided only in its batch dim, which matmul takes as it is.
             let out = probs.matmul(&v_all)?; // [kv_heads, groups * n, head_dim]
             let out = out
                 .reshape((self.heads, n, self.head_dim))?
@@ -376,15 +384,22 @@ impl QwenModel {
             candle_core::bail!("chunks cover {packed} tokens, {} were given", tokens.len());
         }
         let mut positions = Vec::with_capacity(tokens.len());
+        let mut views = Vec::with_capacity(chunks.len());
         for c in chunks {
-            if c.start + c.len > self.config.max_position_embeddings.min(cache.capacity()) {
+            if c.start + c.len > self.config.max_position_embeddings {
                 candle_core::bail!(
                     "sequence position {} is past the context window",
                     c.start + c.len
                 );
             }
             positions.extend((c.start..c.start + c.len).map(|p| p as u32));
+            views.push(cache.view(c.table, c.start + c.len)?);
         }
+        let kv = KvBatch {
+            chunks,
+            views,
+            cache,
+        };
         let positions = Tensor::new(positions, &self.device)?;
         let cos = self.rotary.cos.index_select(&positions, 0)?;
         let sin = self.rotary.sin.index_select(&positions, 0)?;
@@ -393,7 +408,7 @@ impl QwenModel {
         let mut x = self.embed_tokens.forward(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, i, chunks, cache)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, i, &kv)?;
             x = (x + h)?;
             let h = layer
                 .mlp
