@@ -19,6 +19,9 @@ pub enum DevCommand {
     BenchService(crate::bench_service::BenchServiceArgs),
     /// Measure tasks per second and latency through NATS JetStream with 1, 2, … workers.
     BenchDispatch(crate::bench_dispatch::BenchDispatchArgs),
+    /// Measure what continuous batching and prefix reuse buy: shared prefixes, a council
+    /// round, a whole deliberation, each against its baseline in the same run.
+    BenchBatching(crate::bench_batching::BenchBatchingArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +61,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
         DevCommand::Bench(args) => bench(args),
         DevCommand::BenchService(args) => crate::bench_service::run(args),
         DevCommand::BenchDispatch(args) => crate::bench_dispatch::run(args),
+        DevCommand::BenchBatching(args) => crate::bench_batching::run(args),
     }
 }
 
@@ -94,7 +98,10 @@ fn bench_prompt(n: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
-fn bench(args: BenchArgs) -> anyhow::Result<()> {
+fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
+    // Every prompt is computed: the measured ones repeat the warm-up's, which the prefix cache
+    // would serve (`council dev bench-batching` measures the cache).
+    args.model.no_prefix_cache = true;
     let load_start = Instant::now();
     let engine = args.model.start_engine()?;
     let load = load_start.elapsed();
@@ -113,7 +120,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         })?;
         Ok((start.elapsed(), results))
     };
-    // Warm-up: first-touch allocations of the KV slots and the allocator.
+    // Warm-up: first-touch allocations of the KV pool and the allocator.
     run((0..args.batch.iter().copied().max().unwrap_or(1))
         .map(|s| GenerateRequest::tokens(bench_prompt(args.prompt_tokens, s), 2))
         .collect())?;
@@ -130,10 +137,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     )])?;
     let first = results[0].timings.first_token;
     println!(
-        "prefill: {} tokens in {:.3}s -> {:.1} tok/s (request total {:.3}s)",
+        "prefill: {} tokens in {:.3}s -> {:.1} tok/s; time to first token {:.3}s (request \
+         total {:.3}s)",
         args.prompt_tokens,
         first.as_secs_f64(),
         args.prompt_tokens as f64 / first.as_secs_f64(),
+        first.as_secs_f64(),
         elapsed.as_secs_f64()
     );
     for &batch in &args.batch {

@@ -1,6 +1,7 @@
 //! The council service and command line: wires the councils domain to inference backends.
 //! It is the only crate that knows files, configuration, gRPC and NATS.
 
+pub mod bench_batching;
 pub mod bench_dispatch;
 pub mod bench_service;
 pub mod cli;

@@ -300,3 +300,28 @@ fn kv_budgets_parse_and_a_pool_too_small_for_one_window_is_refused() {
         })
     ));
 }
+
+#[tokio::test]
+async fn device_argmax_and_host_sampling_pick_the_same_greedy_tokens() {
+    let dir = tiny_model(TinyArch::Qwen3);
+    let handle = engine(dir.path(), EngineConfig::default());
+    let plain = GenerateRequest::tokens(prompt(30, 9), 24);
+    // Asking for log-probs sends the row to the host sampler; the plain request takes the
+    // device argmax. Together in one batch and apart, they agree.
+    let mut with_logprobs = plain.clone();
+    with_logprobs.top_logprobs = Some(3);
+    let alone = handle.generate(plain.clone()).await.expect("generates");
+    let (a, b) = tokio::join!(handle.generate(plain), handle.generate(with_logprobs));
+    let (a, b) = (a.expect("generates"), b.expect("generates"));
+    assert_eq!(a.token_ids, alone.token_ids);
+    assert_eq!(b.token_ids, alone.token_ids);
+    let logprobs = b.logprobs.expect("log-probs were asked for");
+    assert_eq!(logprobs.len(), b.token_ids.len());
+    for (lp, &token) in logprobs.iter().zip(&b.token_ids) {
+        assert_eq!(lp.token_id, token);
+        assert!(
+            lp.top.iter().all(|t| t.logprob <= lp.logprob + 1e-6),
+            "greedy token is not the top one"
+        );
+    }
+}

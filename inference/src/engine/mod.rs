@@ -275,7 +275,13 @@ impl Engine {
     ) -> Result<EngineHandle, LoadError> {
         config.validate()?;
         let device = config.device.open()?;
-        let loaded = loader::load(files, name, &device, DType::F32)?;
+        // GPUs run in bf16 (their tensor cores' type, half the memory); CPUs in f32.
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let loaded = loader::load(files, name, &device, dtype)?;
         Self::start(loaded, config)
     }
 

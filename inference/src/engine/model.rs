@@ -199,7 +199,8 @@ impl Attention {
             ))?;
             let scores = (q_chunk.matmul(&k_all.t()?)? * self.scale)?;
             let scores = if n > 1 {
-                scores.broadcast_add(&causal_mask(n, chunk.start, groups, x.device())?)?
+                let mask = causal_mask(n, chunk.start, groups, x.device())?;
+                scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?
             } else {
                 scores
             };

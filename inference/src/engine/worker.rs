@@ -454,6 +454,28 @@ impl Worker {
             Ok(logits) => logits,
             Err(e) => return self.fail_planned(plan, &e.to_string()),
         };
+        // Greedy rows with nothing else to compute take their token from an argmax on the
+        // device: one id per row crosses to the host instead of a row of logits.
+        let plain_greedy = |seq: &Sequence| {
+            let request = &seq.job.request;
+            request.sampling.is_greedy()
+                && request.sampling.repetition_penalty == 1.0
+                && request.top_logprobs.is_none()
+        };
+        let argmax = if plan.iter().any(|p| {
+            let seq = &self.running[p.seq];
+            seq.cached + p.len == seq.history.len() && plain_greedy(seq)
+        }) {
+            match logits
+                .argmax(candle_core::D::Minus1)
+                .and_then(|t| t.to_vec1::<u32>())
+            {
+                Ok(ids) => Some(ids),
+                Err(e) => return self.fail_planned(plan, &e.to_string()),
+            }
+        } else {
+            None
+        };
         let now = Instant::now();
         let mut finished = Vec::new();
         let mut row = 0;
@@ -464,20 +486,28 @@ impl Worker {
             if seq.cached < seq.history.len() {
                 continue;
             }
-            let values = model::logits_row(&logits, row);
+            let this_row = row;
             row += 1;
-            let values = match values {
-                Ok(values) => values,
-                Err(e) => {
-                    finished.push((p.seq, Err(InferenceError::Model(e.to_string()))));
-                    continue;
+            seq.decoding = true;
+            let token = match argmax.as_ref().filter(|_| plain_greedy(seq)) {
+                Some(ids) => ids[this_row],
+                None => {
+                    let values = match model::logits_row(&logits, this_row) {
+                        Ok(values) => values,
+                        Err(e) => {
+                            finished.push((p.seq, Err(InferenceError::Model(e.to_string()))));
+                            continue;
+                        }
+                    };
+                    let token = seq.sampler.sample(&values, &seq.history);
+                    if let (Some(lps), Some(top)) =
+                        (seq.logprobs.as_mut(), seq.job.request.top_logprobs)
+                    {
+                        lps.push(sampler::token_logprob(&values, token, top));
+                    }
+                    token
                 }
             };
-            seq.decoding = true;
-            let token = seq.sampler.sample(&values, &seq.history);
-            if let (Some(lps), Some(top)) = (seq.logprobs.as_mut(), seq.job.request.top_logprobs) {
-                lps.push(sampler::token_logprob(&values, token, top));
-            }
             seq.first_token.get_or_insert(now);
             self.counters
                 .generated_tokens
