@@ -1,6 +1,6 @@
 //! Command-line grammar of the `council` binary and its dispatch.
 
-use crate::{deliberate, dev, eval, generate, serve};
+use crate::{deliberate, dev, eval, generate, health, serve};
 
 /// Councils of role agents that deliberate, score and rank, on one batched inference engine.
 #[derive(Debug, clap::Parser)]
@@ -40,6 +40,8 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Generate one chat completion with the in-process engine.
     Generate(generate::GenerateArgs),
+    /// Ask a running `council serve` for its gRPC health; exit 0 only when SERVING.
+    Health(health::HealthArgs),
     /// Developer tools: tiny models, engine benchmarks.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -50,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deliberate(args) => deliberate::run(args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Health(args) => health::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Dev(command) => dev::run(command),
     }

@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod driver;
 pub mod eval;
 pub mod generate;
+pub mod health;
 pub mod model_source;
 pub mod nats;
 pub mod serve;

@@ -99,11 +99,22 @@ impl Options {
     }
 }
 
-const SERVICE_NAME: &str = "fleet.orchestrator.v1.OrchestratorService";
+/// The API's name in `grpc.health.v1`.
+pub const SERVICE_NAME: &str = "fleet.orchestrator.v1.OrchestratorService";
+
+/// Health names that say whether the service is ready: `SERVING` only while the backend, the
+/// store and (with dispatch) NATS are healthy and shutdown has not begun.
+pub const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
+
+/// A health name that is `SERVING` from the moment the gRPC port answers until the process
+/// exits, drain included: it depends on nothing but the process itself, so a liveness probe on
+/// it never restarts a replica because NATS or the model is down.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
-    reporter.set_service_status(SERVICE_NAME, status).await;
-    reporter.set_service_status("", status).await;
+    for name in READINESS_SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
 }
 
 /// Checks bearer tokens in constant time.
@@ -143,6 +154,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     set_health(&health_reporter, ServingStatus::NotServing).await;
     let metrics = Arc::new(metrics::Metrics::new());
     let runner = Arc::new(runs::Runner::new(
@@ -239,7 +253,7 @@ pub async fn serve(
             // grace period or are cancelled by the drain and handed back (nak, no delay).
             let cancelled = runner.drain(grace).await;
             if let Some(pulling) = pulling {
-                let _ = tokio::time::timeout(Duration::from_secs(30), pulling).await;
+                let _ = tokio::time::timeout(PULL_STOP_TIMEOUT, pulling).await;
             }
             if let Some(d) = &dispatcher
                 && let Err(e) = d.client().drain().await
@@ -309,7 +323,12 @@ pub async fn serve(
 }
 
 /// How long idle client connections may stay open once the service has drained.
-const CONNECTION_LINGER: Duration = Duration::from_secs(5);
+pub const CONNECTION_LINGER: Duration = Duration::from_secs(5);
+
+/// How long the drain waits, after the grace period, for dispatch to hand back what it holds.
+/// With [`CONNECTION_LINGER`] it bounds what shutdown takes beyond `server.grace_secs`
+/// (a pod's termination grace period must cover both).
+pub const PULL_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What readiness depends on: the backend, the store and, with dispatch, the NATS connection.
 #[derive(Debug, Clone)]
