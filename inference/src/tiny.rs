@@ -77,6 +77,9 @@ pub struct TinyModelSpec {
     pub seed: u64,
     /// Split the weights into shards of at most this many bytes (with an index file).
     pub shard_bytes: Option<usize>,
+    /// Pad a tiny model's vocabulary to this many ids past the tokenizer's, as real checkpoints
+    /// pad theirs (ids no token decodes to).
+    pub padded_vocab: Option<usize>,
 }
 
 impl TinyModelSpec {
@@ -86,6 +89,7 @@ impl TinyModelSpec {
             shape: TinyShape::Tiny,
             seed: 0,
             shard_bytes: None,
+            padded_vocab: None,
         }
     }
 }
@@ -128,7 +132,10 @@ struct Dims {
 fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
     match (spec.shape, spec.arch) {
         (TinyShape::Tiny, TinyArch::Qwen2) => Dims {
-            vocab: tokenizer_vocab,
+            vocab: spec
+                .padded_vocab
+                .unwrap_or(tokenizer_vocab)
+                .max(tokenizer_vocab),
             hidden: 64,
             intermediate: 160,
             layers: 2,
@@ -140,7 +147,10 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             tied: true,
         },
         (TinyShape::Tiny, TinyArch::Qwen3) => Dims {
-            vocab: tokenizer_vocab,
+            vocab: spec
+                .padded_vocab
+                .unwrap_or(tokenizer_vocab)
+                .max(tokenizer_vocab),
             hidden: 64,
             intermediate: 160,
             layers: 2,

@@ -71,6 +71,7 @@ fn tiny_model(args: TinyModelArgs) -> anyhow::Result<()> {
         shape: args.shape,
         seed: args.seed,
         shard_bytes: args.shard_mib.map(|m| m << 20),
+        padded_vocab: None,
     };
     let summary = tiny::write_tiny_model(&args.dir, &spec)?;
     println!(

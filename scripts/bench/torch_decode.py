@@ -58,7 +58,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+        args.model_dir, dtype=torch.float32, attn_implementation="eager"
     )
     model.eval()
     batches = [int(b) for b in args.batch.split(",")]

@@ -325,3 +325,59 @@ async fn device_argmax_and_host_sampling_pick_the_same_greedy_tokens() {
         );
     }
 }
+
+#[tokio::test]
+async fn ids_past_the_tokenizers_padding_are_never_sampled() {
+    use council_inference::engine::loader::{self, ModelFiles};
+    use council_inference::engine::sequence_logits;
+    use council_inference::tiny::TinyModelSpec;
+
+    // A vocabulary padded well past the tokenizer's, as real checkpoints pad theirs.
+    let dir = council_tests::tiny_model_with(TinyModelSpec {
+        padded_vocab: Some(2048),
+        ..TinyModelSpec::new(TinyArch::Qwen2)
+    });
+    let files = ModelFiles::from_dir(dir.path()).expect("model dir");
+    let loaded = loader::load(
+        &files,
+        "padded",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("loads");
+    let bound = loaded.tokenizer.id_bound();
+    assert!(bound < 2048, "precondition: the model is padded");
+    // Precondition: left alone, the model's greedy choice is a padding id for some prompt.
+    let padded_choice = (0..20)
+        .map(|salt| prompt(12, salt))
+        .find(|p| {
+            let logits = sequence_logits(&loaded.model, p).expect("forward");
+            let last = logits.last().expect("a row");
+            council_inference::engine::sampler::argmax(last) as usize >= bound
+        })
+        .expect("no prompt makes the padded model prefer a padding id");
+    let usable_argmax = {
+        let logits = sequence_logits(&loaded.model, &padded_choice).expect("forward");
+        council_inference::engine::sampler::argmax(&logits.last().expect("a row")[..bound])
+    };
+    let handle = engine(dir.path(), EngineConfig::default());
+    let greedy = handle
+        .generate(GenerateRequest::tokens(padded_choice.clone(), 16))
+        .await
+        .expect("generates");
+    assert_eq!(greedy.token_ids[0], usable_argmax);
+    let sampled = handle
+        .generate(
+            GenerateRequest::tokens(padded_choice, 32)
+                .with_sampling(council_inference::Sampling::with_temperature(1.5, 7)),
+        )
+        .await
+        .expect("generates");
+    for r in [&greedy, &sampled] {
+        assert!(
+            r.token_ids.iter().all(|&t| (t as usize) < bound),
+            "sampled a padding id: {:?}",
+            r.token_ids
+        );
+    }
+}

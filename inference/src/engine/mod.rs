@@ -330,6 +330,7 @@ impl Engine {
             max_step_tokens: config.max_step_tokens,
             context_window: window,
             max_bypass: config.max_bypass,
+            sample_vocab: tokenizer.id_bound().min(info.vocab_size),
         };
         let worker = Worker::new(model, pool, tokenizer.clone(), rx, counters.clone(), limits);
         std::thread::Builder::new()

@@ -44,6 +44,10 @@ pub enum Logits<'a> {
 /// Rows up to which a projection is computed as `(W·xᵀ)ᵀ` (see [`Proj::forward`]).
 const FEW_ROWS: usize = 8;
 
+/// Rows up to which a CPU f32 projection runs [`few_rows_f32`]: measured on the Qwen2.5-0.5B
+/// shape (docs/PERFORMANCE.md), it beats gemm up to 3-4 rows and loses from about 6.
+const KERNEL_ROWS: usize = 4;
+
 /// A projection `y = x·Wᵀ + b` over packed rows, `W` being `[out, in]` as checkpoints store it.
 #[derive(Debug)]
 struct Proj {
@@ -57,7 +61,12 @@ impl Proj {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if x.dim(0)? <= FEW_ROWS {
+        let rows = x.dim(0)?;
+        let y = if rows <= KERNEL_ROWS
+            && let Some(y) = few_rows_f32(&self.weight, x)?
+        {
+            y
+        } else if rows <= FEW_ROWS {
             // Decode steps have a handful of rows: with the weight as the left operand the
             // CPU gemm streams it instead of repacking all of it for every call.
             self.weight.matmul(&x.t()?)?.t()?.contiguous()?
@@ -69,6 +78,99 @@ impl Proj {
             None => Ok(y),
         }
     }
+}
+
+/// `x·Wᵀ` for a few rows of `x` on the CPU in f32: each weight row is read once and multiplied
+/// with every row of `x` (a decode step is bound by reading the weights, so B rows cost about
+/// what one does), output rows split over rayon's threads. Each product is accumulated the same
+/// way whatever the number of rows, so a sequence's decode does not depend on its batch.
+/// `None` when the tensors are not contiguous f32 on the CPU (the caller falls back to gemm).
+fn few_rows_f32(weight: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+
+    if !weight.device().is_cpu() || weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (out_dim, k) = weight.dims2()?;
+    let n = x.dim(0)?;
+    if n == 0 {
+        // A step whose sequences are all mid-prompt asks for no logits.
+        return Ok(Some(Tensor::zeros(
+            (0, out_dim),
+            DType::F32,
+            weight.device(),
+        )?));
+    }
+    if x.dim(1)? != k {
+        candle_core::bail!("projection of {} inputs given rows of {}", k, x.dim(1)?);
+    }
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(w)), Storage::Cpu(CpuStorage::F32(xs))) =
+        (&*w_storage, &*x_storage)
+    else {
+        return Ok(None);
+    };
+    let (Some((w0, w1)), Some((x0, x1))) =
+        (w_layout.contiguous_offsets(), x_layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (w, xs) = (&w[w0..w1], &xs[x0..x1]);
+    // `[out, n]`: output row o holds the n products of weight row o. A weight row (at most a
+    // few KiB) stays in the core's cache while it meets each row of x.
+    let x_rows: Vec<&[f32]> = xs.chunks_exact(k).collect();
+    let mut out = vec![0f32; out_dim * n];
+    const BLOCK: usize = 64;
+    out.par_chunks_mut(n * BLOCK)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let rows = dst.len() / n;
+            let first = block * BLOCK;
+            products(&w[first * k..(first + rows) * k], &x_rows, dst);
+        });
+    drop((w_storage, x_storage));
+    let y = Tensor::from_vec(out, (out_dim, n), weight.device())?;
+    Ok(Some(y.t()?.contiguous()?))
+}
+
+/// `dst[r * n + j]` = weight row r (of `w`, rows of `x_rows[0].len()`) · `x_rows[j]`. Compiled
+/// for AVX2 + FMA as well as the baseline, picked at run time.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn products(w: &[f32], x_rows: &[&[f32]], dst: &mut [f32]) {
+    let n = x_rows.len();
+    let k = x_rows.first().map_or(0, |x| x.len());
+    if k == 0 {
+        return;
+    }
+    for (w_row, dst) in w.chunks_exact(k).zip(dst.chunks_mut(n)) {
+        for (d, x_row) in dst.iter_mut().zip(x_rows) {
+            *d = dot(w_row, x_row);
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators (so the compiler vectorizes it), summed
+/// in a fixed order.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (ac, bc) in a_chunks.zip(b_chunks) {
+        for l in 0..LANES {
+            acc[l] += ac[l] * bc[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Proj> {
@@ -437,4 +539,40 @@ impl QwenModel {
 /// The logits of row `i` as a host vector.
 pub fn logits_row(logits: &Tensor, i: usize) -> candle_core::Result<Vec<f32>> {
     logits.i(i)?.to_vec1::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values")
+    }
+
+    #[test]
+    fn few_rows_kernel_matches_gemm_and_does_not_depend_on_the_batch() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        // 37 inputs: four whole chunks of eight and a tail of five.
+        let (out_dim, k) = (150, 37);
+        let weight = Tensor::randn(0f32, 1.0, (out_dim, k), &device)?;
+        let x = Tensor::randn(0f32, 1.0, (KERNEL_ROWS, k), &device)?;
+        let all = few_rows_f32(&weight, &x)?.expect("contiguous f32 on the CPU");
+        let gemm = x.matmul(&weight.t()?)?;
+        for (a, b) in values(&all).iter().zip(values(&gemm)) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // Each row alone gives bit for bit what it gives in the batch.
+        for j in 0..KERNEL_ROWS {
+            let alone = few_rows_f32(&weight, &x.narrow(0, j, 1)?)?.expect("kernel");
+            assert_eq!(values(&alone), values(&all.narrow(0, j, 1)?), "row {j}");
+        }
+        // No rows (a step that samples nothing): no products.
+        let none = few_rows_f32(&weight, &x.narrow(0, 0, 0)?)?.expect("kernel");
+        assert_eq!(none.dims(), &[0, out_dim]);
+        // Not f32: the caller falls back to gemm.
+        assert!(few_rows_f32(&weight.to_dtype(DType::BF16)?, &x)?.is_none());
+        Ok(())
+    }
 }

@@ -26,6 +26,7 @@ pub struct ChatTokenizer {
     im_end: u32,
     arch: Arch,
     eos_ids: BTreeSet<u32>,
+    id_bound: usize,
 }
 
 impl ChatTokenizer {
@@ -74,7 +75,14 @@ impl ChatTokenizer {
             im_end,
             arch,
             eos_ids,
+            id_bound: max_id as usize + 1,
         })
+    }
+
+    /// One past the largest token id the tokenizer knows: ids from here to the model's
+    /// vocabulary size (checkpoints pad theirs) decode to nothing and are never sampled.
+    pub fn id_bound(&self) -> usize {
+        self.id_bound
     }
 
     /// Adds the id of `token` (as `tokenizer_config.json` names it) to the end-of-sequence ids.

@@ -42,6 +42,8 @@ pub(super) struct Limits {
     pub context_window: usize,
     /// Times a waiting request may be passed by later ones before it blocks admissions.
     pub max_bypass: u32,
+    /// Token ids that may be sampled: those the tokenizer can decode.
+    pub sample_vocab: usize,
 }
 
 /// A generation request inside the engine, waiting or running.
@@ -450,7 +452,14 @@ impl Worker {
             .model
             .forward(&tokens, &chunks, Logits::Rows(&rows), &self.pool);
         drop(chunks);
-        let logits = match result {
+        // Ids past the tokenizer's (a checkpoint's padding) decode to nothing: never sampled.
+        let logits = match result.and_then(|l| {
+            if l.dim(1)? > self.limits.sample_vocab {
+                l.narrow(1, 0, self.limits.sample_vocab)
+            } else {
+                Ok(l)
+            }
+        }) {
             Ok(logits) => logits,
             Err(e) => return self.fail_planned(plan, &e.to_string()),
         };
