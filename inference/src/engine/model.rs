@@ -520,6 +520,10 @@ impl QwenModel {
         }
         let x = match logits {
             Logits::All => x,
+            Logits::Rows([]) => {
+                // A step whose sequences are all mid-prompt samples nothing: no LM head.
+                return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
+            }
             Logits::Rows(rows) => x.index_select(&Tensor::new(rows, &self.device)?, 0)?,
             Logits::Last => {
                 let mut last = Vec::with_capacity(chunks.len());
