@@ -5,10 +5,11 @@ use std::collections::HashSet;
 
 use council_inference::tiny::TinyArch;
 use council_inference::{
-    Backend, ChatMessage, EngineConfig, FinishReason, GenerateRequest, GenerateResult,
-    InferenceError, Sampling,
+    Backend, ChatMessage, EngineConfig, FinishReason, GenerateRequest, InferenceError, Sampling,
 };
-use council_tests::{engine, prompt, tiny_model};
+use council_tests::{
+    all_at_once as together, engine, one_by_one as alone, prompt, tiny_model, token_ids as tokens,
+};
 
 /// Prompt lengths and generation lengths that differ on purpose.
 const SHAPES: [(usize, usize); 5] = [(3, 20), (17, 5), (40, 12), (9, 30), (1, 8)];
@@ -21,30 +22,6 @@ fn requests(sampling: impl Fn(usize) -> Sampling) -> Vec<GenerateRequest> {
             GenerateRequest::tokens(prompt(len, i as u32), new).with_sampling(sampling(i))
         })
         .collect()
-}
-
-async fn alone(handle: &impl Backend, requests: &[GenerateRequest]) -> Vec<GenerateResult> {
-    let mut out = Vec::new();
-    for r in requests {
-        out.push(handle.generate(r.clone()).await.expect("generates alone"));
-    }
-    out
-}
-
-async fn together(handle: &impl Backend, requests: &[GenerateRequest]) -> Vec<GenerateResult> {
-    let futures: Vec<_> = requests
-        .iter()
-        .map(|r| handle.generate(r.clone()))
-        .collect();
-    let mut out = Vec::new();
-    for f in futures {
-        out.push(f.await.expect("generates in a batch"));
-    }
-    out
-}
-
-fn tokens(results: &[GenerateResult]) -> Vec<Vec<u32>> {
-    results.iter().map(|r| r.token_ids.clone()).collect()
 }
 
 #[tokio::test]

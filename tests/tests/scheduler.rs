@@ -8,10 +8,9 @@ use std::time::Instant;
 
 use council_inference::tiny::TinyArch;
 use council_inference::{
-    Backend, EngineConfig, EngineHandle, GenerateRequest, GenerateResult, KvBudget, LoadError,
-    Prompt, ScoreRequest,
+    Backend, EngineConfig, GenerateRequest, KvBudget, LoadError, Prompt, ScoreRequest,
 };
-use council_tests::{engine, prompt, tiny_model};
+use council_tests::{all_at_once, engine, load_f32, one_by_one, prompt, tiny_model, token_ids};
 
 /// A plain engine: one sequence at a time, no prefix cache, whole prompts in one step.
 fn plain() -> EngineConfig {
@@ -21,30 +20,6 @@ fn plain() -> EngineConfig {
         max_step_tokens: 4096,
         ..EngineConfig::default()
     }
-}
-
-async fn one_by_one(handle: &EngineHandle, requests: &[GenerateRequest]) -> Vec<GenerateResult> {
-    let mut out = Vec::new();
-    for r in requests {
-        out.push(handle.generate(r.clone()).await.expect("generates"));
-    }
-    out
-}
-
-async fn all_at_once(handle: &EngineHandle, requests: &[GenerateRequest]) -> Vec<GenerateResult> {
-    let futures: Vec<_> = requests
-        .iter()
-        .map(|r| handle.generate(r.clone()))
-        .collect();
-    let mut out = Vec::new();
-    for f in futures {
-        out.push(f.await.expect("generates"));
-    }
-    out
-}
-
-fn token_ids(results: &[GenerateResult]) -> Vec<Vec<u32>> {
-    results.iter().map(|r| r.token_ids.clone()).collect()
 }
 
 /// `shared` tokens common to every request, then a few of the request's own.
@@ -328,7 +303,6 @@ async fn device_argmax_and_host_sampling_pick_the_same_greedy_tokens() {
 
 #[tokio::test]
 async fn ids_past_the_tokenizers_padding_are_never_sampled() {
-    use council_inference::engine::loader::{self, ModelFiles};
     use council_inference::engine::sequence_logits;
     use council_inference::tiny::TinyModelSpec;
 
@@ -337,14 +311,7 @@ async fn ids_past_the_tokenizers_padding_are_never_sampled() {
         padded_vocab: Some(2048),
         ..TinyModelSpec::new(TinyArch::Qwen2)
     });
-    let files = ModelFiles::from_dir(dir.path()).expect("model dir");
-    let loaded = loader::load(
-        &files,
-        "padded",
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .expect("loads");
+    let loaded = load_f32(dir.path());
     let bound = loaded.tokenizer.id_bound();
     assert!(bound < 2048, "precondition: the model is padded");
     // Precondition: left alone, the model's greedy choice is a padding id for some prompt.

@@ -6,7 +6,6 @@
 use council_councils::personas::default_council;
 use council_councils::spec::JudgeMode;
 use council_councils::{Deliberation, OutcomeStatus, Phase, Role, Task, TaskId};
-use council_inference::engine::loader::{self, ModelFiles};
 use council_inference::engine::sequence_logits;
 use council_inference::tiny::TinyArch;
 use council_inference::{
@@ -24,14 +23,7 @@ fn logprob(row: &[f32], token: u32) -> f64 {
 #[tokio::test]
 async fn choice_logprobs_match_an_independent_forward() {
     let dir = tiny_model(TinyArch::Qwen2);
-    let files = ModelFiles::from_dir(dir.path()).expect("model dir");
-    let loaded = loader::load(
-        &files,
-        "tiny",
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .expect("loads");
+    let loaded = council_tests::load_f32(dir.path());
     let choices: Vec<String> = ["7", "10", "the answer", "a"].map(str::to_owned).to_vec();
     let base = prompt(20, 3);
     let wide = engine(dir.path(), EngineConfig::default());

@@ -32,8 +32,6 @@ struct KvBatch<'a> {
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits<'a> {
-    /// One row per chunk: the logits after its last new token (what generation needs).
-    Last,
     /// One row per new token, in packed order.
     All,
     /// These rows of the packed tokens, in this order (what scoring needs: the LM head runs
@@ -525,15 +523,6 @@ impl QwenModel {
                 return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
             }
             Logits::Rows(rows) => x.index_select(&Tensor::new(rows, &self.device)?, 0)?,
-            Logits::Last => {
-                let mut last = Vec::with_capacity(chunks.len());
-                let mut end = 0u32;
-                for c in chunks {
-                    end += c.len as u32;
-                    last.push(end - 1);
-                }
-                x.index_select(&Tensor::new(last, &self.device)?, 0)?
-            }
         };
         let x = self.norm.forward(&x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)

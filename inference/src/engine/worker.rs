@@ -164,14 +164,14 @@ struct Planned {
 /// The engine thread's state: it alone touches the model and the cache.
 #[derive(Debug)]
 pub(super) struct Worker {
-    pub model: QwenModel,
-    pub pool: KvPool,
-    pub tokenizer: Arc<ChatTokenizer>,
-    pub rx: mpsc::Receiver<Command>,
-    pub counters: Arc<Counters>,
-    pub limits: Limits,
+    model: QwenModel,
+    pool: KvPool,
+    tokenizer: Arc<ChatTokenizer>,
+    rx: mpsc::Receiver<Command>,
+    counters: Arc<Counters>,
+    limits: Limits,
     /// Scoring requests, served ahead of generation admissions.
-    pub scoring: VecDeque<ScoreJob>,
+    scoring: VecDeque<ScoreJob>,
     waiting: VecDeque<Sequence>,
     /// In admission order (oldest first).
     running: Vec<Sequence>,
