@@ -344,6 +344,33 @@ fn tensor_bytes(seed: u64, name: &str, len: usize, init: Init) -> Vec<u8> {
     bytes
 }
 
+/// Scale by which [`quiet_non_text_rows`] shrinks a row.
+const NON_TEXT_SCALE: f32 = 0.1;
+
+/// Shrinks the embedding (and output) rows of the tokenizer's ids that do not decode to text on
+/// their own: control tokens and the byte tokens that are only part of a UTF-8 character. A
+/// random real-shaped model otherwise tends to repeat one of them, so its replies decode to
+/// nothing, and a whole deliberation cannot run on it; trained models rarely emit them. Rows
+/// past the tokenizer (padding) are left alone: the engine never samples them.
+fn quiet_non_text_rows(data: &mut [u8], hidden: usize, tokenizer: &Tokenizer) {
+    let row_bytes = hidden * 4;
+    for id in 0..tokenizer.get_vocab_size(true) {
+        let id = id as u32;
+        let text = tokenizer.decode(&[id], true).unwrap_or_default();
+        if !text.trim().is_empty() && !text.contains('\u{FFFD}') {
+            continue;
+        }
+        let start = id as usize * row_bytes;
+        let Some(row) = data.get_mut(start..start + row_bytes) else {
+            continue;
+        };
+        for value in row.chunks_exact_mut(4) {
+            let v = f32::from_le_bytes([value[0], value[1], value[2], value[3]]) * NON_TEXT_SCALE;
+            value.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// A tensor ready to write: name, shape, little-endian f32 bytes.
 type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
@@ -476,7 +503,12 @@ pub fn write_tiny_model(
             shard_size = 0;
         }
         shard_size += bytes;
-        let data = tensor_bytes(spec.seed, &name, len, init);
+        let mut data = tensor_bytes(spec.seed, &name, len, init);
+        if spec.shape == TinyShape::Small
+            && (name == "model.embed_tokens.weight" || name == "lm_head.weight")
+        {
+            quiet_non_text_rows(&mut data, d.hidden, &tokenizer);
+        }
         if let Some(shard) = shards.last_mut() {
             shard.push((name, shape, data));
         }
@@ -532,6 +564,44 @@ mod tests {
         assert_eq!(
             a.decode(ids.get_ids(), true).expect("decodes"),
             "The council met at dawn."
+        );
+    }
+
+    #[test]
+    fn rows_of_tokens_that_are_not_text_are_quieted() {
+        let tokenizer = train_tokenizer(TinyArch::Qwen2).expect("trains");
+        let vocab = tokenizer.get_vocab_size(true);
+        let hidden = 4;
+        // One padding row past the tokenizer.
+        let original = tensor_bytes(7, "e", (vocab + 1) * hidden, Init::Normal(1.0));
+        let mut data = original.clone();
+        quiet_non_text_rows(&mut data, hidden, &tokenizer);
+        let row = |bytes: &[u8], id: usize| -> Vec<f32> {
+            bytes[id * hidden * 4..(id + 1) * hidden * 4]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        let id = |t: &str| tokenizer.token_to_id(t).expect("in the vocabulary") as usize;
+        let word = tokenizer
+            .encode("council", false)
+            .expect("encodes")
+            .get_ids()[0] as usize;
+        assert_eq!(row(&data, word), row(&original, word), "a word is text");
+        for quiet in SPECIAL.map(id) {
+            let scaled: Vec<f32> = row(&original, quiet)
+                .iter()
+                .map(|v| v * NON_TEXT_SCALE)
+                .collect();
+            assert_eq!(row(&data, quiet), scaled, "control token {quiet}");
+        }
+        assert_eq!(row(&data, vocab), row(&original, vocab), "padding row");
+        let changed = (0..vocab)
+            .filter(|&i| row(&data, i) != row(&original, i))
+            .count();
+        assert!(
+            changed > 3 && changed < vocab / 2,
+            "{changed} of {vocab} rows quieted"
         );
     }
 

@@ -352,12 +352,28 @@ impl KvPool {
             let offset = table.first().map_or(0, |b| b.index() * self.block_size);
             return Ok(KvView::Slice { offset, len });
         }
-        let positions: Vec<u32> = (0..len)
+        Ok(KvView::Gather(Tensor::new(
+            self.rows(table, len)?,
+            &self.device,
+        )?))
+    }
+
+    /// Storage rows (positions along the pool's second axis) of a sequence's positions
+    /// `0..len`, in order.
+    pub fn rows(&self, table: &[BlockId], len: usize) -> candle_core::Result<Vec<u32>> {
+        if len.div_ceil(self.block_size) > table.len() {
+            candle_core::bail!("KV read of {len} positions past the {} blocks", table.len());
+        }
+        Ok((0..len)
             .map(|p| {
                 (table[p / self.block_size].index() * self.block_size + p % self.block_size) as u32
             })
-            .collect();
-        Ok(KvView::Gather(Tensor::new(positions, &self.device)?))
+            .collect())
+    }
+
+    /// The keys and values of `layer`, `[kv_heads, blocks * block_size, head_dim]` each.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
     }
 
     /// Keys and values `[kv_heads, len, head_dim]` of `layer` through `view`.

@@ -7,8 +7,10 @@
 //! common prompt prefixes between requests. A request whose caller went away is dropped
 //! before the next step.
 
+mod attention;
 pub mod cache;
 pub mod config;
+mod kernel;
 pub mod loader;
 pub mod model;
 pub mod sampler;

@@ -26,6 +26,9 @@ struct KvBatch<'a> {
     chunks: &'a [SeqChunk<'a>],
     /// How each chunk's whole KV (cached and new) is read back.
     views: Vec<KvView>,
+    /// Per chunk, the storage rows of a decode token's sequence when its attention runs
+    /// straight from the pool ([`super::attention::decode`]).
+    rows: Vec<Option<Vec<u32>>>,
     cache: &'a KvPool,
 }
 
@@ -39,12 +42,10 @@ pub enum Logits<'a> {
     Rows(&'a [u32]),
 }
 
-/// Rows up to which a projection is computed as `(W·xᵀ)ᵀ` (see [`Proj::forward`]).
-const FEW_ROWS: usize = 8;
-
-/// Rows up to which a CPU f32 projection runs [`few_rows_f32`]: measured on the Qwen2.5-0.5B
-/// shape (docs/PERFORMANCE.md), it beats gemm up to 3-4 rows and loses from about 6.
-const KERNEL_ROWS: usize = 4;
+/// Rows up to which a CPU f32 projection runs [`super::kernel::project`] instead of gemm:
+/// measured on the Qwen2.5-0.5B shape (docs/PERFORMANCE.md), the kernel is ahead up to 16 rows
+/// (decode at batch 16: 31.3 against 29.7 tok/s) and behind at 32.
+const KERNEL_ROWS: usize = 16;
 
 /// A projection `y = x·Wᵀ + b` over packed rows, `W` being `[out, in]` as checkpoints store it.
 #[derive(Debug)]
@@ -61,13 +62,9 @@ impl Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
         let y = if rows <= KERNEL_ROWS
-            && let Some(y) = few_rows_f32(&self.weight, x)?
+            && let Some(y) = super::kernel::project(&self.weight, x)?
         {
             y
-        } else if rows <= FEW_ROWS {
-            // Decode steps have a handful of rows: with the weight as the left operand the
-            // CPU gemm streams it instead of repacking all of it for every call.
-            self.weight.matmul(&x.t()?)?.t()?.contiguous()?
         } else {
             x.matmul(&self.weight.t()?)?
         };
@@ -76,99 +73,6 @@ impl Proj {
             None => Ok(y),
         }
     }
-}
-
-/// `x·Wᵀ` for a few rows of `x` on the CPU in f32: each weight row is read once and multiplied
-/// with every row of `x` (a decode step is bound by reading the weights, so B rows cost about
-/// what one does), output rows split over rayon's threads. Each product is accumulated the same
-/// way whatever the number of rows, so a sequence's decode does not depend on its batch.
-/// `None` when the tensors are not contiguous f32 on the CPU (the caller falls back to gemm).
-fn few_rows_f32(weight: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
-    use rayon::prelude::*;
-
-    if !weight.device().is_cpu() || weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let (out_dim, k) = weight.dims2()?;
-    let n = x.dim(0)?;
-    if n == 0 {
-        // A step whose sequences are all mid-prompt asks for no logits.
-        return Ok(Some(Tensor::zeros(
-            (0, out_dim),
-            DType::F32,
-            weight.device(),
-        )?));
-    }
-    if x.dim(1)? != k {
-        candle_core::bail!("projection of {} inputs given rows of {}", k, x.dim(1)?);
-    }
-    let (w_storage, w_layout) = weight.storage_and_layout();
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(w)), Storage::Cpu(CpuStorage::F32(xs))) =
-        (&*w_storage, &*x_storage)
-    else {
-        return Ok(None);
-    };
-    let (Some((w0, w1)), Some((x0, x1))) =
-        (w_layout.contiguous_offsets(), x_layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (w, xs) = (&w[w0..w1], &xs[x0..x1]);
-    // `[out, n]`: output row o holds the n products of weight row o. A weight row (at most a
-    // few KiB) stays in the core's cache while it meets each row of x.
-    let x_rows: Vec<&[f32]> = xs.chunks_exact(k).collect();
-    let mut out = vec![0f32; out_dim * n];
-    const BLOCK: usize = 64;
-    out.par_chunks_mut(n * BLOCK)
-        .enumerate()
-        .for_each(|(block, dst)| {
-            let rows = dst.len() / n;
-            let first = block * BLOCK;
-            products(&w[first * k..(first + rows) * k], &x_rows, dst);
-        });
-    drop((w_storage, x_storage));
-    let y = Tensor::from_vec(out, (out_dim, n), weight.device())?;
-    Ok(Some(y.t()?.contiguous()?))
-}
-
-/// `dst[r * n + j]` = weight row r (of `w`, rows of `x_rows[0].len()`) · `x_rows[j]`. Compiled
-/// for AVX2 + FMA as well as the baseline, picked at run time.
-#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn products(w: &[f32], x_rows: &[&[f32]], dst: &mut [f32]) {
-    let n = x_rows.len();
-    let k = x_rows.first().map_or(0, |x| x.len());
-    if k == 0 {
-        return;
-    }
-    for (w_row, dst) in w.chunks_exact(k).zip(dst.chunks_mut(n)) {
-        for (d, x_row) in dst.iter_mut().zip(x_rows) {
-            *d = dot(w_row, x_row);
-        }
-    }
-}
-
-/// Dot product with eight independent accumulators (so the compiler vectorizes it), summed
-/// in a fixed order.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (ac, bc) in a_chunks.zip(b_chunks) {
-        for l in 0..LANES {
-            acc[l] += ac[l] * bc[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Proj> {
@@ -255,6 +159,50 @@ impl Attention {
         })
     }
 
+    /// Attention outputs `[heads * head_dim]` of the chunks whose KV rows `kv` holds (decode
+    /// tokens on the CPU), computed straight from the pool; `None` where none is, or when the
+    /// pool is not f32 in CPU memory.
+    fn decode_direct(
+        &self,
+        q: &Tensor,
+        layer: usize,
+        kv: &KvBatch,
+    ) -> candle_core::Result<Option<Vec<Option<Vec<f32>>>>> {
+        if kv.rows.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        // `[tokens, heads * head_dim]`: each token's query heads side by side.
+        let q = q.transpose(0, 1)?.flatten_from(1)?.to_vec2::<f32>()?;
+        let mut offset = 0;
+        let mut queries = Vec::new();
+        let mut which = Vec::new();
+        for (i, (chunk, rows)) in kv.chunks.iter().zip(&kv.rows).enumerate() {
+            if let Some(rows) = rows {
+                queries.push(super::attention::Query {
+                    q: &q[offset],
+                    rows,
+                });
+                which.push(i);
+            }
+            offset += chunk.len;
+        }
+        let (k, v) = kv.cache.layer(layer);
+        let heads = super::attention::Heads {
+            kv_heads: self.kv_heads,
+            groups: self.heads / self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+        };
+        let Some(outs) = super::attention::decode(k, v, heads, &queries)? else {
+            return Ok(None);
+        };
+        let mut direct = vec![None; kv.chunks.len()];
+        for (i, out) in which.into_iter().zip(outs) {
+            direct[i] = Some(out);
+        }
+        Ok(Some(direct))
+    }
+
     /// `x` is `[tokens, hidden]` packed over `chunks`; `cos`/`sin` are `[tokens, head_dim/2]`.
     fn forward(
         &self,
@@ -282,13 +230,29 @@ impl Attention {
 
         let groups = self.heads / self.kv_heads;
         let mut offset = 0;
-        let mut outputs = Vec::with_capacity(kv.chunks.len());
-        for (chunk, view) in kv.chunks.iter().zip(&kv.views) {
-            let n = chunk.len;
-            let k_new = k.narrow(1, offset, n)?.contiguous()?;
-            let v_new = v.narrow(1, offset, n)?.contiguous()?;
+        for chunk in kv.chunks {
+            let (k_new, v_new) = (
+                k.narrow(1, offset, chunk.len)?.contiguous()?,
+                v.narrow(1, offset, chunk.len)?.contiguous()?,
+            );
             kv.cache
                 .write(layer, chunk.table, chunk.start, &k_new, &v_new)?;
+            offset += chunk.len;
+        }
+        let mut direct = self.decode_direct(&q, layer, kv)?;
+        let mut offset = 0;
+        let mut outputs = Vec::with_capacity(kv.chunks.len());
+        for (i, (chunk, view)) in kv.chunks.iter().zip(&kv.views).enumerate() {
+            let n = chunk.len;
+            if let Some(out) = direct.as_mut().and_then(|d| d[i].take()) {
+                outputs.push(Tensor::from_vec(
+                    out,
+                    (1, self.heads * self.head_dim),
+                    x.device(),
+                )?);
+                offset += n;
+                continue;
+            }
             let (k_all, v_all) = kv.cache.read(layer, view)?;
             // Query heads of one KV group are adjacent, so grouping is a reshape, not a copy
             // of K and V per query head.
@@ -496,9 +460,19 @@ impl QwenModel {
             positions.extend((c.start..c.start + c.len).map(|p| p as u32));
             views.push(cache.view(c.table, c.start + c.len)?);
         }
+        // Decode tokens attend on the CPU straight from the pool (see `attention`).
+        let direct = self.device.is_cpu() && self.dtype == DType::F32;
+        let rows = chunks
+            .iter()
+            .map(|c| match direct && c.len == 1 {
+                true => cache.rows(c.table, c.start + 1).map(Some),
+                false => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let kv = KvBatch {
             chunks,
             views,
+            rows,
             cache,
         };
         let positions = Tensor::new(positions, &self.device)?;
@@ -532,40 +506,4 @@ impl QwenModel {
 /// The logits of row `i` as a host vector.
 pub fn logits_row(logits: &Tensor, i: usize) -> candle_core::Result<Vec<f32>> {
     logits.i(i)?.to_vec1::<f32>()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("values")
-    }
-
-    #[test]
-    fn few_rows_kernel_matches_gemm_and_does_not_depend_on_the_batch() -> candle_core::Result<()> {
-        let device = Device::Cpu;
-        // 37 inputs: four whole chunks of eight and a tail of five.
-        let (out_dim, k) = (150, 37);
-        let weight = Tensor::randn(0f32, 1.0, (out_dim, k), &device)?;
-        let x = Tensor::randn(0f32, 1.0, (KERNEL_ROWS, k), &device)?;
-        let all = few_rows_f32(&weight, &x)?.expect("contiguous f32 on the CPU");
-        let gemm = x.matmul(&weight.t()?)?;
-        for (a, b) in values(&all).iter().zip(values(&gemm)) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
-        }
-        // Each row alone gives bit for bit what it gives in the batch.
-        for j in 0..KERNEL_ROWS {
-            let alone = few_rows_f32(&weight, &x.narrow(0, j, 1)?)?.expect("kernel");
-            assert_eq!(values(&alone), values(&all.narrow(0, j, 1)?), "row {j}");
-        }
-        // No rows (a step that samples nothing): no products.
-        let none = few_rows_f32(&weight, &x.narrow(0, 0, 0)?)?.expect("kernel");
-        assert_eq!(none.dims(), &[0, out_dim]);
-        // Not f32: the caller falls back to gemm.
-        assert!(few_rows_f32(&weight.to_dtype(DType::BF16)?, &x)?.is_none());
-        Ok(())
-    }
 }
