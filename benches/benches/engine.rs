@@ -1,10 +1,15 @@
 //! Engine throughput on a tiny generated model: prefill of one prompt, decode at batch 1 / 8 /
-//! 32, and log-prob scoring of ten choices after one prompt (the rubric judge's call).
+//! 32, log-prob scoring of ten choices after one prompt (the rubric judge's call), and host-side
+//! sampling from a Qwen-sized vocabulary.
 //! A regression guard for the engine's own overhead; real-shape figures come from
 //! `council dev bench` (docs/PERFORMANCE.md).
 
+use council_inference::engine::sampler::{Sampler, sample_by_sorting};
+use council_inference::rng::Rng;
 use council_inference::tiny::{TinyArch, TinyModelSpec, write_tiny_model};
-use council_inference::{Backend, Engine, EngineConfig, GenerateRequest, Prompt, ScoreRequest};
+use council_inference::{
+    Backend, Engine, EngineConfig, GenerateRequest, Prompt, Sampling, ScoreRequest,
+};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -80,5 +85,32 @@ fn engine_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, engine_benches);
+/// Choosing one token from a Qwen-sized vocabulary (151,936 logits) with the councils'
+/// settings (temperature 0.7, top-p 0.95), by selection (the engine's sampler) and by sorting
+/// the vocabulary (the reference), on a flat distribution (a random-weight model's: the
+/// nucleus is most of the vocabulary) and a peaked one (a trained model's: a few tokens).
+fn sampling_benches(c: &mut Criterion) {
+    let mut rng = Rng::new(3);
+    let mut group = c.benchmark_group("sample_151936");
+    for (name, spread) in [("flat", 1.0f32), ("peaked", 30.0)] {
+        let logits: Vec<f32> = (0..151_936)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * spread)
+            .collect();
+        let sampling = Sampling {
+            top_p: 0.95,
+            ..Sampling::with_temperature(0.7, 1)
+        };
+        group.bench_function(BenchmarkId::new("select", name), |b| {
+            let mut sampler = Sampler::new(sampling);
+            b.iter(|| sampler.sample(&logits, &[]))
+        });
+        group.bench_function(BenchmarkId::new("sort", name), |b| {
+            let mut draws = Rng::new(1);
+            b.iter(|| sample_by_sorting(&sampling, &mut draws, &logits))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engine_benches, sampling_benches);
 criterion_main!(benches);

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{BlockId, EntryId, KvPool, ROOT};
@@ -486,7 +487,8 @@ impl Worker {
             None
         };
         let now = Instant::now();
-        let mut finished = Vec::new();
+        // Which running sequences take a token this step, and from which row of the logits.
+        let mut row_of: Vec<Option<usize>> = vec![None; self.running.len()];
         let mut row = 0;
         for p in plan {
             let seq = &mut self.running[p.seq];
@@ -495,35 +497,54 @@ impl Worker {
             if seq.cached < seq.history.len() {
                 continue;
             }
-            let this_row = row;
+            row_of[p.seq] = Some(row);
             row += 1;
             seq.decoding = true;
-            let token = match argmax.as_ref().filter(|_| plain_greedy(seq)) {
-                Some(ids) => ids[this_row],
-                None => {
-                    let values = match model::logits_row(&logits, this_row) {
-                        Ok(values) => values,
-                        Err(e) => {
-                            finished.push((p.seq, Err(InferenceError::Model(e.to_string()))));
-                            continue;
-                        }
-                    };
-                    let token = seq.sampler.sample(&values, &seq.history);
-                    if let (Some(lps), Some(top)) =
-                        (seq.logprobs.as_mut(), seq.job.request.top_logprobs)
-                    {
-                        lps.push(sampler::token_logprob(&values, token, top));
-                    }
-                    token
+        }
+        // Each sequence draws from its own row with its own RNG, so the rows are drawn in
+        // parallel and the tokens depend neither on the batch nor on the thread.
+        let drawn: Vec<Option<Result<u32, String>>> = self
+            .running
+            .par_iter_mut()
+            .zip(row_of.par_iter())
+            .map(|(seq, row)| {
+                let row = (*row)?;
+                if let Some(ids) = argmax.as_ref().filter(|_| plain_greedy(seq)) {
+                    return Some(Ok(ids[row]));
+                }
+                Some(
+                    model::logits_row(&logits, row)
+                        .map(|values| {
+                            let token = seq.sampler.sample(&values, &seq.history);
+                            if let (Some(lps), Some(top)) =
+                                (seq.logprobs.as_mut(), seq.job.request.top_logprobs)
+                            {
+                                lps.push(sampler::token_logprob(&values, token, top));
+                            }
+                            token
+                        })
+                        .map_err(|e| e.to_string()),
+                )
+            })
+            .collect();
+        let mut finished = Vec::new();
+        for (i, drawn) in drawn.into_iter().enumerate() {
+            let token = match drawn {
+                None => continue,
+                Some(Ok(token)) => token,
+                Some(Err(e)) => {
+                    finished.push((i, Err(InferenceError::Model(e))));
+                    continue;
                 }
             };
+            let seq = &mut self.running[i];
             seq.first_token.get_or_insert(now);
             self.counters
                 .generated_tokens
                 .fetch_add(1, Ordering::Relaxed);
             seq.history.push(token);
             if let Some(outcome) = finish(seq, token, &self.tokenizer, self.limits.context_window) {
-                finished.push((p.seq, outcome));
+                finished.push((i, outcome));
             }
         }
         finished.sort_by_key(|(i, _)| *i);
