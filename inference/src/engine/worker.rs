@@ -503,7 +503,7 @@ impl Worker {
         }
         // Each sequence draws from its own row with its own RNG, so the rows are drawn in
         // parallel and the tokens depend neither on the batch nor on the thread.
-        let drawn: Vec<Option<Result<u32, String>>> = self
+        let drawn: Vec<Option<Result<u32, InferenceError>>> = self
             .running
             .par_iter_mut()
             .zip(row_of.par_iter())
@@ -523,7 +523,7 @@ impl Worker {
                             }
                             token
                         })
-                        .map_err(|e| e.to_string()),
+                        .map_err(|e| InferenceError::Model(e.to_string())),
                 )
             })
             .collect();
@@ -533,7 +533,7 @@ impl Worker {
                 None => continue,
                 Some(Ok(token)) => token,
                 Some(Err(e)) => {
-                    finished.push((i, Err(InferenceError::Model(e))));
+                    finished.push((i, Err(e)));
                     continue;
                 }
             };
@@ -547,7 +547,7 @@ impl Worker {
                 finished.push((i, outcome));
             }
         }
-        finished.sort_by_key(|(i, _)| *i);
+        // `finished` is in index order: removing from the back keeps the other indices valid.
         for (i, outcome) in finished.into_iter().rev() {
             let mut seq = self.running.remove(i);
             seq.evict(&mut self.pool);
