@@ -16,7 +16,7 @@ pub mod vllm;
 
 pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 pub use constraint::Constraint;
-pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats, KvBudget};
+pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats, KvBudget, Quantization};
 pub use error::{InferenceError, LoadError};
 pub use request::{
     ChatMessage, ChatRole, FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling,

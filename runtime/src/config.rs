@@ -64,6 +64,8 @@ pub struct RawModel {
     pub max_step_tokens: Option<usize>,
     /// Share the KV of common prompt prefixes between requests (default true).
     pub prefix_cache: Option<bool>,
+    /// Weights of the linear layers: "none" (default) or "q8_0" (CPU only).
+    pub quantize: Option<String>,
     /// OpenAI-compatible servers (vLLM) to use instead of the in-process engine; `repo` then
     /// names the served model.
     pub vllm_urls: Option<Vec<String>>,
@@ -178,6 +180,7 @@ impl RawConfig {
             kv_cache,
             max_step_tokens,
             prefix_cache,
+            quantize,
             vllm_urls,
             vllm_api_key_file,
             vllm_max_in_flight
@@ -273,6 +276,23 @@ impl RawConfig {
                 format!("must be at least model.max_batch ({max_batch})"),
             ));
         }
+        let quantize =
+            council_inference::Quantization::parse(m.quantize.as_deref().unwrap_or("none"))
+                .map_err(|e| err("model.quantize", e))?;
+        if quantize != council_inference::Quantization::None {
+            if m.cuda.is_some() {
+                return Err(err(
+                    "model.quantize",
+                    format!("{quantize} runs on the CPU engine only: leave model.cuda unset"),
+                ));
+            }
+            if m.vllm_urls.as_ref().is_some_and(|u| !u.is_empty()) {
+                return Err(err(
+                    "model.quantize",
+                    "a vLLM backend serves the model: quantization is the in-process engine's",
+                ));
+            }
+        }
         let vllm = vllm_settings(&m)?;
         let model = ModelArgs {
             model_dir: m.dir,
@@ -283,6 +303,7 @@ impl RawConfig {
             kv_cache,
             max_step_tokens,
             no_prefix_cache: !m.prefix_cache.unwrap_or(true),
+            quantize,
             vllm,
         };
 
@@ -891,6 +912,7 @@ impl ServeConfig {
                 "kv_cache": format!("{:?}", self.model.kv_cache),
                 "max_step_tokens": self.model.max_step_tokens,
                 "prefix_cache": !self.model.no_prefix_cache,
+                "quantize": self.model.quantize.as_str(),
                 "vllm_urls": self.model.vllm.urls,
                 "vllm_api_key_file": self.model.vllm.api_key_file,
                 "vllm_max_in_flight": self.model.vllm.max_in_flight,
@@ -1023,6 +1045,12 @@ mod tests {
             (
                 "[model]\nmax_batch = 16\nmax_step_tokens = 8",
                 "model.max_step_tokens",
+            ),
+            ("[model]\nquantize = \"q4_k\"", "model.quantize"),
+            ("[model]\ncuda = 0\nquantize = \"q8_0\"", "model.quantize"),
+            (
+                "[model]\nvllm_urls = [\"http://x:8000\"]\nquantize = \"q8_0\"",
+                "model.quantize",
             ),
             ("[model]\nvllm_urls = [\"ftp://x\"]", "model.vllm_urls"),
             (

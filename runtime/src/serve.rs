@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// [model.prefix_cache] Share the KV of common prompt prefixes (default true).
     #[arg(long, env = "COUNCIL_PREFIX_CACHE", value_name = "BOOL")]
     pub prefix_cache: Option<bool>,
+    /// [model.quantize] Hold the linear layers' weights as q8_0 blocks (CPU only), or none
+    /// (default).
+    #[arg(long, env = "COUNCIL_QUANTIZE", value_name = "none|q8_0")]
+    pub quantize: Option<String>,
     /// [model.vllm_urls] OpenAI-compatible servers (vLLM) to use instead of the in-process
     /// engine, comma-separated; --model names the served model.
     #[arg(
@@ -167,6 +171,7 @@ impl ServeArgs {
                 kv_cache: a.kv_cache,
                 max_step_tokens: a.max_step_tokens,
                 prefix_cache: a.prefix_cache,
+                quantize: a.quantize,
                 vllm_urls: a.vllm_urls,
                 vllm_api_key_file: a.vllm_api_key_file,
                 vllm_max_in_flight: a.vllm_max_in_flight,

@@ -141,6 +141,68 @@ fn bad_model_sources_fail_with_a_clear_message() {
 }
 
 #[test]
+fn quantized_generation_end_to_end_and_bad_quantize_values() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = dir.path().to_str().expect("utf-8");
+    assert!(council(&["dev", "tiny-model", model]).status.success());
+    let generate = |quantize: &str| {
+        let out = council(&[
+            "generate",
+            "--model-dir",
+            model,
+            "--quantize",
+            quantize,
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "Hello, council.",
+        ]);
+        assert!(out.status.success(), "{quantize}: {}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON result")
+    };
+    let q8 = generate("q8_0");
+    let completion = q8["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!((1..=8).contains(&completion), "{q8}");
+    // Deterministic under greedy, like the f32 engine.
+    assert_eq!(generate("q8_0")["token_ids"], q8["token_ids"]);
+    assert!(generate("none")["token_ids"].is_array());
+
+    let out = council(&["generate", "--model-dir", model, "--quantize", "q4_k", "hi"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("q4_k") && err.contains("none, q8_0"), "{err}");
+
+    for args in [
+        &[
+            "generate",
+            "--model-dir",
+            model,
+            "--quantize",
+            "q8_0",
+            "--cuda",
+            "0",
+            "hi",
+        ][..],
+        &[
+            "generate",
+            "--vllm-url",
+            "http://127.0.0.1:9",
+            "--quantize",
+            "q8_0",
+            "hi",
+        ][..],
+    ] {
+        let out = council(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("--quantize"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
 fn deliberate_end_to_end_on_a_tiny_model() {
     let dir = tempfile::tempdir().expect("temp dir");
     let model = dir.path().to_str().expect("utf-8");

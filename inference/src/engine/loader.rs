@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, token_id_list};
-use super::model::QwenModel;
+use super::model::{QuantizedWeights, QwenModel};
+use super::quant::{Quantization, quantize_weight};
 use super::tokenizer::ChatTokenizer;
 use crate::error::LoadError;
 
@@ -148,6 +149,19 @@ pub fn load(
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel, LoadError> {
+    load_as(files, name, device, dtype, Quantization::None)
+}
+
+/// Loads `files` onto `device` in `dtype`, the linear layers quantized as `quantization`
+/// says (each weight quantized as it is read, so the unquantized model is never whole in
+/// memory).
+pub fn load_as(
+    files: &ModelFiles,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    quantization: Quantization,
+) -> Result<LoadedModel, LoadError> {
     let config = Config::from_file(&files.config)?;
     let mut eos: Vec<u32> = config.eos_token_ids.clone();
     if let Some(path) = &files.generation_config {
@@ -169,15 +183,34 @@ pub fn load(
         None => tokenizer,
     };
 
-    let mut tensors = HashMap::new();
+    if quantization != Quantization::None && !device.is_cpu() {
+        return Err(LoadError::InvalidConfig {
+            field: "quantization",
+            reason: format!("{quantization} runs on the CPU engine only (GPUs run bf16)"),
+        });
+    }
+    let mut tensors = Tensors {
+        dense: HashMap::new(),
+        quantized: HashMap::new(),
+        quantize: match quantization {
+            Quantization::None => BTreeSet::new(),
+            _ => QwenModel::quantizable_weights(&config)
+                .into_iter()
+                .collect(),
+        },
+        quantization,
+    };
     for path in &files.weights {
         read_safetensors(path, device, dtype, &mut tensors)?;
     }
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let model = QwenModel::new(&config, vb).map_err(|e| LoadError::Malformed {
-        path: files.dir.clone(),
-        reason: format!("weights do not match config.json: {e}"),
-    })?;
+    let vb = VarBuilder::from_tensors(tensors.dense, dtype, device);
+    let model =
+        QwenModel::with_quantized(&config, vb, &tensors.quantized, quantization).map_err(|e| {
+            LoadError::Malformed {
+                path: files.dir.clone(),
+                reason: format!("weights do not match config.json: {e}"),
+            }
+        })?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -195,14 +228,23 @@ struct TensorEntry {
 /// Headers larger than this are refused rather than allocated.
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
-/// Reads the tensors of one safetensors file into `out`, converted to `dtype` on `device`,
-/// one tensor at a time: peak memory is the weights plus the largest tensor, not the weights
-/// plus the whole file.
+/// The tensors read so far.
+struct Tensors {
+    dense: HashMap<String, candle_core::Tensor>,
+    quantized: QuantizedWeights,
+    /// Names of the weights to quantize as they are read.
+    quantize: BTreeSet<String>,
+    quantization: Quantization,
+}
+
+/// Reads the tensors of one safetensors file into `out`, converted to `dtype` on `device` (or
+/// quantized, those `out` names), one tensor at a time: peak memory is the weights plus the
+/// largest tensor, not the weights plus the whole file.
 fn read_safetensors(
     path: &Path,
     device: &Device,
     dtype: DType,
-    out: &mut HashMap<String, candle_core::Tensor>,
+    out: &mut Tensors,
 ) -> Result<(), LoadError> {
     use std::io::{Read, Seek, SeekFrom};
     let malformed = |reason: String| LoadError::Malformed {
@@ -265,9 +307,17 @@ fn read_safetensors(
         file.read_exact(&mut buffer).map_err(io)?;
         let tensor =
             candle_core::Tensor::from_raw_buffer(&buffer, file_dtype, &entry.shape, device)
-                .and_then(|t| t.to_dtype(dtype))
                 .map_err(|e| malformed(format!("tensor {name}: {e}")))?;
-        out.insert(name, tensor);
+        if out.quantize.contains(&name)
+            && let Some(q) = quantize_weight(&name, &tensor, out.quantization)?
+        {
+            out.quantized.insert(name, q);
+            continue;
+        }
+        let tensor = tensor
+            .to_dtype(dtype)
+            .map_err(|e| malformed(format!("tensor {name}: {e}")))?;
+        out.dense.insert(name, tensor);
     }
     Ok(())
 }

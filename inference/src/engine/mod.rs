@@ -13,6 +13,7 @@ pub mod config;
 mod kernel;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod sampler;
 pub mod tokenizer;
 mod worker;
@@ -28,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use self::cache::KvPool;
 use self::loader::{DeviceChoice, LoadedModel, ModelFiles};
 use self::model::{Logits, QwenModel, SeqChunk};
+pub use self::quant::Quantization;
 use self::tokenizer::ChatTokenizer;
 use self::worker::{Limits, Worker};
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
@@ -109,6 +111,8 @@ pub struct EngineConfig {
     /// Times a waiting request may be passed by later, smaller ones before it blocks
     /// admissions until it fits.
     pub max_bypass: u32,
+    /// How the linear layers' weights are held (Q8_0 on the CPU only).
+    pub quantization: Quantization,
 }
 
 impl Default for EngineConfig {
@@ -123,6 +127,7 @@ impl Default for EngineConfig {
             max_step_tokens: 512,
             prefix_cache: true,
             max_bypass: 16,
+            quantization: Quantization::None,
         }
     }
 }
@@ -283,7 +288,7 @@ impl Engine {
         } else {
             DType::F32
         };
-        let loaded = loader::load(files, name, &device, dtype)?;
+        let loaded = loader::load_as(files, name, &device, dtype, config.quantization)?;
         Self::start(loaded, config)
     }
 
@@ -295,6 +300,16 @@ impl Engine {
             tokenizer,
             name,
         } = loaded;
+        if model.quantization() != config.quantization {
+            return Err(LoadError::InvalidConfig {
+                field: "quantization",
+                reason: format!(
+                    "is {}, but the model was loaded with {} weights",
+                    config.quantization,
+                    model.quantization()
+                ),
+            });
+        }
         let window = config
             .max_seq_len
             .min(model.config().max_position_embeddings);

@@ -4,11 +4,16 @@
 //! rotary embeddings take per-token positions; attention runs per sequence against that
 //! sequence's KV in the [`KvPool`], with its own causal mask. The model holds weights only.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::cache::{BlockId, KvPool, KvShape, KvView};
 use super::config::{Arch, Config};
+use super::quant::Quantization;
 
 /// New tokens of one sequence in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,26 +52,33 @@ pub enum Logits<'a> {
 /// (decode at batch 16: 31.3 against 29.7 tok/s) and behind at 32.
 const KERNEL_ROWS: usize = 16;
 
-/// A projection `y = x·Wᵀ + b` over packed rows, `W` being `[out, in]` as checkpoints store it.
+/// A projection `y = x·Wᵀ + b`, `W` being `[out, in]` as checkpoints store it.
 #[derive(Debug)]
 struct Proj {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
-impl Proj {
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
-    }
+/// The weight of a projection: as loaded, or quantized ([`super::quant`]).
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
 
+impl Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let rows = x.dim(0)?;
-        let y = if rows <= KERNEL_ROWS
-            && let Some(y) = super::kernel::project(&self.weight, x)?
-        {
-            y
-        } else {
-            x.matmul(&self.weight.t()?)?
+        let y = match &self.weight {
+            Weight::Quantized(w) => super::quant::project(w, x)?,
+            Weight::Dense(w) => {
+                if x.dim(0)? <= KERNEL_ROWS
+                    && let Some(y) = super::kernel::project(w, x)?
+                {
+                    y
+                } else {
+                    x.matmul(&w.t()?)?
+                }
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -75,14 +87,62 @@ impl Proj {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Proj> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+/// Weights the loader hands over already quantized, by checkpoint name.
+pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
+
+/// The weight `{vb's prefix}.weight` of shape `[out_dim, in_dim]`: the quantized one when the
+/// loader quantized it, else the dense one.
+fn weight(
+    in_dim: usize,
+    out_dim: usize,
+    vb: &VarBuilder,
+    quantized: &QuantizedWeights,
+) -> candle_core::Result<Weight> {
+    let name = format!("{}.weight", vb.prefix());
+    match quantized.get(&name) {
+        Some(q) => {
+            if q.shape().dims() != [out_dim, in_dim] {
+                candle_core::bail!(
+                    "{name} has shape {:?}, expected [{out_dim}, {in_dim}]",
+                    q.shape().dims()
+                );
+            }
+            Ok(Weight::Quantized(q.clone()))
+        }
+        None => Ok(Weight::Dense(vb.get((out_dim, in_dim), "weight")?)),
+    }
+}
+
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+    quantized: &QuantizedWeights,
+) -> candle_core::Result<Proj> {
+    let weight = weight(in_dim, out_dim, &vb, quantized)?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Ok(Proj::new(weight, bias))
+    Ok(Proj { weight, bias })
+}
+
+/// The token embedding: a dense table, or the quantized one (dequantized row by row).
+#[derive(Debug)]
+enum Embed {
+    Dense(Embedding),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embed {
+    fn forward(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Embed::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            Embed::Quantized(q) => super::quant::embed(q, ids),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -131,7 +191,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let (h, kvh, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -146,10 +206,10 @@ impl Attention {
             Arch::Qwen2 => (None, None),
         };
         Ok(Self {
-            q_proj: linear(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
-            k_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("k_proj"))?,
-            v_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("v_proj"))?,
-            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"))?,
+            q_proj: linear(cfg.hidden_size, h * d, bias, vb.pp("q_proj"), q)?,
+            k_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("k_proj"), q)?,
+            v_proj: linear(cfg.hidden_size, kvh * d, bias, vb.pp("v_proj"), q)?,
+            o_proj: linear(h * d, cfg.hidden_size, false, vb.pp("o_proj"), q)?,
             q_norm,
             k_norm,
             heads: h,
@@ -314,26 +374,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                false,
-                vb.pp("gate_proj"),
-            )?,
-            up_proj: linear(
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                false,
-                vb.pp("up_proj"),
-            )?,
-            down_proj: linear(
-                cfg.intermediate_size,
-                cfg.hidden_size,
-                false,
-                vb.pp("down_proj"),
-            )?,
+            gate_proj: linear(hidden, inter, false, vb.pp("gate_proj"), q)?,
+            up_proj: linear(hidden, inter, false, vb.pp("up_proj"), q)?,
+            down_proj: linear(inter, hidden, false, vb.pp("down_proj"), q)?,
         })
     }
 
@@ -354,7 +400,7 @@ struct DecoderLayer {
 /// A Qwen causal language model: weights and rotary tables, no KV state.
 #[derive(Debug)]
 pub struct QwenModel {
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Proj,
@@ -362,43 +408,91 @@ pub struct QwenModel {
     config: Config,
     device: Device,
     dtype: DType,
+    quantization: Quantization,
 }
+
+/// The projections of one decoder layer, as checkpoints name them under `model.layers.N`.
+const LAYER_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 impl QwenModel {
     /// Builds the model from weights named as transformers names them (`model.layers.N...`).
     pub fn new(config: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_quantized(config, vb, &QuantizedWeights::new(), Quantization::None)
+    }
+
+    /// Checkpoint names of the weights a quantized model holds quantized: every linear layer,
+    /// the token embedding and, in untied checkpoints, the LM head.
+    pub fn quantizable_weights(config: &Config) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens.weight".to_owned()];
+        if !config.tie_word_embeddings {
+            names.push("lm_head.weight".to_owned());
+        }
+        for layer in 0..config.num_hidden_layers {
+            for proj in LAYER_PROJECTIONS {
+                names.push(format!("model.layers.{layer}.{proj}.weight"));
+            }
+        }
+        names
+    }
+
+    /// Builds the model taking the weights in `quantized` (all of
+    /// [`Self::quantizable_weights`] when `quantization` is not `None`) from there, the rest
+    /// from `vb`.
+    pub fn with_quantized(
+        config: &Config,
+        vb: VarBuilder,
+        quantized: &QuantizedWeights,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
         let _span = tracing::info_span!("qwen_load", arch = config.arch.as_str()).entered();
+        if quantization != Quantization::None
+            && let Some(missing) = Self::quantizable_weights(config)
+                .into_iter()
+                .find(|name| !quantized.contains_key(name))
+        {
+            candle_core::bail!("{missing} was not quantized to {quantization}");
+        }
+        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
         let m = vb.pp("model");
-        let embed_tokens =
-            candle_nn::embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
+        let embedding = weight(hidden, vocab, &m.pp("embed_tokens"), quantized)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             layers.push(DecoderLayer {
                 input_layernorm: candle_nn::rms_norm(
-                    config.hidden_size,
+                    hidden,
                     config.rms_norm_eps,
                     l.pp("input_layernorm"),
                 )?,
-                self_attn: Attention::new(config, l.pp("self_attn"))?,
+                self_attn: Attention::new(config, l.pp("self_attn"), quantized)?,
                 post_attention_layernorm: candle_nn::rms_norm(
-                    config.hidden_size,
+                    hidden,
                     config.rms_norm_eps,
                     l.pp("post_attention_layernorm"),
                 )?,
-                mlp: Mlp::new(config, l.pp("mlp"))?,
+                mlp: Mlp::new(config, l.pp("mlp"), quantized)?,
             });
         }
-        let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, m.pp("norm"))?;
+        let norm = candle_nn::rms_norm(hidden, config.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
-            Proj::new(embed_tokens.embeddings().clone(), None)
+            Proj {
+                weight: embedding.clone(),
+                bias: None,
+            }
         } else {
-            linear(
-                config.hidden_size,
-                config.vocab_size,
-                false,
-                vb.pp("lm_head"),
-            )?
+            linear(hidden, vocab, false, vb.pp("lm_head"), quantized)?
+        };
+        let embed_tokens = match embedding {
+            Weight::Dense(table) => Embed::Dense(Embedding::new(table, hidden)),
+            Weight::Quantized(table) => Embed::Quantized(table),
         };
         Ok(Self {
             embed_tokens,
@@ -409,7 +503,44 @@ impl QwenModel {
             config: config.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            quantization,
         })
+    }
+
+    /// How the linear layers' weights are held.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// Bytes held by the token embedding and the linear layers (the norms and biases, a few
+    /// thousandths of the model, are left out); a tied LM head counts once.
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |w: &Weight| match w {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        let mut total = match &self.embed_tokens {
+            Embed::Dense(e) => bytes(&Weight::Dense(e.embeddings().clone())),
+            Embed::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        if !self.config.tie_word_embeddings {
+            total += bytes(&self.lm_head.weight);
+        }
+        for layer in &self.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for p in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                total += bytes(&p.weight);
+            }
+        }
+        total
     }
 
     pub fn config(&self) -> &Config {
@@ -479,8 +610,7 @@ impl QwenModel {
         let cos = self.rotary.cos.index_select(&positions, 0)?;
         let sin = self.rotary.sin.index_select(&positions, 0)?;
 
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed_tokens.forward(&ids)?;
+        let mut x = self.embed_tokens.forward(tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let h = layer.self_attn.forward(&h, &cos, &sin, i, &kv)?;

@@ -1,0 +1,386 @@
+//! Quantized weights for the CPU engine: `--quantize q8_0` keeps every linear layer (and the
+//! token embedding, which the LM head shares in tied checkpoints) as Q8_0 blocks, 32 weights
+//! with one f16 scale each: 8.5 bits a weight instead of 32, so a decode step, which is bound
+//! by reading the weights, reads about a quarter of the bytes.
+//!
+//! Weights are quantized as they are read from the checkpoint ([`super::loader`]), one tensor
+//! at a time, so the f32 model is never whole in memory. The products run through candle's
+//! quantized matmul (`QMatMul`), which quantizes each row of activations to the same blocks
+//! and takes integer dot products per block (with the CPU's widest integer dot instructions,
+//! picked at run time). Each output element is one row of activations against one weight row,
+//! computed the same way whatever else shares the call, so a sequence's logits do not depend
+//! on its batch (tested below and in the engine's tests).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::LoadError;
+
+/// How the engine holds the weights of its linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// As loaded: f32 on the CPU, bf16 on a GPU.
+    #[default]
+    None,
+    /// Q8_0 blocks (CPU only).
+    Q8_0,
+}
+
+impl Quantization {
+    /// The accepted spellings, for error messages and help.
+    pub const CHOICES: &'static str = "none, q8_0";
+
+    /// Parses `none` or `q8_0` (any case).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(format!(
+                "unknown quantization {other:?} (choose one of: {})",
+                Self::CHOICES
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+
+    fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Self::None => None,
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Weights of one Q8_0 block.
+const BLOCK: usize = 32;
+/// Bytes of one Q8_0 block: an f16 scale, then 32 signed bytes.
+const BLOCK_BYTES: usize = 2 + BLOCK;
+
+/// Quantizes the 2-D weight `name` (`[out, in]`, on the CPU) as `quantization` says; `None`
+/// when it says to keep weights as they are.
+pub fn quantize_weight(
+    name: &str,
+    weight: &Tensor,
+    quantization: Quantization,
+) -> Result<Option<Arc<QTensor>>, LoadError> {
+    let Some(ggml) = quantization.ggml() else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| LoadError::InvalidConfig {
+        field: "quantization",
+        reason,
+    };
+    if !weight.device().is_cpu() {
+        return Err(invalid(format!(
+            "{quantization} runs on the CPU engine only (GPUs run bf16)"
+        )));
+    }
+    let (rows, cols) = weight
+        .dims2()
+        .map_err(|_| invalid(format!("{name} is not a matrix: {:?}", weight.dims())))?;
+    if !cols.is_multiple_of(BLOCK) {
+        return Err(invalid(format!(
+            "cannot hold {name} ({rows}×{cols}) as {quantization}: its rows of {cols} weights \
+             are not a whole number of {BLOCK}-weight blocks"
+        )));
+    }
+    let weight = weight
+        .to_dtype(DType::F32)
+        .map_err(|e| invalid(format!("{name}: {e}")))?;
+    QTensor::quantize(&weight, ggml)
+        .map(|q| Some(Arc::new(q)))
+        .map_err(|e| invalid(format!("{name}: {e}")))
+}
+
+/// `x·Wᵀ` for the rows of `x` (`[n, in]`, f32) against quantized `W` (`[out, in]`).
+pub fn project(weight: &Arc<QTensor>, x: &Tensor) -> candle_core::Result<Tensor> {
+    // Built directly rather than through `QMatMul::from_arc`, which an environment variable
+    // (`CANDLE_DEQUANTIZE_ALL`) would silently turn back into f32.
+    QMatMul::QTensor(weight.clone()).forward(&x.contiguous()?)
+}
+
+/// The rows `ids` of a quantized `[vocab, hidden]` embedding, dequantized to f32 `[ids, hidden]`.
+pub fn embed(weight: &QTensor, ids: &[u32]) -> candle_core::Result<Tensor> {
+    if weight.dtype() != GgmlDType::Q8_0 {
+        candle_core::bail!("embedding lookup of {:?} weights", weight.dtype());
+    }
+    let (vocab, hidden) = weight.shape().dims2()?;
+    let data = weight.data()?;
+    let row_bytes = hidden / BLOCK * BLOCK_BYTES;
+    if data.len() != vocab * row_bytes {
+        candle_core::bail!(
+            "embedding holds {} bytes, not {vocab} rows of {row_bytes}",
+            data.len()
+        );
+    }
+    let mut out = Vec::with_capacity(ids.len() * hidden);
+    for &id in ids {
+        let id = id as usize;
+        if id >= vocab {
+            candle_core::bail!("token id {id} is outside the embedding of {vocab} rows");
+        }
+        for block in data[id * row_bytes..(id + 1) * row_bytes].chunks_exact(BLOCK_BYTES) {
+            let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * scale));
+        }
+    }
+    Tensor::from_vec(out, (ids.len(), hidden), &candle_core::Device::Cpu)
+}
+
+/// How far one set of logits rows (say a quantized model's) is from reference rows over the
+/// same positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitDrift {
+    pub positions: usize,
+    /// Largest |Δ| over every position and token.
+    pub max_abs: f64,
+    /// Mean |Δ| over every position and token.
+    pub mean_abs: f64,
+    /// Mean over positions of the reference logits' standard deviation (their scale).
+    pub mean_spread: f64,
+    /// Positions where both pick the same most likely token.
+    pub same_top: usize,
+    /// Mean over positions of KL(reference ‖ other) of the softmax distributions, in nats.
+    pub mean_kl: f64,
+}
+
+/// Compares `other` against `reference`, row by row (one row per position).
+pub fn logit_drift(reference: &[Vec<f32>], other: &[Vec<f32>]) -> Result<LogitDrift, String> {
+    if reference.len() != other.len() || reference.is_empty() {
+        return Err(format!(
+            "{} reference rows against {} others",
+            reference.len(),
+            other.len()
+        ));
+    }
+    let mut drift = LogitDrift {
+        positions: reference.len(),
+        max_abs: 0.0,
+        mean_abs: 0.0,
+        mean_spread: 0.0,
+        same_top: 0,
+        mean_kl: 0.0,
+    };
+    for (r, o) in reference.iter().zip(other) {
+        if r.len() != o.len() || r.is_empty() {
+            return Err(format!("rows of {} and {} logits", r.len(), o.len()));
+        }
+        let n = r.len() as f64;
+        let mean = r.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let variance = r
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        drift.mean_spread += variance.sqrt();
+        let mut abs = 0.0;
+        for (&x, &y) in r.iter().zip(o) {
+            let d = f64::from((x - y).abs());
+            drift.max_abs = drift.max_abs.max(d);
+            abs += d;
+        }
+        drift.mean_abs += abs / n;
+        drift.same_top += usize::from(argmax(r) == argmax(o));
+        let (lr, lo) = (log_softmax(r), log_softmax(o));
+        drift.mean_kl += lr
+            .iter()
+            .zip(&lo)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+    }
+    let positions = drift.positions as f64;
+    drift.mean_abs /= positions;
+    drift.mean_spread /= positions;
+    drift.mean_kl /= positions;
+    Ok(drift)
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let log_sum = row
+        .iter()
+        .map(|&x| (f64::from(x) - max).exp())
+        .sum::<f64>()
+        .ln();
+    row.iter().map(|&x| f64::from(x) - max - log_sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, IndexOp};
+
+    use super::*;
+
+    /// Seeded standard-normal values, so a failure reproduces.
+    fn randn(seed: u64, shape: (usize, usize)) -> candle_core::Result<Tensor> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let data = (0..shape.0 * shape.1)
+            .map(|_| rng.next_normal() as f32)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values")
+    }
+
+    #[test]
+    fn parses_the_choices_and_refuses_others_with_the_list() {
+        assert_eq!(Quantization::parse("q8_0"), Ok(Quantization::Q8_0));
+        assert_eq!(Quantization::parse(" Q8_0 "), Ok(Quantization::Q8_0));
+        assert_eq!(Quantization::parse("none"), Ok(Quantization::None));
+        let err = Quantization::parse("q4_k").expect_err("unknown");
+        assert!(err.contains("q4_k") && err.contains("none, q8_0"), "{err}");
+        assert_eq!(Quantization::Q8_0.to_string(), "q8_0");
+    }
+
+    #[test]
+    fn embedding_rows_are_the_dequantized_rows() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let weight = randn(1, (50, 64))?;
+        let q = quantize_weight("embed", &weight, Quantization::Q8_0)
+            .expect("quantizes")
+            .expect("q8_0");
+        let all = q.dequantize(&device)?;
+        let ids = [7u32, 0, 49, 7];
+        let rows = embed(&q, &ids)?;
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(
+                values(&rows.i(i)?),
+                values(&all.i(id as usize)?),
+                "row {id}"
+            );
+        }
+        // Within a block's rounding of the original: half a step (scale = max |w| / 127), and
+        // the scale's own rounding to f16 (2^-11 relative) on up to 127 steps.
+        let original = values(&weight.i(7)?);
+        let row = values(&rows.i(0)?);
+        for (block, back) in original.chunks(BLOCK).zip(row.chunks(BLOCK)) {
+            let step = block.iter().fold(0f32, |m, w| m.max(w.abs())) / 127.0;
+            for (x, y) in block.iter().zip(back) {
+                assert!((x - y).abs() <= step * (0.5 + 127.0 / 2048.0), "{x} vs {y}");
+            }
+        }
+        let err = embed(&q, &[50])
+            .expect_err("past the vocabulary")
+            .to_string();
+        assert!(err.contains("token id 50"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn products_are_close_to_f32_and_do_not_depend_on_the_batch() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        // 512 inputs (a multiple of 256, which the repacked integer kernels of AVX-512 VNNI
+        // CPUs need, so they are exercised where present) and 96 outputs.
+        let (out_dim, k) = (96, 512);
+        let weight = randn(2, (out_dim, k))?;
+        let q = quantize_weight("w", &weight, Quantization::Q8_0)
+            .expect("quantizes")
+            .expect("q8_0");
+        let x = randn(3, (11, k))?;
+        let all = project(&q, &x)?;
+        let exact = x.matmul(&weight.t()?)?;
+        assert_eq!(all.dims(), exact.dims());
+        // Products of 512 unit-variance terms have a spread of ~22.6. Rounding both operands
+        // to steps of ~2.2/127 in blocks of 32 leaves an error of ~0.26 standard deviation
+        // (mean |error| ~0.2); a wrong block layout or scale would leave errors of the
+        // products' own size.
+        let errors: Vec<f32> = values(&all)
+            .iter()
+            .zip(values(&exact))
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let worst = errors.iter().fold(0f32, |m, e| m.max(*e));
+        let mean = errors.iter().sum::<f32>() / (errors.len() as f32);
+        assert!(
+            worst < 1.5 && mean < 0.35,
+            "worst error {worst}, mean {mean}"
+        );
+        for j in 0..11 {
+            let alone = project(&q, &x.narrow(0, j, 1)?)?;
+            assert_eq!(values(&alone), values(&all.narrow(0, j, 1)?), "row {j}");
+        }
+        for n in [2, 3, 4, 5, 8] {
+            let some = project(&q, &x.narrow(0, 0, n)?)?;
+            assert_eq!(values(&some), values(&all.narrow(0, 0, n)?), "{n} rows");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn drift_of_known_rows() {
+        let reference = vec![vec![0.0f32, 1.0, 2.0, 3.0], vec![1.0, 1.0, 1.0, 1.0]];
+        assert_eq!(
+            logit_drift(&reference, &reference),
+            Ok(LogitDrift {
+                positions: 2,
+                max_abs: 0.0,
+                mean_abs: 0.0,
+                mean_spread: (1.25f64.sqrt() + 0.0) / 2.0,
+                same_top: 2,
+                mean_kl: 0.0,
+            })
+        );
+        // A constant shift changes no probability; swapping the top two changes the top.
+        let other = vec![vec![5.0f32, 6.0, 7.0, 8.0], vec![1.0, 1.0, 1.0, 1.0]];
+        let d = logit_drift(&reference, &other).expect("same shapes");
+        assert_eq!((d.max_abs, d.mean_abs), (5.0, 2.5));
+        assert!(d.mean_kl.abs() < 1e-12, "{}", d.mean_kl);
+        let other = vec![vec![0.0f32, 1.0, 3.0, 2.0], vec![1.0, 1.0, 1.0, 1.0]];
+        let d = logit_drift(&reference, &other).expect("same shapes");
+        assert_eq!(d.same_top, 1);
+        assert!(d.mean_kl > 0.1, "{}", d.mean_kl);
+        assert!(logit_drift(&reference, &reference[..1]).is_err());
+        assert!(logit_drift(&[vec![1.0]], &[vec![1.0, 2.0]]).is_err());
+    }
+
+    #[test]
+    fn refuses_rows_that_are_not_whole_blocks_and_keeps_weights_when_off() {
+        let weight = Tensor::zeros((4, 40), DType::F32, &Device::Cpu).expect("zeros");
+        let err = quantize_weight(
+            "model.layers.0.mlp.up_proj.weight",
+            &weight,
+            Quantization::Q8_0,
+        )
+        .expect_err("40 is not whole blocks")
+        .to_string();
+        assert!(
+            err.contains("up_proj") && err.contains("40") && err.contains("32-weight"),
+            "{err}"
+        );
+        assert!(
+            quantize_weight("w", &weight, Quantization::None)
+                .expect("no-op")
+                .is_none()
+        );
+    }
+}
