@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use council_inference::engine::quant::compare_with_f32;
 use council_inference::tiny::{self, TinyArch, TinyModelSpec, TinyShape};
-use council_inference::{Backend, GenerateRequest};
+use council_inference::{Backend, GenerateRequest, Quantization};
 
-use crate::model_source::ModelArgs;
+use crate::model_source::{ModelArgs, resolve_model};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DevCommand {
@@ -22,6 +23,9 @@ pub enum DevCommand {
     /// Measure what continuous batching and prefix reuse buy: shared prefixes, a council
     /// round, a whole deliberation, each against its baseline in the same run.
     BenchBatching(crate::bench_batching::BenchBatchingArgs),
+    /// Measure how far a quantized model's logits are from f32's over one prompt, and the
+    /// memory its weights take.
+    QuantError(QuantErrorArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +59,22 @@ pub struct BenchArgs {
     pub batch: Vec<usize>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct QuantErrorArgs {
+    /// A local Hugging Face model directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub model_dir: Option<PathBuf>,
+    /// A hub model ORG/NAME[@REVISION], resolved through the Hugging Face cache.
+    #[arg(long, value_name = "ORG/NAME[@REV]", default_value = crate::model_source::DEFAULT_MODEL)]
+    pub model: String,
+    /// The quantization to compare against f32.
+    #[arg(long, value_name = "q8_0", default_value = "q8_0", value_parser = Quantization::parse)]
+    pub quantize: Quantization,
+    /// Prompt length in tokens (every position's logits are compared).
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+}
+
 pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
         DevCommand::TinyModel(args) => tiny_model(args),
@@ -62,6 +82,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
         DevCommand::BenchService(args) => crate::bench_service::run(args),
         DevCommand::BenchDispatch(args) => crate::bench_dispatch::run(args),
         DevCommand::BenchBatching(args) => crate::bench_batching::run(args),
+        DevCommand::QuantError(args) => quant_error(args),
     }
 }
 
@@ -178,6 +199,43 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "peak RSS: {:.0} MiB",
         peak_rss_mib().context("no /proc/self/status")?
+    );
+    Ok(())
+}
+
+fn quant_error(args: QuantErrorArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.quantize != Quantization::None,
+        "--quantize none compares f32 with itself; name a quantization ({})",
+        Quantization::CHOICES
+    );
+    anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
+    let (files, name) = resolve_model(args.model_dir.as_deref(), &args.model)?;
+    let report = compare_with_f32(&files, args.quantize, &bench_prompt(args.prompt_tokens, 0))?;
+    let (d, q) = (report.drift, args.quantize);
+    let mib = |b: usize| b as f64 / f64::from(1u32 << 20);
+    println!("model: {name}, {} prompt tokens", args.prompt_tokens);
+    println!(
+        "weights (embedding and linear layers): f32 {:.0} MiB (load {:.1?}), {q} {:.0} MiB \
+         (load {:.1?}): {:.3}x",
+        mib(report.f32_bytes),
+        report.f32_load,
+        mib(report.quantized_bytes),
+        report.quantized_load,
+        report.quantized_bytes as f64 / report.f32_bytes as f64
+    );
+    println!(
+        "logits, {q} against f32 over {} positions: max |d| {:.4}, mean |d| {:.4} ({:.2}% of \
+         the f32 logits' spread {:.3}), same top token at {} ({:.1}%), mean KL(f32 || {q}) \
+         {:.5} nats",
+        d.positions,
+        d.max_abs,
+        d.mean_abs,
+        100.0 * d.mean_abs / d.mean_spread,
+        d.mean_spread,
+        d.same_top,
+        100.0 * d.same_top as f64 / d.positions as f64,
+        d.mean_kl
     );
     Ok(())
 }

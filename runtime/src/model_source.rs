@@ -93,6 +93,26 @@ impl VllmArgs {
     }
 }
 
+/// The files of the model in `dir`, else of the hub model `model` (from the Hugging Face cache
+/// or the hub), and the model's name.
+pub fn resolve_model(
+    dir: Option<&std::path::Path>,
+    model: &str,
+) -> anyhow::Result<(ModelFiles, String)> {
+    if let Some(dir) = dir {
+        return Ok((ModelFiles::from_dir(dir)?, dir.display().to_string()));
+    }
+    let hub: HubModel = model
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--model")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let files = runtime.block_on(loader::resolve_hub_model(&hub))?;
+    Ok((files, hub.to_string()))
+}
+
 impl ModelArgs {
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -109,19 +129,7 @@ impl ModelArgs {
 
     /// Finds the model files (from the hub cache or the hub when no directory is given).
     pub fn resolve(&self) -> anyhow::Result<(ModelFiles, String)> {
-        if let Some(dir) = &self.model_dir {
-            return Ok((ModelFiles::from_dir(dir)?, dir.display().to_string()));
-        }
-        let hub: HubModel = self
-            .model
-            .parse()
-            .map_err(anyhow::Error::msg)
-            .context("--model")?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let files = runtime.block_on(loader::resolve_hub_model(&hub))?;
-        Ok((files, hub.to_string()))
+        resolve_model(self.model_dir.as_deref(), &self.model)
     }
 
     /// Whether calls go to an OpenAI-compatible server rather than the in-process engine.

@@ -141,6 +141,55 @@ pub fn embed(weight: &QTensor, ids: &[u32]) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (ids.len(), hidden), &candle_core::Device::Cpu)
 }
 
+/// A quantized model measured against its f32 self: see [`compare_with_f32`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantReport {
+    pub drift: LogitDrift,
+    /// [`super::model::QwenModel::weight_bytes`] of each.
+    pub f32_bytes: usize,
+    pub quantized_bytes: usize,
+    pub f32_load: std::time::Duration,
+    pub quantized_load: std::time::Duration,
+}
+
+/// Loads the model of `files` on the CPU in f32 and then quantized as `quantization` says
+/// (one at a time, so peak memory is the larger of the two), runs `tokens` through each and
+/// compares their logits at every position.
+pub fn compare_with_f32(
+    files: &super::loader::ModelFiles,
+    quantization: Quantization,
+    tokens: &[u32],
+) -> Result<QuantReport, LoadError> {
+    if quantization == Quantization::None || tokens.is_empty() {
+        return Err(LoadError::InvalidConfig {
+            field: "quantization",
+            reason: format!(
+                "comparing needs a quantization ({}) and a prompt",
+                Quantization::CHOICES
+            ),
+        });
+    }
+    let run = |q: Quantization| -> Result<_, LoadError> {
+        let start = std::time::Instant::now();
+        let loaded =
+            super::loader::load_as(files, "compared", &candle_core::Device::Cpu, DType::F32, q)?;
+        let load = start.elapsed();
+        let rows = super::sequence_logits(&loaded.model, tokens)
+            .map_err(|e| LoadError::Device(format!("forward with {q} weights: {e}")))?;
+        Ok((rows, loaded.model.weight_bytes(), load))
+    };
+    let (exact, f32_bytes, f32_load) = run(Quantization::None)?;
+    let (approx, quantized_bytes, quantized_load) = run(quantization)?;
+    let drift = logit_drift(&exact, &approx).map_err(LoadError::Device)?;
+    Ok(QuantReport {
+        drift,
+        f32_bytes,
+        quantized_bytes,
+        f32_load,
+        quantized_load,
+    })
+}
+
 /// How far one set of logits rows (say a quantized model's) is from reference rows over the
 /// same positions.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -298,7 +347,6 @@ mod tests {
 
     #[test]
     fn products_are_close_to_f32_and_do_not_depend_on_the_batch() -> candle_core::Result<()> {
-        let device = Device::Cpu;
         // 512 inputs (a multiple of 256, which the repacked integer kernels of AVX-512 VNNI
         // CPUs need, so they are exercised where present) and 96 outputs.
         let (out_dim, k) = (96, 512);
