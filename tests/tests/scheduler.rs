@@ -92,16 +92,51 @@ async fn requests_submitted_together_share_the_prefix_of_the_first() {
     let got = all_at_once(&handle, &requests).await;
     assert_eq!(token_ids(&got), token_ids(&expected));
     let stats = handle.stats();
-    assert!(
-        stats.prompt_tokens < 3 * 105,
-        "computed {} prompt tokens, the same as without reuse",
-        stats.prompt_tokens
-    );
+    // The later two wait for the first one's 6 shared blocks rather than computing them.
+    assert_eq!(stats.prompt_tokens, 105 + 2 * (105 - 96));
     assert_eq!(
         stats.prompt_tokens + stats.cached_prompt_tokens,
         3 * 105,
         "every prompt token is computed or cached, once"
     );
+}
+
+#[tokio::test]
+async fn requests_admitted_in_one_step_wait_for_the_prefix_a_sibling_is_computing() {
+    let dir = tiny_model(TinyArch::Qwen2);
+    // Three requests sharing 100 tokens (6 whole blocks of 16) and one unrelated request.
+    let mut requests = sharing(100, 5, 3, 8);
+    requests.insert(1, GenerateRequest::tokens(prompt(30, 77), 8));
+    let expected = one_by_one(&engine(dir.path(), plain()), &requests).await;
+    // A budget that takes every prompt in one step: without waiting, all three would compute
+    // the shared prefix side by side.
+    let handle = engine(
+        dir.path(),
+        EngineConfig {
+            max_step_tokens: 4096,
+            ..EngineConfig::default()
+        },
+    );
+    let got = all_at_once(&handle, &requests).await;
+    assert_eq!(token_ids(&got), token_ids(&expected));
+    let cached: Vec<usize> = got.iter().map(|r| r.usage.cached_prompt_tokens).collect();
+    assert_eq!(cached, [0, 0, 96, 96], "the later siblings take the first one's blocks");
+    let stats = handle.stats();
+    assert_eq!(stats.prompt_tokens, 105 + 30 + 2 * (105 - 96));
+    assert_eq!(stats.cached_prompt_tokens, 2 * 96);
+
+    // Without the prefix cache nobody waits and everything is computed.
+    let uncached = engine(
+        dir.path(),
+        EngineConfig {
+            max_step_tokens: 4096,
+            prefix_cache: false,
+            ..EngineConfig::default()
+        },
+    );
+    let got = all_at_once(&uncached, &requests).await;
+    assert_eq!(token_ids(&got), token_ids(&expected));
+    assert_eq!(uncached.stats().prompt_tokens, 3 * 105 + 30);
 }
 
 #[tokio::test]

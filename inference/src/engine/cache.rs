@@ -267,6 +267,25 @@ impl KvPool {
         (found, parent)
     }
 
+    /// How many blocks of `tokens` (at most `max_blocks`) a [`Self::lookup`] would find now,
+    /// without taking them or counting a lookup.
+    pub fn cached_blocks(&self, tokens: &[u32], max_blocks: usize) -> usize {
+        if !self.prefix_cache {
+            return 0;
+        }
+        let mut parent = ROOT;
+        let mut found = 0;
+        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+            let key: EntryKey = (parent, chunk.into());
+            let Some(&(entry, _)) = self.entries.get(&key) else {
+                break;
+            };
+            found += 1;
+            parent = entry;
+        }
+        found
+    }
+
     /// Registers `block`, which holds the KV of `tokens` (one full block) after the prefix of
     /// entry `parent`; returns the entry later blocks of the sequence are registered under.
     /// If the same prefix is already cached in another block, that entry is returned and

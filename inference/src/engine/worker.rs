@@ -47,6 +47,21 @@ pub(super) struct Limits {
     pub sample_vocab: usize,
 }
 
+/// What became of a waiting request at an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Admitted,
+    /// A running sequence is computing a prefix they share; it starts once that is cached.
+    AwaitsSibling,
+    /// Too few tokens left in the step's budget, or blocks in the pool.
+    NoRoom,
+}
+
+/// Tokens at the start of `a` and `b` that are the same.
+fn shared_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// A generation request inside the engine, waiting or running.
 #[derive(Debug)]
 struct Sequence {
@@ -68,6 +83,9 @@ struct Sequence {
     first_token: Option<Instant>,
     /// Times later requests were admitted before this one while it waited.
     bypassed: u32,
+    /// Whether it waits, at the last admission, for a running sequence to compute a prefix
+    /// they share (waiting for that is not being passed over).
+    awaits_sibling: bool,
     /// Whether its last token was sampled here, so that its next step is a decode (false
     /// while its prompt, or its tokens after a preemption, are being computed).
     decoding: bool,
@@ -87,6 +105,7 @@ impl Sequence {
             admitted: None,
             first_token: None,
             bypassed: 0,
+            awaits_sibling: false,
             decoding: false,
             job,
         }
@@ -338,20 +357,28 @@ impl Worker {
     }
 
     /// Admits waiting requests in arrival order while the batch, the budget and the pool have
-    /// room. A request that does not fit is passed over at most `max_bypass` times.
+    /// room. A request that does not fit is passed over at most `max_bypass` times; one that
+    /// waits for a running sibling to compute their shared prefix is passed without counting.
     fn admit(&mut self, budget: &mut usize, plan: &mut Vec<Planned>) {
         let mut i = 0;
         while i < self.waiting.len() && *budget > 0 && self.running.len() < self.limits.max_batch {
-            if self.try_admit(i, budget, plan) {
-                for skipped in self.waiting.iter_mut().take(i) {
-                    skipped.bypassed += 1;
+            match self.try_admit(i, budget, plan) {
+                Admission::Admitted => {
+                    for skipped in self.waiting.iter_mut().take(i) {
+                        if !skipped.awaits_sibling {
+                            skipped.bypassed += 1;
+                        }
+                    }
+                    // From the front again: one that was passed may have used up its passes.
+                    i = 0;
+                    continue;
                 }
-                // From the front again: one that was passed may have used up its passes.
-                i = 0;
-                continue;
-            }
-            if self.waiting[i].bypassed >= self.limits.max_bypass {
-                break;
+                Admission::AwaitsSibling => {}
+                Admission::NoRoom => {
+                    if self.waiting[i].bypassed >= self.limits.max_bypass {
+                        break;
+                    }
+                }
             }
             i += 1;
         }
@@ -368,15 +395,34 @@ impl Worker {
         }
     }
 
-    /// Admits waiting request `i` if its first chunk fits; takes its cached prefix.
-    fn try_admit(&mut self, i: usize, budget: &mut usize, plan: &mut Vec<Planned>) -> bool {
+    /// Admits waiting request `i` if its first chunk fits; takes its cached prefix. A request
+    /// that shares more full blocks with a running sequence still computing its prompt than
+    /// the prefix cache holds yet waits for them (requests submitted together share their
+    /// common prefix instead of each computing it).
+    fn try_admit(&mut self, i: usize, budget: &mut usize, plan: &mut Vec<Planned>) -> Admission {
         let seq = &self.waiting[i];
         let size = self.pool.block_size();
         // At least the last token is computed, for the logits to sample from.
-        let (prefix, entry) = self
-            .pool
-            .lookup(&seq.history, (seq.history.len() - 1) / size);
+        let cacheable = (seq.history.len() - 1) / size;
+        let from_sibling = self
+            .running
+            .iter()
+            .filter(|r| !r.decoding)
+            .map(|r| shared_len(&r.history, &seq.history) / size)
+            .max()
+            .unwrap_or(0)
+            .min(cacheable);
+        let awaits_sibling = from_sibling > 0
+            && self.pool.prefix_cache_enabled()
+            && self.pool.cached_blocks(&seq.history, cacheable) < from_sibling;
+        self.waiting[i].awaits_sibling = awaits_sibling;
+        if awaits_sibling {
+            return Admission::AwaitsSibling;
+        }
+        let seq = &self.waiting[i];
+        let (prefix, entry) = self.pool.lookup(&seq.history, cacheable);
         let cached = prefix.len() * size;
+        let seq = &self.waiting[i];
         let len = (seq.history.len() - cached).min(*budget);
         let need = self.pool.blocks_for(cached + len) - prefix.len();
         // Keep a block per running sequence for its next decode, so that admitting does not
@@ -385,10 +431,10 @@ impl Worker {
         if need + reserve > self.pool.available() {
             let mut prefix = prefix;
             self.pool.release_all(&mut prefix);
-            return false;
+            return Admission::NoRoom;
         }
         let Some(mut seq) = self.waiting.remove(i) else {
-            return false;
+            return Admission::NoRoom;
         };
         seq.table = prefix;
         seq.cached = cached;
@@ -412,7 +458,7 @@ impl Worker {
             len,
         });
         *budget -= len;
-        true
+        Admission::Admitted
     }
 
     /// Runs the planned forward, samples where a sequence's tokens are all computed, and
