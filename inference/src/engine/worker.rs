@@ -57,9 +57,13 @@ enum Admission {
     NoRoom,
 }
 
-/// Tokens at the start of `a` and `b` that are the same.
-fn shared_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+/// Whole blocks of `size` tokens at the start of `a` and `b` that are the same (compared a
+/// block at a time, as slices).
+fn shared_blocks(a: &[u32], b: &[u32], size: usize) -> usize {
+    a.chunks_exact(size)
+        .zip(b.chunks_exact(size))
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 /// A generation request inside the engine, waiting or running.
@@ -408,7 +412,7 @@ impl Worker {
             .running
             .iter()
             .filter(|r| !r.decoding)
-            .map(|r| shared_len(&r.history, &seq.history) / size)
+            .map(|r| shared_blocks(&r.history, &seq.history, size))
             .max()
             .unwrap_or(0)
             .min(cacheable);
