@@ -49,19 +49,19 @@ fn q8_0_logits_stay_close_to_f32_and_weights_take_a_quarter() {
         let drift = logit_drift(&exact, &approx).expect("same shapes");
         assert_eq!(drift.positions, 64);
         // The quantized path ran (the logits moved), and moved by little against their spread
-        // (measured on these models: mean |Δ| ~2.4 % of the spread, KL ~0.005 nats, the top
-        // token the same at 60 of 64 positions; a broken block layout or scale moves the
-        // logits by their own size).
+        // (measured on these models with `council dev quant-error`: mean |Δ| 1.7–2.2 % of the
+        // spread, KL 0.002–0.004 nats, the top token the same at 62–64 of 64 positions; a
+        // broken block layout or scale moves the logits by their own size).
         assert!(
             drift.max_abs > 0.0,
             "{arch:?}: q8_0 logits equal f32's exactly"
         );
         assert!(
-            drift.mean_abs < 0.05 * drift.mean_spread,
+            drift.mean_abs < 0.04 * drift.mean_spread,
             "{arch:?}: {drift:?}"
         );
-        assert!(drift.same_top >= 56, "{arch:?}: {drift:?}");
-        assert!(drift.mean_kl < 0.02, "{arch:?}: {drift:?}");
+        assert!(drift.same_top >= 58, "{arch:?}: {drift:?}");
+        assert!(drift.mean_kl < 0.01, "{arch:?}: {drift:?}");
     }
 }
 

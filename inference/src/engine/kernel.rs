@@ -22,6 +22,9 @@ const BLOCK: usize = 64;
 /// Weight rows every group of `x` rows meets before the next panel: small enough that a panel
 /// of the widest projection (`in` = 4864 for Qwen2.5-0.5B) stays in the core's L2 cache.
 const PANEL: usize = 16;
+/// Weight rows of Q8_0 dequantized at once: few, so that they are still in the core's first-
+/// level cache when the products read them.
+const Q8_0_PANEL: usize = 2;
 /// Rows of `x` one tile multiplies at once.
 const GROUP: usize = 4;
 
@@ -31,33 +34,89 @@ pub(super) fn project(weight: &Tensor, x: &Tensor) -> candle_core::Result<Option
     if !weight.device().is_cpu() || weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
         return Ok(None);
     }
-    let x = x.contiguous()?;
     let (out_dim, k) = weight.dims2()?;
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(w)) = &*w_storage else {
+        return Ok(None);
+    };
+    let Some((w0, w1)) = w_layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    project_rows(WeightRows::F32(&w[w0..w1]), out_dim, k, x).map(Some)
+}
+
+/// Bytes of one Q8_0 block: an f16 scale (little-endian), then 32 signed bytes.
+pub(super) const Q8_0_BLOCK_BYTES: usize = 34;
+/// Weights of one Q8_0 block.
+pub(super) const Q8_0_BLOCK: usize = 32;
+
+/// `x·Wᵀ` for the rows of `x` (`[n, in]`, f32 on the CPU) and `W` (`[out, in]`) held as Q8_0
+/// blocks in `data`. Each panel of weight rows is dequantized (exactly: an f16 scale times a
+/// small integer is an f32) into a cache-resident buffer and multiplied as f32, so the
+/// products are those of the f32 kernel on the dequantized weights, and the activations keep
+/// their precision.
+pub(super) fn project_q8_0(
+    data: &[u8],
+    out_dim: usize,
+    k: usize,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if !k.is_multiple_of(Q8_0_BLOCK) || data.len() != out_dim * k / Q8_0_BLOCK * Q8_0_BLOCK_BYTES {
+        candle_core::bail!(
+            "{} bytes do not hold {out_dim} rows of {k} Q8_0 weights",
+            data.len()
+        );
+    }
+    project_rows(WeightRows::Q8_0(data), out_dim, k, x)
+}
+
+/// Where the weight rows come from.
+#[derive(Debug, Clone, Copy)]
+enum WeightRows<'a> {
+    F32(&'a [f32]),
+    Q8_0(&'a [u8]),
+}
+
+impl<'a> WeightRows<'a> {
+    /// Rows `first..first + count`.
+    fn rows(self, first: usize, count: usize, k: usize) -> Self {
+        match self {
+            Self::F32(w) => Self::F32(&w[first * k..(first + count) * k]),
+            Self::Q8_0(b) => {
+                let row = k / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+                Self::Q8_0(&b[first * row..(first + count) * row])
+            }
+        }
+    }
+}
+
+fn project_rows(
+    weight: WeightRows,
+    out_dim: usize,
+    k: usize,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let device = x.device().clone();
+    if !device.is_cpu() || x.dtype() != DType::F32 {
+        candle_core::bail!("the projection kernel takes f32 rows in CPU memory");
+    }
+    let x = x.contiguous()?;
     let n = x.dim(0)?;
     if x.dim(1)? != k {
         candle_core::bail!("projection of {} inputs given rows of {}", k, x.dim(1)?);
     }
     if n == 0 {
         // A step whose sequences are all mid-prompt asks for no logits.
-        return Ok(Some(Tensor::zeros(
-            (0, out_dim),
-            DType::F32,
-            weight.device(),
-        )?));
+        return Tensor::zeros((0, out_dim), DType::F32, &device);
     }
-    let (w_storage, w_layout) = weight.storage_and_layout();
     let (x_storage, x_layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(w)), Storage::Cpu(CpuStorage::F32(xs))) =
-        (&*w_storage, &*x_storage)
-    else {
-        return Ok(None);
+    let Storage::Cpu(CpuStorage::F32(xs)) = &*x_storage else {
+        candle_core::bail!("the projection kernel takes f32 rows in CPU memory");
     };
-    let (Some((w0, w1)), Some((x0, x1))) =
-        (w_layout.contiguous_offsets(), x_layout.contiguous_offsets())
-    else {
-        return Ok(None);
+    let Some((x0, x1)) = x_layout.contiguous_offsets() else {
+        candle_core::bail!("the projection kernel takes contiguous rows");
     };
-    let (w, xs) = (&w[w0..w1], &xs[x0..x1]);
+    let xs = &xs[x0..x1];
     // `[out, n]`: output row o holds the n products of weight row o.
     let mut out = vec![0f32; out_dim * n];
     if k > 0 {
@@ -69,20 +128,22 @@ pub(super) fn project(weight: &Tensor, x: &Tensor) -> candle_core::Result<Option
                 let first = block * BLOCK;
                 let count = dst.len() / n;
                 arch.dispatch(Products {
-                    w: &w[first * k..(first + count) * k],
+                    w: weight.rows(first, count, k),
+                    count,
                     rows: &rows,
                     dst,
                 });
             });
     }
-    drop((w_storage, x_storage));
-    let y = Tensor::from_vec(out, (out_dim, n), weight.device())?;
-    Ok(Some(y.t()?.contiguous()?))
+    drop(x_storage);
+    let y = Tensor::from_vec(out, (out_dim, n), &device)?;
+    y.t()?.contiguous()
 }
 
-/// `dst[r * n + j]` = weight row r of `w` · `rows[j]`, for every row of `w`.
+/// `dst[r * n + j]` = weight row r of `w` · `rows[j]`, for the `count` rows of `w`.
 struct Products<'a> {
-    w: &'a [f32],
+    w: WeightRows<'a>,
+    count: usize,
     rows: &'a [&'a [f32]],
     dst: &'a mut [f32],
 }
@@ -92,15 +153,32 @@ impl WithSimd for Products<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { w, rows, dst } = self;
+        let Self {
+            w,
+            count,
+            rows,
+            dst,
+        } = self;
         let (n, k) = (rows.len(), rows[0].len());
         // Each group of rows of `x` packed once, its vectors side by side.
         let groups: Vec<Packed<S>> = rows.chunks(GROUP).map(Packed::new).collect();
-        let count = w.len() / k;
+        // Dequantized weight rows of one panel.
+        let (mut scratch, panel_rows) = match w {
+            WeightRows::F32(_) => (Vec::new(), PANEL),
+            WeightRows::Q8_0(_) => (vec![0f32; Q8_0_PANEL * k], Q8_0_PANEL),
+        };
         let mut r0 = 0;
         while r0 < count {
-            let r1 = (r0 + PANEL).min(count);
-            let (w, dst) = (&w[r0 * k..r1 * k], &mut dst[r0 * n..r1 * n]);
+            let r1 = (r0 + panel_rows).min(count);
+            let panel = match w.rows(r0, r1 - r0, k) {
+                WeightRows::F32(w) => w,
+                WeightRows::Q8_0(bytes) => {
+                    let out = &mut scratch[..(r1 - r0) * k];
+                    dequantize_q8_0(bytes, out);
+                    out
+                }
+            };
+            let dst = &mut dst[r0 * n..r1 * n];
             for (g, group) in groups.iter().enumerate() {
                 let at = Tile {
                     rows: &rows[g * GROUP..],
@@ -109,13 +187,50 @@ impl WithSimd for Products<'_> {
                 };
                 let dst = &mut dst[g * GROUP..];
                 match group {
-                    Packed::Four(x) => at.panel(simd, w, x, dst),
-                    Packed::Three(x) => at.panel(simd, w, x, dst),
-                    Packed::Two(x) => at.panel(simd, w, x, dst),
-                    Packed::One(x) => at.panel(simd, w, x, dst),
+                    Packed::Four(x) => at.panel(simd, panel, x, dst),
+                    Packed::Three(x) => at.panel(simd, panel, x, dst),
+                    Packed::Two(x) => at.panel(simd, panel, x, dst),
+                    Packed::One(x) => at.panel(simd, panel, x, dst),
                 }
             }
             r0 = r1;
+        }
+    }
+}
+
+/// Q8_0 blocks to f32: each weight is its block's f16 scale times its signed byte. With AVX2
+/// eight weights at a time (sign-extended, converted, scaled in vector registers).
+pub(super) fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        simd.vectorize(|| dequantize_q8_0_v3(simd, bytes, out));
+        return;
+    }
+    let (blocks, _) = bytes.as_chunks::<Q8_0_BLOCK_BYTES>();
+    let (outs, _) = out.as_chunks_mut::<Q8_0_BLOCK>();
+    for (block, out) in blocks.iter().zip(outs) {
+        let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&block[2..]) {
+            *o = f32::from(q as i8) * scale;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dequantize_q8_0_v3(simd: pulp::x86::V3, bytes: &[u8], out: &mut [f32]) {
+    let (blocks, _) = bytes.as_chunks::<Q8_0_BLOCK_BYTES>();
+    let (outs, _) = out.as_chunks_mut::<Q8_0_BLOCK>();
+    for (block, out) in blocks.iter().zip(outs) {
+        let scale = simd.splat_f32x8(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+        let (quants, _) = block[2..].as_chunks::<8>();
+        let (eights, _) = out.as_chunks_mut::<8>();
+        for (q, o) in quants.iter().zip(eights) {
+            let mut wide = [0u8; 16];
+            wide[..8].copy_from_slice(q);
+            let q: pulp::i8x16 = pulp::bytemuck::cast(wide);
+            let f = simd.convert_i32x8_to_f32x8(simd.convert_i8x16_to_i32x8(q));
+            *o = pulp::bytemuck::cast(simd.mul_f32s(f, scale));
         }
     }
 }
@@ -158,7 +273,10 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Every weight row of `w` against the `C` rows packed in `x`, two weight rows at a time.
+    /// Every weight row of `w` against the `C` rows packed in `x`: four weight rows at a time
+    /// for one or two rows of `x` (so that at least eight chains of multiply-adds are in
+    /// flight when the weights come from cache), two for more (the accumulators fill the
+    /// vector registers), then one.
     #[inline(always)]
     fn panel<S: Simd, const C: usize>(
         &self,
@@ -167,35 +285,48 @@ impl Tile<'_> {
         x: &[[S::f32s; C]],
         dst: &mut [f32],
     ) {
-        let (k, n) = (self.k, self.stride);
-        let count = w.len() / k;
+        let count = w.len() / self.k;
         let mut r = 0;
-        while r + 2 <= count {
-            let (w0, w1) = (&w[r * k..(r + 1) * k], &w[(r + 1) * k..(r + 2) * k]);
-            let (h0, h1) = (S::as_simd_f32s(w0).0, S::as_simd_f32s(w1).0);
-            let zero = simd.splat_f32s(0.0);
-            let (mut a0, mut a1) = ([zero; C], [zero; C]);
-            for ((w0, w1), x) in h0.iter().zip(h1).zip(x) {
-                for c in 0..C {
-                    a0[c] = simd.mul_add_f32s(*w0, x[c], a0[c]);
-                    a1[c] = simd.mul_add_f32s(*w1, x[c], a1[c]);
+        if C <= 2 {
+            r = self.rows_at_a_time::<S, C, 4>(simd, w, x, dst, r, count);
+        }
+        r = self.rows_at_a_time::<S, C, 2>(simd, w, x, dst, r, count);
+        self.rows_at_a_time::<S, C, 1>(simd, w, x, dst, r, count);
+    }
+
+    /// Weight rows `from..` of `w`, `R` at a time, while `R` are left; returns the first row
+    /// not done. Each product is one chain of multiply-adds over the vectors in order, so it
+    /// does not depend on `R` or `C`.
+    #[inline(always)]
+    fn rows_at_a_time<S: Simd, const C: usize, const R: usize>(
+        &self,
+        simd: S,
+        w: &[f32],
+        x: &[[S::f32s; C]],
+        dst: &mut [f32],
+        from: usize,
+        count: usize,
+    ) -> usize {
+        let (k, n) = (self.k, self.stride);
+        let mut r = from;
+        while r + R <= count {
+            let rows: [&[f32]; R] = std::array::from_fn(|i| &w[(r + i) * k..(r + i + 1) * k]);
+            let heads: [&[S::f32s]; R] = std::array::from_fn(|i| S::as_simd_f32s(rows[i]).0);
+            let mut acc = [[simd.splat_f32s(0.0); C]; R];
+            for (v, x) in x.iter().enumerate() {
+                for i in 0..R {
+                    let w = heads[i][v];
+                    for c in 0..C {
+                        acc[i][c] = simd.mul_add_f32s(w, x[c], acc[i][c]);
+                    }
                 }
             }
-            self.finish(simd, w0, &a0, &mut dst[r * n..]);
-            self.finish(simd, w1, &a1, &mut dst[(r + 1) * n..]);
-            r += 2;
-        }
-        if r < count {
-            let w0 = &w[r * k..(r + 1) * k];
-            let zero = simd.splat_f32s(0.0);
-            let mut a0 = [zero; C];
-            for (w0, x) in S::as_simd_f32s(w0).0.iter().zip(x) {
-                for c in 0..C {
-                    a0[c] = simd.mul_add_f32s(*w0, x[c], a0[c]);
-                }
+            for i in 0..R {
+                self.finish(simd, rows[i], &acc[i], &mut dst[(r + i) * n..]);
             }
-            self.finish(simd, w0, &a0, &mut dst[r * n..]);
+            r += R;
         }
+        r
     }
 
     /// Reduces the accumulators of one weight row and adds the products of the tails.
@@ -261,6 +392,30 @@ mod tests {
         // Not f32: the caller falls back to gemm.
         assert!(project(&weight.to_dtype(DType::BF16)?, &x)?.is_none());
         Ok(())
+    }
+
+    #[test]
+    fn q8_0_blocks_dequantize_to_scale_times_byte() {
+        // Three blocks: scales 0.5, -2 and 1/1024 (f16 0x3800, 0xC000, 0x1400), bytes that
+        // cover the signed range.
+        let mut bytes = Vec::new();
+        let mut expected = Vec::new();
+        for (scale_bits, scale) in [(0x3800u16, 0.5f32), (0xC000, -2.0), (0x1400, 1.0 / 1024.0)] {
+            bytes.extend(scale_bits.to_le_bytes());
+            for i in 0..Q8_0_BLOCK {
+                let q = match i {
+                    0 => i8::MIN,
+                    1 => i8::MAX,
+                    _ => (i as i32 * 37 % 256 - 128) as i8,
+                };
+                bytes.push(q as u8);
+                expected.push(f32::from(q) * scale);
+            }
+        }
+        let mut out = vec![f32::NAN; 3 * Q8_0_BLOCK];
+        dequantize_q8_0(&bytes, &mut out);
+        assert_eq!(out, expected);
+        assert!(expected.contains(&(-128.0 * 0.5)) && expected.contains(&(127.0 * -2.0)));
     }
 
     #[test]

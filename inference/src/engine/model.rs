@@ -69,7 +69,7 @@ enum Weight {
 impl Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Quantized(w) => super::quant::project(w, x)?,
+            Weight::Quantized(w) => super::quant::project(w, x, x.dim(0)? <= KERNEL_ROWS)?,
             Weight::Dense(w) => {
                 if x.dim(0)? <= KERNEL_ROWS
                     && let Some(y) = super::kernel::project(w, x)?

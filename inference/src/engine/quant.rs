@@ -4,17 +4,15 @@
 //! by reading the weights, reads about a quarter of the bytes.
 //!
 //! Weights are quantized as they are read from the checkpoint ([`super::loader`]), one tensor
-//! at a time, so the f32 model is never whole in memory. The products run through candle's
-//! quantized matmul (`QMatMul`), which quantizes each row of activations to the same blocks
-//! and takes integer dot products per block (with the CPU's widest integer dot instructions,
-//! picked at run time). Each output element is one row of activations against one weight row,
-//! computed the same way whatever else shares the call, so a sequence's logits do not depend
-//! on its batch (tested below and in the engine's tests).
+//! at a time, so the f32 model is never whole in memory. Products dequantize the weights
+//! (exactly) and multiply in f32 ([`project`]): the activations keep full precision, and a
+//! row's products are the same whatever else shares the call, so a sequence's logits do not
+//! depend on its batch (tested below and in the engine's tests).
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::LoadError;
 
@@ -106,13 +104,19 @@ pub fn quantize_weight(
         .map_err(|e| invalid(format!("{name}: {e}")))
 }
 
-/// `x·Wᵀ` for the rows of `x` (`[n, in]`, f32) against quantized `W` (`[out, in]`).
-pub fn project(weight: &Arc<QTensor>, x: &Tensor) -> candle_core::Result<Tensor> {
-    // Built directly rather than through `QMatMul::from_arc`, which an environment variable
-    // (`CANDLE_DEQUANTIZE_ALL`) would silently turn back into f32.
-    QMatMul::QTensor(weight.clone()).forward(&x.contiguous()?)
+/// `x·Wᵀ` for the rows of `x` (`[n, in]`, f32 on the CPU) against quantized `W`
+/// (`[out, in]`). A few rows (`few`: decode steps) go through the projection kernel, which
+/// dequantizes a panel of weight rows at a time in cache; many (prefill) through gemm on the
+/// whole weight dequantized. Both multiply the same f32 values (dequantizing is exact), as the
+/// f32 engine's two paths do, and the activations are never rounded.
+pub fn project(weight: &QTensor, x: &Tensor, few: bool) -> candle_core::Result<Tensor> {
+    let (out_dim, k) = weight.shape().dims2()?;
+    if few {
+        let data = weight.data()?;
+        return super::kernel::project_q8_0(&data, out_dim, k, x);
+    }
+    x.matmul(&weight.dequantize(x.device())?.t()?)
 }
-
 /// The rows `ids` of a quantized `[vocab, hidden]` embedding, dequantized to f32 `[ids, hidden]`.
 pub fn embed(weight: &QTensor, ids: &[u32]) -> candle_core::Result<Tensor> {
     if weight.dtype() != GgmlDType::Q8_0 {
@@ -347,39 +351,44 @@ mod tests {
 
     #[test]
     fn products_are_close_to_f32_and_do_not_depend_on_the_batch() -> candle_core::Result<()> {
-        // 512 inputs (a multiple of 256, which the repacked integer kernels of AVX-512 VNNI
-        // CPUs need, so they are exercised where present) and 96 outputs.
-        let (out_dim, k) = (96, 512);
+        // 37 blocks of inputs (no multiple of the kernel's vector width or panel) and 150
+        // outputs (panels of 16 and blocks of 64 with remainders).
+        let (out_dim, k) = (150, 37 * BLOCK);
         let weight = randn(2, (out_dim, k))?;
         let q = quantize_weight("w", &weight, Quantization::Q8_0)
             .expect("quantizes")
             .expect("q8_0");
         let x = randn(3, (11, k))?;
-        let all = project(&q, &x)?;
-        let exact = x.matmul(&weight.t()?)?;
-        assert_eq!(all.dims(), exact.dims());
-        // Products of 512 unit-variance terms have a spread of ~22.6. Rounding both operands
-        // to steps of ~2.2/127 in blocks of 32 leaves an error of ~0.26 standard deviation
-        // (mean |error| ~0.2); a wrong block layout or scale would leave errors of the
-        // products' own size.
-        let errors: Vec<f32> = values(&all)
+        let kernel = project(&q, &x, true)?;
+        let gemm = project(&q, &x, false)?;
+        assert_eq!(kernel.dims(), [11, out_dim]);
+        // Both paths multiply the dequantized weights, in f32.
+        let dequantized = x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?;
+        for (path, y) in [("kernel", &kernel), ("gemm", &gemm)] {
+            for (a, b) in values(y).iter().zip(values(&dequantized)) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{path}: {a} vs {b}");
+            }
+        }
+        // Against the unrounded weights: products of 1184 unit-variance terms have a spread
+        // of ~34; rounding the weights to steps of ~2.2/127 in blocks of 32 moves them by
+        // ~0.17 (standard deviation). A wrong block layout or scale would move them by their
+        // own size.
+        let errors: Vec<f32> = values(&kernel)
             .iter()
-            .zip(values(&exact))
+            .zip(values(&x.matmul(&weight.t()?)?))
             .map(|(a, b)| (a - b).abs())
             .collect();
         let worst = errors.iter().fold(0f32, |m, e| m.max(*e));
         let mean = errors.iter().sum::<f32>() / (errors.len() as f32);
-        assert!(
-            worst < 1.5 && mean < 0.35,
-            "worst error {worst}, mean {mean}"
-        );
+        assert!(worst < 1.0 && mean < 0.3, "worst error {worst}, mean {mean}");
+        // A row's products are the same alone or in any batch.
         for j in 0..11 {
-            let alone = project(&q, &x.narrow(0, j, 1)?)?;
-            assert_eq!(values(&alone), values(&all.narrow(0, j, 1)?), "row {j}");
+            let alone = project(&q, &x.narrow(0, j, 1)?, true)?;
+            assert_eq!(values(&alone), values(&kernel.narrow(0, j, 1)?), "row {j}");
         }
         for n in [2, 3, 4, 5, 8] {
-            let some = project(&q, &x.narrow(0, 0, n)?)?;
-            assert_eq!(values(&some), values(&all.narrow(0, 0, n)?), "{n} rows");
+            let some = project(&q, &x.narrow(0, 0, n)?, true)?;
+            assert_eq!(values(&some), values(&kernel.narrow(0, 0, n)?), "{n} rows");
         }
         Ok(())
     }
