@@ -120,7 +120,11 @@ async fn requests_admitted_in_one_step_wait_for_the_prefix_a_sibling_is_computin
     let got = all_at_once(&handle, &requests).await;
     assert_eq!(token_ids(&got), token_ids(&expected));
     let cached: Vec<usize> = got.iter().map(|r| r.usage.cached_prompt_tokens).collect();
-    assert_eq!(cached, [0, 0, 96, 96], "the later siblings take the first one's blocks");
+    assert_eq!(
+        cached,
+        [0, 0, 96, 96],
+        "the later siblings take the first one's blocks"
+    );
     let stats = handle.stats();
     assert_eq!(stats.prompt_tokens, 105 + 30 + 2 * (105 - 96));
     assert_eq!(stats.cached_prompt_tokens, 2 * 96);

@@ -366,7 +366,10 @@ mod tests {
         let dequantized = x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?;
         for (path, y) in [("kernel", &kernel), ("gemm", &gemm)] {
             for (a, b) in values(y).iter().zip(values(&dequantized)) {
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{path}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{path}: {a} vs {b}"
+                );
             }
         }
         // Against the unrounded weights: products of 1184 unit-variance terms have a spread
@@ -380,7 +383,10 @@ mod tests {
             .collect();
         let worst = errors.iter().fold(0f32, |m, e| m.max(*e));
         let mean = errors.iter().sum::<f32>() / (errors.len() as f32);
-        assert!(worst < 1.0 && mean < 0.3, "worst error {worst}, mean {mean}");
+        assert!(
+            worst < 1.0 && mean < 0.3,
+            "worst error {worst}, mean {mean}"
+        );
         // A row's products are the same alone or in any batch.
         for j in 0..11 {
             let alone = project(&q, &x.narrow(0, j, 1)?, true)?;
