@@ -204,12 +204,6 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn quant_error(args: QuantErrorArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.quantize != Quantization::None,
-        "--quantize none compares f32 with itself; name a quantization ({})",
-        Quantization::CHOICES
-    );
-    anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     let (files, name) = resolve_model(args.model_dir.as_deref(), &args.model)?;
     let report = compare_with_f32(&files, args.quantize, &bench_prompt(args.prompt_tokens, 0))?;
     let (d, q) = (report.drift, args.quantize);

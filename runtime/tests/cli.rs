@@ -172,6 +172,34 @@ fn quantized_generation_end_to_end_and_bad_quantize_values() {
     let err = stderr(&out);
     assert!(err.contains("q4_k") && err.contains("none, q8_0"), "{err}");
 
+    // The measurement of what q8_0 costs in accuracy and saves in memory.
+    let out = council(&[
+        "dev",
+        "quant-error",
+        "--model-dir",
+        model,
+        "--prompt-tokens",
+        "16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "0.266x",
+        "over 16 positions",
+        "same top token at",
+        "mean KL(f32 || q8_0)",
+    ] {
+        assert!(report.contains(needle), "missing {needle:?} in: {report}");
+    }
+    for (args, needle) in [
+        (["--quantize", "none"], "compares f32 with itself"),
+        (["--prompt-tokens", "0"], "prompt_tokens must be at least 1"),
+    ] {
+        let out = council(&[&["dev", "quant-error", "--model-dir", model][..], &args[..]].concat());
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+
     for args in [
         &[
             "generate",

@@ -7,7 +7,7 @@ use std::path::Path;
 use council_inference::engine::loader::{self, LoadedModel, ModelFiles};
 use council_inference::tiny::{self, TinyArch, TinyModelSpec};
 use council_inference::{
-    Backend, Engine, EngineConfig, EngineHandle, GenerateRequest, GenerateResult,
+    Backend, Engine, EngineConfig, EngineHandle, GenerateRequest, GenerateResult, Sampling,
 };
 use tempfile::TempDir;
 
@@ -31,6 +31,21 @@ pub fn engine(dir: &Path, config: EngineConfig) -> EngineHandle {
 pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 31 + salt * 17) % 250 + 3)
+        .collect()
+}
+
+/// Prompt lengths and generation lengths that differ on purpose.
+const SHAPES: [(usize, usize); 5] = [(3, 20), (17, 5), (40, 12), (9, 30), (1, 8)];
+
+/// Five token requests of different prompt and generation lengths, request `i` sampled as
+/// `sampling(i)` says.
+pub fn varied_requests(sampling: impl Fn(usize) -> Sampling) -> Vec<GenerateRequest> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, new))| {
+            GenerateRequest::tokens(prompt(len, i as u32), new).with_sampling(sampling(i))
+        })
         .collect()
 }
 

@@ -9,26 +9,14 @@ use council_inference::{
 };
 use council_tests::{
     all_at_once as together, engine, one_by_one as alone, prompt, tiny_model, token_ids as tokens,
+    varied_requests,
 };
-
-/// Prompt lengths and generation lengths that differ on purpose.
-const SHAPES: [(usize, usize); 5] = [(3, 20), (17, 5), (40, 12), (9, 30), (1, 8)];
-
-fn requests(sampling: impl Fn(usize) -> Sampling) -> Vec<GenerateRequest> {
-    SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, &(len, new))| {
-            GenerateRequest::tokens(prompt(len, i as u32), new).with_sampling(sampling(i))
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn batched_equals_unbatched_greedy_for_both_archs() {
     for arch in [TinyArch::Qwen2, TinyArch::Qwen3] {
         let dir = tiny_model(arch);
-        let reqs = requests(|_| Sampling::greedy());
+        let reqs = varied_requests(|_| Sampling::greedy());
         let single = engine(
             dir.path(),
             EngineConfig {
@@ -88,7 +76,7 @@ async fn requests_joining_a_running_batch_get_their_solo_tokens() {
     );
     let long = GenerateRequest::tokens(prompt(11, 7), 60);
     let short = GenerateRequest::tokens(prompt(5, 8), 2);
-    let late: Vec<GenerateRequest> = requests(|_| Sampling::greedy());
+    let late: Vec<GenerateRequest> = varied_requests(|_| Sampling::greedy());
     let long_alone = single.generate(long.clone()).await.expect("long alone");
     assert_eq!(
         long_alone.token_ids.len(),
@@ -119,7 +107,7 @@ async fn seeded_sampling_is_the_same_alone_and_batched() {
         repetition_penalty: 1.1,
         seed: 1000 + i as u64,
     };
-    let reqs = requests(sampling);
+    let reqs = varied_requests(sampling);
     let single = engine(
         dir.path(),
         EngineConfig {

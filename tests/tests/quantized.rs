@@ -10,10 +10,11 @@ use council_inference::engine::quant::logit_drift;
 use council_inference::engine::sequence_logits;
 use council_inference::tiny::TinyArch;
 use council_inference::{
-    Backend, Engine, EngineConfig, GenerateRequest, LoadError, Prompt, Quantization, Sampling,
-    ScoreRequest,
+    Backend, Engine, EngineConfig, LoadError, Prompt, Quantization, Sampling, ScoreRequest,
 };
-use council_tests::{all_at_once, engine, load_f32, one_by_one, prompt, tiny_model, token_ids};
+use council_tests::{
+    all_at_once, engine, load_f32, one_by_one, prompt, tiny_model, token_ids, varied_requests,
+};
 
 fn q8() -> EngineConfig {
     EngineConfig {
@@ -65,19 +66,6 @@ fn q8_0_logits_stay_close_to_f32_and_weights_take_a_quarter() {
     }
 }
 
-/// Prompt lengths and generation lengths that differ on purpose.
-const SHAPES: [(usize, usize); 5] = [(3, 20), (17, 5), (40, 12), (9, 30), (1, 8)];
-
-fn requests(sampling: impl Fn(usize) -> Sampling) -> Vec<GenerateRequest> {
-    SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, &(len, new))| {
-            GenerateRequest::tokens(prompt(len, i as u32), new).with_sampling(sampling(i))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn q8_0_batched_equals_unbatched_greedy_and_seeded() {
     for arch in [TinyArch::Qwen2, TinyArch::Qwen3] {
@@ -99,7 +87,7 @@ async fn q8_0_batched_equals_unbatched_greedy_and_seeded() {
                 seed: 1000 + i as u64,
             }
         }] {
-            let reqs = requests(sampling);
+            let reqs = varied_requests(sampling);
             let expected = one_by_one(&single, &reqs).await;
             let lengths: HashSet<usize> = expected.iter().map(|r| r.token_ids.len()).collect();
             assert!(

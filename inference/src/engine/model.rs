@@ -68,12 +68,11 @@ enum Weight {
 
 impl Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let few = x.dim(0)? <= KERNEL_ROWS;
         let y = match &self.weight {
-            Weight::Quantized(w) => super::quant::project(w, x, x.dim(0)? <= KERNEL_ROWS)?,
+            Weight::Quantized(w) => super::quant::project(w, x, few)?,
             Weight::Dense(w) => {
-                if x.dim(0)? <= KERNEL_ROWS
-                    && let Some(y) = super::kernel::project(w, x)?
-                {
+                if few && let Some(y) = super::kernel::project(w, x)? {
                     y
                 } else {
                     x.matmul(&w.t()?)?
@@ -515,12 +514,13 @@ impl QwenModel {
     /// Bytes held by the token embedding and the linear layers (the norms and biases, a few
     /// thousandths of the model, are left out); a tied LM head counts once.
     pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let bytes = |w: &Weight| match w {
-            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Dense(t) => dense(t),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
         };
         let mut total = match &self.embed_tokens {
-            Embed::Dense(e) => bytes(&Weight::Dense(e.embeddings().clone())),
+            Embed::Dense(e) => dense(e.embeddings()),
             Embed::Quantized(q) => q.storage_size_in_bytes(),
         };
         if !self.config.tie_word_embeddings {

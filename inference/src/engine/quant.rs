@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
+use super::kernel::{Q8_0_BLOCK as BLOCK, Q8_0_BLOCK_BYTES as BLOCK_BYTES, dequantize_q8_0};
+use super::sampler::argmax;
 use crate::error::LoadError;
 
 /// How the engine holds the weights of its linear layers.
@@ -63,11 +65,6 @@ impl std::fmt::Display for Quantization {
     }
 }
 
-/// Weights of one Q8_0 block.
-const BLOCK: usize = 32;
-/// Bytes of one Q8_0 block: an f16 scale, then 32 signed bytes.
-const BLOCK_BYTES: usize = 2 + BLOCK;
-
 /// Quantizes the 2-D weight `name` (`[out, in]`, on the CPU) as `quantization` says; `None`
 /// when it says to keep weights as they are.
 pub fn quantize_weight(
@@ -82,11 +79,6 @@ pub fn quantize_weight(
         field: "quantization",
         reason,
     };
-    if !weight.device().is_cpu() {
-        return Err(invalid(format!(
-            "{quantization} runs on the CPU engine only (GPUs run bf16)"
-        )));
-    }
     let (rows, cols) = weight
         .dims2()
         .map_err(|_| invalid(format!("{name} is not a matrix: {:?}", weight.dims())))?;
@@ -131,16 +123,13 @@ pub fn embed(weight: &QTensor, ids: &[u32]) -> candle_core::Result<Tensor> {
             data.len()
         );
     }
-    let mut out = Vec::with_capacity(ids.len() * hidden);
-    for &id in ids {
+    let mut out = vec![0f32; ids.len() * hidden];
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
         let id = id as usize;
         if id >= vocab {
             candle_core::bail!("token id {id} is outside the embedding of {vocab} rows");
         }
-        for block in data[id * row_bytes..(id + 1) * row_bytes].chunks_exact(BLOCK_BYTES) {
-            let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-            out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * scale));
-        }
+        dequantize_q8_0(&data[id * row_bytes..(id + 1) * row_bytes], row);
     }
     Tensor::from_vec(out, (ids.len(), hidden), &candle_core::Device::Cpu)
 }
@@ -164,13 +153,19 @@ pub fn compare_with_f32(
     quantization: Quantization,
     tokens: &[u32],
 ) -> Result<QuantReport, LoadError> {
-    if quantization == Quantization::None || tokens.is_empty() {
+    if quantization == Quantization::None {
         return Err(LoadError::InvalidConfig {
             field: "quantization",
             reason: format!(
-                "comparing needs a quantization ({}) and a prompt",
+                "none compares f32 with itself; name a quantization ({})",
                 Quantization::CHOICES
             ),
+        });
+    }
+    if tokens.is_empty() {
+        return Err(LoadError::InvalidConfig {
+            field: "prompt_tokens",
+            reason: "must be at least 1".into(),
         });
     }
     let run = |q: Quantization| -> Result<_, LoadError> {
@@ -260,16 +255,6 @@ pub fn logit_drift(reference: &[Vec<f32>], other: &[Vec<f32>]) -> Result<LogitDr
     drift.mean_spread /= positions;
     drift.mean_kl /= positions;
     Ok(drift)
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
