@@ -93,3 +93,74 @@ pub async fn all_at_once(
 pub fn token_ids(results: &[GenerateResult]) -> Vec<Vec<u32>> {
     results.iter().map(|r| r.token_ids.clone()).collect()
 }
+
+/// A seeded request asking for top log-probs (a 40-token prompt, 40 new tokens), run in four
+/// settings that change everything but the request: alone on a fresh engine; again on that
+/// engine, its prompt's whole blocks served from the prefix cache; alone with steps of 7
+/// tokens, so its prompt is computed in six chunks; and beside three 150-token prompts
+/// submitted with it, whose chunks share its steps (of up to 48 tokens). Returns each
+/// setting's name and result, "alone" first; panics if a setting did not happen as named.
+pub async fn probe_in_four_settings(
+    dir: &Path,
+    config: EngineConfig,
+) -> Vec<(&'static str, GenerateResult)> {
+    const STEP_TOKENS: usize = 48;
+    const OTHERS: usize = 3;
+    const OTHER_PROMPT: usize = 150;
+    let config = EngineConfig {
+        max_step_tokens: STEP_TOKENS,
+        ..config
+    };
+    let probe = GenerateRequest {
+        top_logprobs: Some(5),
+        ..GenerateRequest::tokens(prompt(40, 11), 40)
+            .with_sampling(Sampling::with_temperature(1.0, 5))
+    };
+    let solo_engine = engine(dir, config);
+    let solo = solo_engine
+        .generate(probe.clone())
+        .await
+        .expect("probe alone");
+    let solo_steps = solo_engine.stats().steps;
+    let cached = solo_engine
+        .generate(probe.clone())
+        .await
+        .expect("probe again");
+    assert_eq!(
+        cached.usage.cached_prompt_tokens, 32,
+        "precondition: the prompt's two whole blocks come from the cache"
+    );
+    let chunked_engine = engine(
+        dir,
+        EngineConfig {
+            max_step_tokens: 7,
+            max_batch: 7,
+            ..config
+        },
+    );
+    let chunked = chunked_engine
+        .generate(probe.clone())
+        .await
+        .expect("probe in chunks");
+
+    let busy_engine = engine(dir, config);
+    let busy = busy_engine.generate(probe);
+    let others: Vec<GenerateRequest> = (0..OTHERS)
+        .map(|i| GenerateRequest::tokens(prompt(OTHER_PROMPT, 20 + i as u32), 4))
+        .collect();
+    let (busy, _) = tokio::join!(busy, all_at_once(&busy_engine, &others));
+    let busy = busy.expect("probe beside prefills");
+    // Without sharing, the probe's steps and the others' prefill steps would add up.
+    let prefill_steps = (OTHERS * OTHER_PROMPT).div_ceil(STEP_TOKENS) as u64;
+    assert!(
+        busy_engine.stats().steps < solo_steps + prefill_steps,
+        "precondition: the prefills share the probe's steps ({} steps, {solo_steps} alone)",
+        busy_engine.stats().steps
+    );
+    vec![
+        ("alone", solo),
+        ("again, from the prefix cache", cached),
+        ("in chunks of 7", chunked),
+        ("beside long prefills", busy),
+    ]
+}

@@ -1,14 +1,16 @@
-//! Attention of decode tokens on the CPU, straight from the KV pool's storage.
+//! Attention on the CPU, straight from the KV pool's storage, one token at a time.
 //!
-//! A decode token is one query row per head against its sequence's cached keys and values. Run
-//! through gemm, each sequence pays for gathering its KV out of the pool's blocks and for two
-//! small matrix products whose setup costs more than their arithmetic; per sequence and layer
-//! that is most of a millisecond, which at batch 8 is a third of a Qwen2.5-0.5B step on two
-//! cores. Here each (sequence, KV head) is one task: the key rows are read where they lie, every
-//! query head of the group is scored against each key as it passes, the scores go through an
-//! exact softmax, and the value rows are summed with those weights.
+//! A token is one query row per head against its sequence's keys and values at positions up
+//! to its own. Run through gemm, each sequence pays for gathering its KV out of the pool's
+//! blocks and for two small matrix products whose setup costs more than their arithmetic (per
+//! decode token and layer most of a millisecond, a third of a Qwen2.5-0.5B step at batch 8 on
+//! two cores), and a prompt token's result would depend on the chunk it was computed in. Here
+//! each (token, KV head) is one task: the key rows are read where they lie, every query head of
+//! the group is scored against each key as it passes, the scores go through an exact softmax,
+//! and the value rows are summed with those weights.
 //!
-//! A sequence's result depends on its own tokens only, not on what else is in the step.
+//! A token's result depends on its own query and its sequence's KV only: not on what else is
+//! in the step, nor on which chunk of its prompt it came in.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pulp::{Simd, WithSimd};
@@ -24,18 +26,18 @@ pub(super) struct Heads {
     pub scale: f32,
 }
 
-/// One decode token's attention: its queries and where its sequence's KV lies.
+/// One token's attention: its queries and where its sequence's KV lies.
 pub(super) struct Query<'a> {
     /// `[kv_heads * groups, head_dim]`: the token's query heads, after rotary embedding.
     pub q: &'a [f32],
-    /// Storage rows of the sequence's positions `0..len`, the new token's last.
+    /// Storage rows of the sequence's positions up to the token's own, the token's last.
     pub rows: &'a [u32],
 }
 
 /// Attention output `[kv_heads * groups * head_dim]` of each query, in order. `k` and `v` are
 /// one layer of the pool, `[kv_heads, capacity, head_dim]`. `None` when they are not f32 in
 /// CPU memory (the caller takes the general path).
-pub(super) fn decode(
+pub(super) fn attend(
     k: &Tensor,
     v: &Tensor,
     heads: Heads,
@@ -211,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn decode_attention_matches_the_general_path() -> candle_core::Result<()> {
+    fn direct_attention_matches_the_general_path() -> candle_core::Result<()> {
         let device = Device::Cpu;
         // Two KV heads of three query heads each; head_dim 20 = two vectors of eight and a
         // tail of four.
@@ -239,14 +241,14 @@ mod tests {
             .zip(&rows)
             .map(|(q, rows)| Query { q, rows })
             .collect();
-        let all = decode(&k, &v, heads, &queries)?.expect("f32 on the CPU");
+        let all = attend(&k, &v, heads, &queries)?.expect("f32 on the CPU");
         for (i, out) in all.iter().enumerate() {
             let want = reference(&k, &v, heads, &q.i(i)?, &rows[i])?;
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{i}: {a} vs {b}");
             }
             // The same alone as in the batch.
-            let alone = decode(&k, &v, heads, &queries[i..=i])?.expect("kernel");
+            let alone = attend(&k, &v, heads, &queries[i..=i])?.expect("kernel");
             assert_eq!(&alone[0], out, "query {i}");
         }
         // Bad input: an error, not a panic.
@@ -254,20 +256,20 @@ mod tests {
             q: &q_rows[0],
             rows: &[capacity as u32],
         }];
-        assert!(decode(&k, &v, heads, &outside).is_err());
+        assert!(attend(&k, &v, heads, &outside).is_err());
         let short = [Query {
             q: &q_rows[0][..100],
             rows: &rows[1],
         }];
-        assert!(decode(&k, &v, heads, &short).is_err());
+        assert!(attend(&k, &v, heads, &short).is_err());
         let none = [Query {
             q: &q_rows[0],
             rows: &[],
         }];
-        assert!(decode(&k, &v, heads, &none).is_err());
+        assert!(attend(&k, &v, heads, &none).is_err());
         // Not f32: the general path.
         let (k16, v16) = (k.to_dtype(DType::BF16)?, v.to_dtype(DType::BF16)?);
-        assert!(decode(&k16, &v16, heads, &queries)?.is_none());
+        assert!(attend(&k16, &v16, heads, &queries)?.is_none());
         Ok(())
     }
 }

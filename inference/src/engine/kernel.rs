@@ -5,8 +5,8 @@
 //! register-blocked: a tile of two weight rows by up to four rows of `x` keeps its accumulators
 //! in vector registers, loading six vectors per eight fused multiply-adds, where one dot product
 //! at a time would load two per one and wait on a single chain of additions. The vector width
-//! is the widest the CPU has ([`pulp`] picks it at run time: AVX2 + FMA on x86-64, NEON on
-//! aarch64, scalar elsewhere).
+//! is the widest the CPU has ([`pulp`] picks it at run time: AVX-512 or AVX2 + FMA on x86-64,
+//! NEON on aarch64, scalar elsewhere).
 //!
 //! Each product is accumulated the same way whatever the tile it falls in (lane `l` sums the
 //! `l`-th element of every vector's worth of inputs, in order; then the lanes are reduced and
@@ -198,14 +198,24 @@ impl WithSimd for Products<'_> {
     }
 }
 
-/// Q8_0 blocks to f32: each weight is its block's f16 scale times its signed byte. With AVX2
-/// eight weights at a time (sign-extended, converted, scaled in vector registers).
+/// Q8_0 blocks to f32: each weight is its block's f16 scale times its signed byte. With
+/// AVX-512 sixteen weights at a time, with AVX2 eight (sign-extended, converted, scaled in
+/// vector registers).
 pub(super) fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V4::try_new() {
+        simd.vectorize(|| dequantize_q8_0_v4(simd, bytes, out));
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
         simd.vectorize(|| dequantize_q8_0_v3(simd, bytes, out));
         return;
     }
+    dequantize_q8_0_scalar(bytes, out);
+}
+
+fn dequantize_q8_0_scalar(bytes: &[u8], out: &mut [f32]) {
     let (blocks, _) = bytes.as_chunks::<Q8_0_BLOCK_BYTES>();
     let (outs, _) = out.as_chunks_mut::<Q8_0_BLOCK>();
     for (block, out) in blocks.iter().zip(outs) {
@@ -230,6 +240,23 @@ fn dequantize_q8_0_v3(simd: pulp::x86::V3, bytes: &[u8], out: &mut [f32]) {
             wide[..8].copy_from_slice(q);
             let q: pulp::i8x16 = pulp::bytemuck::cast(wide);
             let f = simd.convert_i32x8_to_f32x8(simd.convert_i8x16_to_i32x8(q));
+            *o = pulp::bytemuck::cast(simd.mul_f32s(f, scale));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dequantize_q8_0_v4(simd: pulp::x86::V4, bytes: &[u8], out: &mut [f32]) {
+    let (blocks, _) = bytes.as_chunks::<Q8_0_BLOCK_BYTES>();
+    let (outs, _) = out.as_chunks_mut::<Q8_0_BLOCK>();
+    for (block, out) in blocks.iter().zip(outs) {
+        let scale = simd.splat_f32x16(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+        let (quants, _) = block[2..].as_chunks::<16>();
+        let (sixteens, _) = out.as_chunks_mut::<16>();
+        for (q, o) in quants.iter().zip(sixteens) {
+            let q: pulp::i8x16 = pulp::bytemuck::cast(*q);
+            let f = simd.convert_i32x16_to_f32x16(simd.convert_i8x16_to_i32x16(q));
             *o = pulp::bytemuck::cast(simd.mul_f32s(f, scale));
         }
     }
@@ -362,8 +389,8 @@ mod tests {
     #[test]
     fn kernel_matches_gemm_and_does_not_depend_on_the_batch() -> candle_core::Result<()> {
         let device = Device::Cpu;
-        // 37 inputs: four whole chunks of eight and a tail of five; 150 outputs: panels of
-        // four and a remainder of two, blocks of 64 and a remainder of 22.
+        // 37 inputs: whole vectors and a tail (at 8 or 16 lanes); 150 outputs: panels of four
+        // and a remainder of two, blocks of 64 and a remainder of 22.
         let (out_dim, k) = (150, 37);
         let weight = Tensor::randn(0f32, 1.0, (out_dim, k), &device)?;
         // Eleven rows: two groups of four and one of three.
@@ -415,7 +442,70 @@ mod tests {
         let mut out = vec![f32::NAN; 3 * Q8_0_BLOCK];
         dequantize_q8_0(&bytes, &mut out);
         assert_eq!(out, expected);
+        // Each path the CPU has, not only the one picked here.
+        let mut scalar = vec![f32::NAN; 3 * Q8_0_BLOCK];
+        dequantize_q8_0_scalar(&bytes, &mut scalar);
+        assert_eq!(scalar, expected);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                let mut v3 = vec![f32::NAN; 3 * Q8_0_BLOCK];
+                simd.vectorize(|| dequantize_q8_0_v3(simd, &bytes, &mut v3));
+                assert_eq!(v3, expected, "AVX2");
+            }
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                let mut v4 = vec![f32::NAN; 3 * Q8_0_BLOCK];
+                simd.vectorize(|| dequantize_q8_0_v4(simd, &bytes, &mut v4));
+                assert_eq!(v4, expected, "AVX-512");
+            }
+        }
         assert!(expected.contains(&(-128.0 * 0.5)) && expected.contains(&(127.0 * -2.0)));
+    }
+
+    /// The products by each vector width the CPU has: scalar, and AVX2 and AVX-512 where
+    /// present (the engine uses the widest), against f64 dot products.
+    #[test]
+    fn every_vector_width_the_cpu_has_computes_the_products() {
+        // 53 inputs: whole vectors and a tail at every width; 70 outputs: blocks of four,
+        // two and one weight rows; 6 rows of `x`: a group of four and one of two.
+        let (out_dim, k, n) = (70, 53, 6);
+        let value = |i: usize| ((i * 7919) % 211) as f32 / 211.0 - 0.5;
+        let w: Vec<f32> = (0..out_dim * k).map(value).collect();
+        let xs: Vec<f32> = (0..n * k).map(|i| value(i + 1_000)).collect();
+        let rows: Vec<&[f32]> = xs.chunks_exact(k).collect();
+        let run = |with: &dyn Fn(Products)| -> Vec<f32> {
+            let mut dst = vec![f32::NAN; out_dim * n];
+            with(Products {
+                w: WeightRows::F32(&w),
+                count: out_dim,
+                rows: &rows,
+                dst: &mut dst,
+            });
+            dst
+        };
+        let check = |name: &str, got: Vec<f32>| {
+            for o in 0..out_dim {
+                for (j, row) in rows.iter().enumerate() {
+                    let exact: f64 = w[o * k..(o + 1) * k]
+                        .iter()
+                        .zip(row.iter())
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let got = f64::from(got[o * n + j]);
+                    assert!((got - exact).abs() < 1e-5, "{name}: {got} vs {exact}");
+                }
+            }
+        };
+        check("scalar", run(&|p| Simd::vectorize(pulp::Scalar::new(), p)));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                check("AVX2", run(&|p| Simd::vectorize(simd, p)));
+            }
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                check("AVX-512", run(&|p| Simd::vectorize(simd, p)));
+            }
+        }
     }
 
     #[test]

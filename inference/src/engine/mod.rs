@@ -593,6 +593,7 @@ pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result
         table: &table,
         start: 0,
         len: tokens.len(),
+        decode: false,
     };
     model
         .forward(tokens, &[chunk], Logits::All, &pool)?

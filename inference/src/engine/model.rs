@@ -24,6 +24,9 @@ pub struct SeqChunk<'a> {
     pub start: usize,
     /// Number of new tokens.
     pub len: usize,
+    /// The chunk is the token the sequence sampled last (a decode step, `len` 1), not part of
+    /// a prompt. Decode chunks come first in a forward.
+    pub decode: bool,
 }
 
 /// The sequences of one forward with where their KV lives.
@@ -31,9 +34,11 @@ struct KvBatch<'a> {
     chunks: &'a [SeqChunk<'a>],
     /// How each chunk's whole KV (cached and new) is read back.
     views: Vec<KvView>,
-    /// Per chunk, the storage rows of a decode token's sequence when its attention runs
-    /// straight from the pool ([`super::attention::decode`]).
+    /// Per chunk, the storage rows of its sequence's positions `0..start + len` when its
+    /// attention runs straight from the pool ([`super::attention::attend`]).
     rows: Vec<Option<Vec<u32>>>,
+    /// Packed rows of the leading decode chunks (see [`Proj::forward`]).
+    lead: usize,
     cache: &'a KvPool,
 }
 
@@ -47,10 +52,16 @@ pub enum Logits<'a> {
     Rows(&'a [u32]),
 }
 
-/// Rows up to which a CPU f32 projection runs [`super::kernel::project`] instead of gemm:
-/// measured on the Qwen2.5-0.5B shape (docs/PERFORMANCE.md), the kernel is ahead up to 16 rows
-/// (decode at batch 16: 31.3 against 29.7 tok/s) and behind at 32.
-const KERNEL_ROWS: usize = 16;
+/// Rows a product through gemm needs on the CPU for each row's products not to depend on the
+/// rows beside it, for `out` outputs. gemm computes one row as a matrix-vector product, and
+/// products of at most 256 outputs in all by small kernels of their own, each rounding
+/// otherwise than its general path; on the general path a product is one chain of multiply-
+/// adds per block of 512 inputs (at least; the block depends on the inputs and the cache
+/// sizes only) whatever the rows, which `gemm_rows_do_not_depend_on_their_neighbours`
+/// checks on the Qwen2.5-0.5B shapes. Fewer rows are padded.
+fn gemm_min_rows(out: usize) -> usize {
+    (256 / out.max(1) + 1).max(2)
+}
 
 /// A projection `y = x·Wᵀ + b`, `W` being `[out, in]` as checkpoints store it.
 #[derive(Debug)]
@@ -67,22 +78,79 @@ enum Weight {
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let few = x.dim(0)? <= KERNEL_ROWS;
-        let y = match &self.weight {
-            Weight::Quantized(w) => super::quant::project(w, x, few)?,
-            Weight::Dense(w) => {
-                if few && let Some(y) = super::kernel::project(w, x)? {
-                    y
-                } else {
-                    x.matmul(&w.t()?)?
-                }
+    /// `x·Wᵀ + b` for the rows of `x`, whose first `lead` rows are decode tokens.
+    ///
+    /// On the CPU (f32 or Q8_0 weights) each row's products are the same whatever else the
+    /// step holds, to the bit: decode rows always go through the few-rows kernel
+    /// ([`super::kernel`]), which reads every weight row once for all of them and whose
+    /// products do not depend on the rows beside them; prompt rows always go through gemm,
+    /// padded to [`gemm_min_rows`]. Elsewhere (a GPU) everything goes through the device's
+    /// matrix product.
+    fn forward(&self, x: &Tensor, lead: usize) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let y = if !self.has_kernel() {
+            self.gemm(x)?
+        } else {
+            let lead = lead.min(n);
+            let head = (lead > 0)
+                .then(|| self.kernel(&x.narrow(0, 0, lead)?))
+                .transpose()?;
+            let tail = (lead < n)
+                .then(|| self.gemm_padded(&x.narrow(0, lead, n - lead)?))
+                .transpose()?;
+            match (head, tail) {
+                (Some(head), Some(tail)) => Tensor::cat(&[head, tail], 0)?,
+                (Some(y), None) | (None, Some(y)) => y,
+                (None, None) => self.gemm(x)?,
             }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// Whether this projection has the few-rows kernel (weights in CPU memory, f32 or Q8_0).
+    fn has_kernel(&self) -> bool {
+        match &self.weight {
+            Weight::Quantized(_) => true,
+            Weight::Dense(w) => w.device().is_cpu() && w.dtype() == DType::F32,
+        }
+    }
+
+    /// `x·Wᵀ` by the few-rows kernel.
+    fn kernel(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Quantized(w) => super::quant::project(w, x, true),
+            Weight::Dense(w) => match super::kernel::project(w, x)? {
+                Some(y) => Ok(y),
+                None => candle_core::bail!("the projection kernel takes f32 weights on the CPU"),
+            },
+        }
+    }
+
+    /// `x·Wᵀ` by gemm.
+    fn gemm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Quantized(w) => super::quant::project(w, x, false),
+            Weight::Dense(w) => x.matmul(&w.t()?),
+        }
+    }
+
+    /// `x·Wᵀ` by gemm, with zero rows added below `x` up to [`gemm_min_rows`] and their
+    /// products dropped.
+    fn gemm_padded(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let out = match &self.weight {
+            Weight::Dense(w) => w.dim(0)?,
+            Weight::Quantized(w) => w.shape().dims()[0],
+        };
+        let min = gemm_min_rows(out);
+        if n >= min {
+            return self.gemm(x);
+        }
+        let pad = Tensor::zeros((min - n, x.dim(1)?), x.dtype(), x.device())?;
+        self.gemm(&Tensor::cat(&[x, &pad], 0)?)?.narrow(0, 0, n)
     }
 }
 
@@ -218,10 +286,10 @@ impl Attention {
         })
     }
 
-    /// Attention outputs `[heads * head_dim]` of the chunks whose KV rows `kv` holds (decode
-    /// tokens on the CPU), computed straight from the pool; `None` where none is, or when the
-    /// pool is not f32 in CPU memory.
-    fn decode_direct(
+    /// Attention outputs `[len, heads * head_dim]` of the chunks whose KV rows `kv` holds (all
+    /// of them on the CPU), each token against its own positions straight from the pool;
+    /// `None` where none is, or when the pool is not f32 in CPU memory.
+    fn direct(
         &self,
         q: &Tensor,
         layer: usize,
@@ -237,11 +305,13 @@ impl Attention {
         let mut which = Vec::new();
         for (i, (chunk, rows)) in kv.chunks.iter().zip(&kv.rows).enumerate() {
             if let Some(rows) = rows {
-                queries.push(super::attention::Query {
-                    q: &q[offset],
-                    rows,
-                });
-                which.push(i);
+                for t in 0..chunk.len {
+                    queries.push(super::attention::Query {
+                        q: &q[offset + t],
+                        rows: &rows[..chunk.start + t + 1],
+                    });
+                    which.push(i);
+                }
             }
             offset += chunk.len;
         }
@@ -252,12 +322,12 @@ impl Attention {
             head_dim: self.head_dim,
             scale: self.scale as f32,
         };
-        let Some(outs) = super::attention::decode(k, v, heads, &queries)? else {
+        let Some(outs) = super::attention::attend(k, v, heads, &queries)? else {
             return Ok(None);
         };
-        let mut direct = vec![None; kv.chunks.len()];
+        let mut direct: Vec<Option<Vec<f32>>> = vec![None; kv.chunks.len()];
         for (i, out) in which.into_iter().zip(outs) {
-            direct[i] = Some(out);
+            direct[i].get_or_insert_with(Vec::new).extend(out);
         }
         Ok(Some(direct))
     }
@@ -272,6 +342,7 @@ impl Attention {
         kv: &KvBatch,
     ) -> candle_core::Result<Tensor> {
         let tokens = x.dim(0)?;
+        let lead = kv.lead;
         let heads_first = |t: Tensor, heads: usize, norm: &Option<RmsNorm>| {
             let t = t.reshape((tokens, heads, self.head_dim))?;
             let t = match norm {
@@ -280,9 +351,9 @@ impl Attention {
             };
             t.transpose(0, 1)?.unsqueeze(0)?.contiguous()
         };
-        let q = heads_first(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
-        let k = heads_first(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = heads_first(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let q = heads_first(self.q_proj.forward(x, lead)?, self.heads, &self.q_norm)?;
+        let k = heads_first(self.k_proj.forward(x, lead)?, self.kv_heads, &self.k_norm)?;
+        let v = heads_first(self.v_proj.forward(x, lead)?, self.kv_heads, &None)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let v = v.squeeze(0)?;
@@ -298,7 +369,7 @@ impl Attention {
                 .write(layer, chunk.table, chunk.start, &k_new, &v_new)?;
             offset += chunk.len;
         }
-        let mut direct = self.decode_direct(&q, layer, kv)?;
+        let mut direct = self.direct(&q, layer, kv)?;
         let mut offset = 0;
         let mut outputs = Vec::with_capacity(kv.chunks.len());
         for (i, (chunk, view)) in kv.chunks.iter().zip(&kv.views).enumerate() {
@@ -306,7 +377,7 @@ impl Attention {
             if let Some(out) = direct.as_mut().and_then(|d| d[i].take()) {
                 outputs.push(Tensor::from_vec(
                     out,
-                    (1, self.heads * self.head_dim),
+                    (n, self.heads * self.head_dim),
                     x.device(),
                 )?);
                 offset += n;
@@ -338,7 +409,7 @@ impl Attention {
             offset += n;
         }
         let out = Tensor::cat(&outputs, 0)?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, lead)
     }
 }
 
@@ -382,9 +453,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    /// `lead` as for [`Proj::forward`].
+    fn forward(&self, x: &Tensor, lead: usize) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lead)?)?;
+        self.down_proj
+            .forward(&(gate * self.up_proj.forward(x, lead)?)?, lead)
     }
 }
 
@@ -565,6 +638,13 @@ impl QwenModel {
 
     /// Runs `tokens` (packed in the order of `chunks`) through the model, writing their KV into
     /// `cache`, and returns f32 logits as `logits` asks.
+    ///
+    /// On the CPU every token is computed as it would be alone, to the bit: its projections
+    /// take the same path whatever else the step holds (see [`Proj::forward`]), and it attends
+    /// to its own positions straight from the pool. So a sequence's logits depend neither on
+    /// its batch nor on how its prompt was chunked or whether the prefix cache served it. (A
+    /// token generated as a decode step and later recomputed as part of a prompt, after a
+    /// preemption, goes through gemm the second time and may differ in the last bits.)
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -591,12 +671,16 @@ impl QwenModel {
             positions.extend((c.start..c.start + c.len).map(|p| p as u32));
             views.push(cache.view(c.table, c.start + c.len)?);
         }
-        // Decode tokens attend on the CPU straight from the pool (see `attention`).
+        let lead = chunks.iter().take_while(|c| c.decode).count();
+        if chunks[lead..].iter().any(|c| c.decode) || chunks[..lead].iter().any(|c| c.len != 1) {
+            candle_core::bail!("decode chunks are single tokens and come first");
+        }
+        // On the CPU every token attends straight from the pool (see `attention`).
         let direct = self.device.is_cpu() && self.dtype == DType::F32;
         let rows = chunks
             .iter()
-            .map(|c| match direct && c.len == 1 {
-                true => cache.rows(c.table, c.start + 1).map(Some),
+            .map(|c| match direct {
+                true => cache.rows(c.table, c.start + c.len).map(Some),
                 false => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -604,6 +688,7 @@ impl QwenModel {
             chunks,
             views,
             rows,
+            lead,
             cache,
         };
         let positions = Tensor::new(positions, &self.device)?;
@@ -617,23 +702,78 @@ impl QwenModel {
             x = (x + h)?;
             let h = layer
                 .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+                .forward(&layer.post_attention_layernorm.forward(&x)?, kv.lead)?;
             x = (x + h)?;
         }
-        let x = match logits {
-            Logits::All => x,
+        // The LM head's rows: all the step's (scoring), or one per sampled sequence, each
+        // through the kernel where it runs.
+        let (x, lead) = match logits {
+            Logits::All => (x, kv.lead),
             Logits::Rows([]) => {
                 // A step whose sequences are all mid-prompt samples nothing: no LM head.
                 return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
             }
-            Logits::Rows(rows) => x.index_select(&Tensor::new(rows, &self.device)?, 0)?,
+            Logits::Rows(rows) => (
+                x.index_select(&Tensor::new(rows, &self.device)?, 0)?,
+                rows.len(),
+            ),
         };
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        self.lm_head.forward(&x, lead)?.to_dtype(DType::F32)
     }
 }
 
 /// The logits of row `i` as a host vector.
 pub fn logits_row(logits: &Tensor, i: usize) -> candle_core::Result<Vec<f32>> {
     logits.i(i)?.to_vec1::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What batch invariance of prompt rows rests on (see [`gemm_min_rows`]): through candle's
+    /// matmul, a row's products are the same, bit for bit, whatever rows are beside it and
+    /// however many, from the padded minimum on; on the Qwen2.5-0.5B projection shapes (and
+    /// the LM head's inputs) and on the tiny models' narrow ones.
+    #[test]
+    fn gemm_rows_do_not_depend_on_their_neighbours() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let shapes = [
+            (896, 896),
+            (128, 896),
+            (4864, 896),
+            (896, 4864),
+            (160, 64),
+            (64, 64),
+            (32, 64),
+        ];
+        for (out, k) in shapes {
+            let w = Tensor::randn(0f32, 1.0, (out, k), &device)?;
+            let probe = Tensor::randn(0f32, 1.0, (1, k), &device)?;
+            let product = |m: usize, at: usize| -> candle_core::Result<Vec<f32>> {
+                let others = Tensor::randn(0f32, 1.0, (m, k), &device)?;
+                let x = Tensor::cat(
+                    &[
+                        others.narrow(0, 0, at)?,
+                        probe.clone(),
+                        others.narrow(0, at + 1, m - at - 1)?,
+                    ],
+                    0,
+                )?;
+                x.matmul(&w.t()?)?.i(at)?.to_vec1()
+            };
+            let min = gemm_min_rows(out);
+            let reference = product(min, 0)?;
+            for m in [min, min + 1, 17, 40, 64, 65, 130] {
+                for at in [0, m / 2, m - 1] {
+                    assert!(
+                        product(m, at)? == reference,
+                        "{out}×{k}: row {at} of {m} differs from row 0 of {min}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }

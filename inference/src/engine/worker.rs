@@ -289,7 +289,8 @@ impl Worker {
     fn schedule(&mut self, admit: bool) -> Vec<Planned> {
         let mut budget = self.limits.max_step_tokens;
         let mut plan = Vec::new();
-        // Decodes first, then prefill chunks, each oldest first.
+        // Decodes first (the model computes leading single-token chunks exactly as alone),
+        // then prefill chunks, each oldest first.
         for decoding in [true, false] {
             let mut i = 0;
             while i < self.running.len() && budget > 0 {
@@ -489,6 +490,7 @@ impl Worker {
                     table: &seq.table,
                     start: seq.cached,
                     len: p.len,
+                    decode: seq.decoding,
                 }
             })
             .collect();
@@ -780,6 +782,7 @@ fn score_choices(
         table,
         start: matched,
         len: prompt.len() - matched,
+        decode: false,
     };
     let last = [whole.len as u32 - 1];
     let first = model.forward(&prompt[matched..], &[whole], Logits::Rows(&last), pool)?;
@@ -825,6 +828,7 @@ fn score_choices(
             table: own,
             start: prompt.len(),
             len: choice.len() - 1,
+            decode: false,
         });
     }
     let tails = if chunks.is_empty() {
