@@ -124,6 +124,14 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     // Every prompt is computed: the measured ones repeat the warm-up's, which the prefix cache
     // would serve (`council dev bench-batching` measures the cache).
     args.model.no_prefix_cache = true;
+    if let Some(&batch) = args.batch.iter().find(|&&b| b > args.model.max_batch) {
+        anyhow::bail!(
+            "--batch {batch} is more than --max-batch {}: the requests would run in waves and \
+             the decode figure would count the first waves' tokens in the last wave's time; \
+             raise --max-batch",
+            args.model.max_batch
+        );
+    }
     let load_start = Instant::now();
     let engine = args.model.start_engine()?;
     let load = load_start.elapsed();

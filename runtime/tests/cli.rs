@@ -231,6 +231,51 @@ fn quantized_generation_end_to_end_and_bad_quantize_values() {
 }
 
 #[test]
+fn dev_bench_measures_and_refuses_batches_that_would_run_in_waves() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = dir.path().to_str().expect("utf-8");
+    assert!(council(&["dev", "tiny-model", model]).status.success());
+    let bench = |extra: &[&str]| {
+        let base = [
+            "dev",
+            "bench",
+            "--model-dir",
+            model,
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "4",
+        ];
+        council(&[&base[..], extra].concat())
+    };
+    let out = bench(&["--batch", "1,3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "prefill: 8 tokens",
+        "decode batch 1: 3 tokens",
+        "decode batch 3: 9 tokens",
+    ] {
+        assert!(report.contains(needle), "missing {needle:?} in: {report}");
+    }
+    // More requests than the engine runs at once would decode in waves: refused, not mismeasured.
+    let out = bench(&[
+        "--max-batch",
+        "2",
+        "--max-step-tokens",
+        "64",
+        "--batch",
+        "1,3",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--batch 3 is more than --max-batch 2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn deliberate_end_to_end_on_a_tiny_model() {
     let dir = tempfile::tempdir().expect("temp dir");
     let model = dir.path().to_str().expect("utf-8");
