@@ -164,3 +164,21 @@ pub async fn probe_in_four_settings(
         ("beside long prefills", busy),
     ]
 }
+
+/// Every run of [`probe_in_four_settings`] has the tokens and log-probs of the first ("alone"),
+/// compared with `==` (bit for bit); `label` names the model in the message.
+pub fn assert_bit_identical(runs: &[(&str, GenerateResult)], label: &str) {
+    let (_, alone) = &runs[0];
+    assert_eq!(
+        alone.token_ids.len(),
+        40,
+        "{label}: the probe runs its length"
+    );
+    for (setting, run) in &runs[1..] {
+        assert_eq!(run.token_ids, alone.token_ids, "{label} {setting}: tokens");
+        assert_eq!(
+            run.logprobs, alone.logprobs,
+            "{label} {setting}: log-probs, bit for bit"
+        );
+    }
+}

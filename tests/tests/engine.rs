@@ -8,8 +8,8 @@ use council_inference::{
     Backend, ChatMessage, EngineConfig, FinishReason, GenerateRequest, InferenceError, Sampling,
 };
 use council_tests::{
-    all_at_once as together, engine, one_by_one as alone, probe_in_four_settings, prompt,
-    tiny_model, token_ids as tokens, varied_requests,
+    all_at_once as together, assert_bit_identical, engine, one_by_one as alone,
+    probe_in_four_settings, prompt, tiny_model, token_ids as tokens, varied_requests,
 };
 
 #[tokio::test]
@@ -140,15 +140,7 @@ async fn logprobs_are_bit_identical_whatever_the_batch_chunking_and_cache() {
     for arch in [TinyArch::Qwen2, TinyArch::Qwen3] {
         let dir = tiny_model(arch);
         let runs = probe_in_four_settings(dir.path(), EngineConfig::default()).await;
-        let (_, alone) = &runs[0];
-        assert_eq!(alone.token_ids.len(), 40);
-        for (setting, run) in &runs[1..] {
-            assert_eq!(run.token_ids, alone.token_ids, "{arch:?} {setting}: tokens");
-            assert_eq!(
-                run.logprobs, alone.logprobs,
-                "{arch:?} {setting}: log-probs, bit for bit"
-            );
-        }
+        assert_bit_identical(&runs, &format!("{arch:?}"));
     }
 }
 

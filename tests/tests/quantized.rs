@@ -13,8 +13,8 @@ use council_inference::{
     Backend, Engine, EngineConfig, LoadError, Prompt, Quantization, Sampling, ScoreRequest,
 };
 use council_tests::{
-    all_at_once, engine, load_f32, one_by_one, probe_in_four_settings, prompt, tiny_model,
-    token_ids, varied_requests,
+    all_at_once, assert_bit_identical, engine, load_f32, one_by_one, probe_in_four_settings,
+    prompt, tiny_model, token_ids, varied_requests,
 };
 
 fn q8() -> EngineConfig {
@@ -110,11 +110,7 @@ async fn q8_0_batched_equals_unbatched_greedy_and_seeded() {
 async fn q8_0_logprobs_are_bit_identical_whatever_the_batch_chunking_and_cache() {
     let dir = tiny_model(TinyArch::Qwen2);
     let runs = probe_in_four_settings(dir.path(), q8()).await;
-    let (_, alone) = &runs[0];
-    for (setting, run) in &runs[1..] {
-        assert_eq!(run.token_ids, alone.token_ids, "{setting}");
-        assert_eq!(run.logprobs, alone.logprobs, "{setting}");
-    }
+    assert_bit_identical(&runs, "q8_0");
 }
 
 #[tokio::test]

@@ -32,14 +32,19 @@ pub struct SeqChunk<'a> {
 /// The sequences of one forward with where their KV lives.
 struct KvBatch<'a> {
     chunks: &'a [SeqChunk<'a>],
-    /// How each chunk's whole KV (cached and new) is read back.
-    views: Vec<KvView>,
-    /// Per chunk, the storage rows of its sequence's positions `0..start + len` when its
-    /// attention runs straight from the pool ([`super::attention::attend`]).
-    rows: Vec<Option<Vec<u32>>>,
+    reads: KvReads,
     /// Packed rows of the leading decode chunks (see [`Proj::forward`]).
     lead: usize,
     cache: &'a KvPool,
+}
+
+/// How attention reads each chunk's whole KV (cached and new).
+enum KvReads {
+    /// On the CPU in f32: per chunk, the storage rows of its positions `0..start + len`; every
+    /// token attends straight from the pool ([`super::attention::attend`]).
+    Rows(Vec<Vec<u32>>),
+    /// Elsewhere: per chunk, its KV gathered for candle's matrix products.
+    Views(Vec<KvView>),
 }
 
 /// Which logits a forward returns.
@@ -90,19 +95,14 @@ impl Proj {
         let n = x.dim(0)?;
         let y = if !self.has_kernel() {
             self.gemm(x)?
+        } else if lead >= n {
+            self.kernel(x)?
+        } else if lead == 0 {
+            self.gemm_padded(x)?
         } else {
-            let lead = lead.min(n);
-            let head = (lead > 0)
-                .then(|| self.kernel(&x.narrow(0, 0, lead)?))
-                .transpose()?;
-            let tail = (lead < n)
-                .then(|| self.gemm_padded(&x.narrow(0, lead, n - lead)?))
-                .transpose()?;
-            match (head, tail) {
-                (Some(head), Some(tail)) => Tensor::cat(&[head, tail], 0)?,
-                (Some(y), None) | (None, Some(y)) => y,
-                (None, None) => self.gemm(x)?,
-            }
+            let head = self.kernel(&x.narrow(0, 0, lead)?)?;
+            let tail = self.gemm_padded(&x.narrow(0, lead, n - lead)?)?;
+            Tensor::cat(&[head, tail], 0)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -286,34 +286,27 @@ impl Attention {
         })
     }
 
-    /// Attention outputs `[len, heads * head_dim]` of the chunks whose KV rows `kv` holds (all
-    /// of them on the CPU), each token against its own positions straight from the pool;
-    /// `None` where none is, or when the pool is not f32 in CPU memory.
+    /// Attention outputs `[tokens, heads * head_dim]`, in packed order, each token against
+    /// its own positions straight from the pool; `rows` are the chunks' storage rows.
     fn direct(
         &self,
         q: &Tensor,
         layer: usize,
         kv: &KvBatch,
-    ) -> candle_core::Result<Option<Vec<Option<Vec<f32>>>>> {
-        if kv.rows.iter().all(Option::is_none) {
-            return Ok(None);
-        }
+        rows: &[Vec<u32>],
+    ) -> candle_core::Result<Tensor> {
+        let device = q.device().clone();
         // `[tokens, heads * head_dim]`: each token's query heads side by side.
         let q = q.transpose(0, 1)?.flatten_from(1)?.to_vec2::<f32>()?;
-        let mut offset = 0;
-        let mut queries = Vec::new();
-        let mut which = Vec::new();
-        for (i, (chunk, rows)) in kv.chunks.iter().zip(&kv.rows).enumerate() {
-            if let Some(rows) = rows {
-                for t in 0..chunk.len {
-                    queries.push(super::attention::Query {
-                        q: &q[offset + t],
-                        rows: &rows[..chunk.start + t + 1],
-                    });
-                    which.push(i);
-                }
+        let mut tokens = q.iter();
+        let mut queries = Vec::with_capacity(q.len());
+        for (chunk, rows) in kv.chunks.iter().zip(rows) {
+            for (t, q) in tokens.by_ref().take(chunk.len).enumerate() {
+                queries.push(super::attention::Query {
+                    q,
+                    rows: &rows[..chunk.start + t + 1],
+                });
             }
-            offset += chunk.len;
         }
         let (k, v) = kv.cache.layer(layer);
         let heads = super::attention::Heads {
@@ -323,13 +316,10 @@ impl Attention {
             scale: self.scale as f32,
         };
         let Some(outs) = super::attention::attend(k, v, heads, &queries)? else {
-            return Ok(None);
+            candle_core::bail!("the KV pool is not f32 in CPU memory");
         };
-        let mut direct: Vec<Option<Vec<f32>>> = vec![None; kv.chunks.len()];
-        for (i, out) in which.into_iter().zip(outs) {
-            direct[i].get_or_insert_with(Vec::new).extend(out);
-        }
-        Ok(Some(direct))
+        let out: Vec<f32> = outs.into_iter().flatten().collect();
+        Tensor::from_vec(out, (q.len(), self.heads * self.head_dim), &device)
     }
 
     /// `x` is `[tokens, hidden]` packed over `chunks`; `cos`/`sin` are `[tokens, head_dim/2]`.
@@ -369,20 +359,17 @@ impl Attention {
                 .write(layer, chunk.table, chunk.start, &k_new, &v_new)?;
             offset += chunk.len;
         }
-        let mut direct = self.direct(&q, layer, kv)?;
+        let views = match &kv.reads {
+            KvReads::Rows(rows) => {
+                let out = self.direct(&q, layer, kv, rows)?;
+                return self.o_proj.forward(&out, lead);
+            }
+            KvReads::Views(views) => views,
+        };
         let mut offset = 0;
         let mut outputs = Vec::with_capacity(kv.chunks.len());
-        for (i, (chunk, view)) in kv.chunks.iter().zip(&kv.views).enumerate() {
+        for (chunk, view) in kv.chunks.iter().zip(views) {
             let n = chunk.len;
-            if let Some(out) = direct.as_mut().and_then(|d| d[i].take()) {
-                outputs.push(Tensor::from_vec(
-                    out,
-                    (n, self.heads * self.head_dim),
-                    x.device(),
-                )?);
-                offset += n;
-                continue;
-            }
             let (k_all, v_all) = kv.cache.read(layer, view)?;
             // Query heads of one KV group are adjacent, so grouping is a reshape, not a copy
             // of K and V per query head.
@@ -660,7 +647,6 @@ impl QwenModel {
             candle_core::bail!("chunks cover {packed} tokens, {} were given", tokens.len());
         }
         let mut positions = Vec::with_capacity(tokens.len());
-        let mut views = Vec::with_capacity(chunks.len());
         for c in chunks {
             if c.start + c.len > self.config.max_position_embeddings {
                 candle_core::bail!(
@@ -669,25 +655,30 @@ impl QwenModel {
                 );
             }
             positions.extend((c.start..c.start + c.len).map(|p| p as u32));
-            views.push(cache.view(c.table, c.start + c.len)?);
         }
         let lead = chunks.iter().take_while(|c| c.decode).count();
         if chunks[lead..].iter().any(|c| c.decode) || chunks[..lead].iter().any(|c| c.len != 1) {
             candle_core::bail!("decode chunks are single tokens and come first");
         }
         // On the CPU every token attends straight from the pool (see `attention`).
-        let direct = self.device.is_cpu() && self.dtype == DType::F32;
-        let rows = chunks
-            .iter()
-            .map(|c| match direct {
-                true => cache.rows(c.table, c.start + c.len).map(Some),
-                false => Ok(None),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let reads = if self.device.is_cpu() && self.dtype == DType::F32 {
+            KvReads::Rows(
+                chunks
+                    .iter()
+                    .map(|c| cache.rows(c.table, c.start + c.len))
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        } else {
+            KvReads::Views(
+                chunks
+                    .iter()
+                    .map(|c| cache.view(c.table, c.start + c.len))
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        };
         let kv = KvBatch {
             chunks,
-            views,
-            rows,
+            reads,
             lead,
             cache,
         };

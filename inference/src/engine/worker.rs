@@ -289,8 +289,8 @@ impl Worker {
     fn schedule(&mut self, admit: bool) -> Vec<Planned> {
         let mut budget = self.limits.max_step_tokens;
         let mut plan = Vec::new();
-        // Decodes first (the model computes leading single-token chunks exactly as alone),
-        // then prefill chunks, each oldest first.
+        // Decodes first (the model takes decode chunks before prompt chunks), then prefill
+        // chunks, each oldest first.
         for decoding in [true, false] {
             let mut i = 0;
             while i < self.running.len() && budget > 0 {
