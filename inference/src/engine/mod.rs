@@ -9,13 +9,16 @@
 
 mod attention;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
+pub mod gguf;
 mod kernel;
 pub mod loader;
 pub mod model;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;
+pub mod vocab;
 mod worker;
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The Qwen2 / Qwen2.5 / Qwen3 decoder, written so that one forward runs a ragged batch: many
+//! The Qwen2 / Qwen2.5 / Qwen3 / Llama decoder, written so that one forward runs a ragged batch: many
 //! sequences, each with its own number of new tokens at its own position. The tokens of all
 //! sequences are packed along one axis for the projections and the MLP (where batching pays);
 //! rotary embeddings take per-token positions; attention runs per sequence against that
@@ -222,10 +222,7 @@ impl Rotary {
     /// Tables of shape `[max_positions, head_dim / 2]`, computed in f32 the way transformers does.
     fn new(cfg: &Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
         let half = cfg.head_dim / 2;
-        let base = cfg.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv_freq = cfg.rope_scaling.inv_freq(cfg.rope_theta, cfg.head_dim);
         let positions = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
@@ -270,7 +267,7 @@ impl Attention {
                 Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?),
                 Some(candle_nn::rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?),
             ),
-            Arch::Qwen2 => (None, None),
+            Arch::Qwen2 | Arch::Llama => (None, None),
         };
         Ok(Self {
             q_proj: linear(cfg.hidden_size, h * d, bias, vb.pp("q_proj"), q)?,
