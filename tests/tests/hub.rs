@@ -26,14 +26,39 @@ async fn cached_models_resolve_offline_and_missing_ones_say_what_to_do() {
     unsafe_env(cache.path());
 
     let hub: HubModel = "tiny-org/tiny-qwen".parse().expect("ref");
-    let files = resolve_hub_model(&hub)
+    let files = resolve_hub_model(&hub, None)
         .await
         .expect("resolves from the cache without network");
-    assert_eq!(files.dir, snapshot);
+    assert_eq!(files.location(), snapshot);
     council_inference::Engine::load(&files, &hub.to_string(), Default::default()).expect("loads");
 
+    // One GGUF file of the repo, and only that file.
+    council_inference::tiny_gguf::write_gguf(
+        model.path(),
+        &snapshot.join("model-q8_0.gguf"),
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .expect("GGUF written");
+    let gguf = resolve_hub_model(&hub, Some("model-q8_0.gguf"))
+        .await
+        .expect("the GGUF file resolves from the cache");
+    assert_eq!(
+        gguf,
+        council_inference::engine::loader::ModelFiles::Gguf(snapshot.join("model-q8_0.gguf"))
+    );
+    council_inference::Engine::load(&gguf, "gguf", Default::default()).expect("GGUF loads");
+    for bad in ["../x.gguf", "/abs.gguf", "model.safetensors", ""] {
+        assert!(
+            matches!(
+                resolve_hub_model(&hub, Some(bad)).await,
+                Err(LoadError::InvalidConfig { .. })
+            ),
+            "{bad:?} should be refused"
+        );
+    }
+
     let missing: HubModel = "nobody/not-cached@main".parse().expect("ref");
-    let err = resolve_hub_model(&missing)
+    let err = resolve_hub_model(&missing, None)
         .await
         .expect_err("not cached, hub unreachable");
     let message = err.to_string();

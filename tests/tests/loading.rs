@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use council_inference::engine::loader::{self, ModelFiles};
+use council_inference::engine::loader::{self, HfFiles, ModelFiles};
 use council_inference::engine::sequence_logits;
 use council_inference::tiny::{TinyArch, TinyModelSpec};
 use council_inference::{Engine, EngineConfig, LoadError};
@@ -131,7 +131,7 @@ fn sharded_weights_load_to_the_same_model() {
         shard_bytes: Some(100_000),
         ..TinyModelSpec::new(TinyArch::Qwen3)
     });
-    let files = ModelFiles::from_dir(sharded.path()).expect("complete");
+    let files = HfFiles::from_dir(sharded.path()).expect("complete");
     assert!(
         files.weights.len() > 2,
         "expected several shards, got {:?}",

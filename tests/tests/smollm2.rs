@@ -79,7 +79,10 @@ struct GreedyCase {
 }
 
 fn fixture() -> Fixture {
-    let path = format!("{}/fixtures/parity/smollm2.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/fixtures/parity/smollm2.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).expect("smollm2 fixture present");
     serde_json::from_str(&text).expect("smollm2 fixture parses")
 }
@@ -121,9 +124,17 @@ fn tokenization_matches_transformers() {
         // `encode` keeps them as text (message text is data), which differs only when the text
         // spells a special token.
         let ours = t.encode_rendered(&case.text, &[]).expect("encodes");
-        assert_eq!(ours, case.smollm_ids, "markup tokenization of {:?}", case.text);
+        assert_eq!(
+            ours, case.smollm_ids,
+            "markup tokenization of {:?}",
+            case.text
+        );
         if case.ids != case.smollm_ids {
-            assert!(has_digits(&case.text), "{:?}: the references differ", case.text);
+            assert!(
+                has_digits(&case.text),
+                "{:?}: the references differ",
+                case.text
+            );
             differing += 1;
         }
         if !case.text.contains("<|im_start|>") && !case.text.contains("<|im_end|>") {
@@ -169,7 +180,11 @@ fn chat_template_renders_and_encodes_as_transformers() {
             t.encode_rendered(&text, &case.messages).expect("encodes")
         };
         assert_eq!(ids, case.smollm_ids, "chat ids of {:?}", case.messages);
-        let all_text = case.messages.iter().map(|m| m.content.as_str()).collect::<String>();
+        let all_text = case
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<String>();
         assert!(
             case.ids == case.smollm_ids || has_digits(&all_text),
             "the references differ on {:?}",
@@ -228,7 +243,12 @@ async fn greedy_continuations_match_transformers_for_48_tokens() {
         // Both keep the EOS they stopped on.
         assert_eq!(result.token_ids, case.ids, "{}: greedy tokens", case.name);
         if case.ids.len() < fixture.greedy.max_new_tokens {
-            assert_eq!(case.ids.last(), Some(&fixture.eos_token_id), "{}", case.name);
+            assert_eq!(
+                case.ids.last(),
+                Some(&fixture.eos_token_id),
+                "{}",
+                case.name
+            );
             assert_eq!(result.finish_reason, FinishReason::Eos, "{}", case.name);
         }
         assert_eq!(result.text.trim(), case.text.trim(), "{}: text", case.name);
@@ -247,7 +267,11 @@ async fn a_short_question_stops_on_eos_with_clean_text() {
     assert!(result.usage.completion_tokens < 64);
     assert_eq!(result.text, "The capital of France is Paris.");
     for marker in ["<|im_end|>", "<|im_start|>", "<|endoftext|>"] {
-        assert!(!result.text.contains(marker), "{marker} in {:?}", result.text);
+        assert!(
+            !result.text.contains(marker),
+            "{marker} in {:?}",
+            result.text
+        );
     }
 }
 
@@ -272,7 +296,8 @@ async fn batched_equals_unbatched_on_the_real_model() {
             } else {
                 Sampling::greedy()
             };
-            let mut r = GenerateRequest::chat(vec![ChatMessage::user(*q)], 24).with_sampling(sampling);
+            let mut r =
+                GenerateRequest::chat(vec![ChatMessage::user(*q)], 24).with_sampling(sampling);
             r.top_logprobs = Some(2);
             r
         })

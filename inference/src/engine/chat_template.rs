@@ -45,9 +45,12 @@ impl ChatTemplate {
             .map_err(|e| TemplateError(describe(&e)))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         // Templates that date their system prompt (Llama 3.1) call this; a fixed date keeps
         // prompts, and so prefix caching and replays, the same from one day to the next.
         env.add_function("strftime_now", |_format: String| -> Value {

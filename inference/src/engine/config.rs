@@ -439,7 +439,10 @@ mod tests {
             assert!(*s <= *p && *s >= *p / 8.0, "{s} outside [{}, {p}]", p / 8.0);
         }
         assert!(
-            scaled.iter().zip(&plain).any(|(s, p)| *s < *p && *s > *p / 8.0),
+            scaled
+                .iter()
+                .zip(&plain)
+                .any(|(s, p)| *s < *p && *s > *p / 8.0),
             "no frequency in the interpolated band: {scaled:?}"
         );
     }
@@ -460,9 +463,15 @@ mod tests {
         let mistral = LLAMA3
             .replace("\"llama\"", "\"mistral\"")
             .replace("\"mlp_bias\":false", "\"sliding_window\":4096");
-        assert!(matches!(parse(&mistral), Err(LoadError::Unsupported { .. })));
+        assert!(matches!(
+            parse(&mistral),
+            Err(LoadError::Unsupported { .. })
+        ));
         let mistral = mistral.replace("\"sliding_window\":4096", "\"sliding_window\":null");
-        assert_eq!(parse(&mistral).expect("windowless mistral").arch, Arch::Llama);
+        assert_eq!(
+            parse(&mistral).expect("windowless mistral").arch,
+            Arch::Llama
+        );
     }
 
     #[test]

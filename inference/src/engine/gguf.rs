@@ -76,7 +76,10 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
 /// The tensor types the engine loads.
 fn supported(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
-    matches!(dtype, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4K | Q5K | Q6K)
+    matches!(
+        dtype,
+        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4K | Q5K | Q6K
+    )
 }
 
 fn dtype_name(dtype: GgmlDType) -> String {
@@ -305,7 +308,11 @@ impl GgufFile {
             })
     }
 
-    fn read_tensor<R: Read + Seek>(&self, reader: &mut R, name: &str) -> Result<QTensor, LoadError> {
+    fn read_tensor<R: Read + Seek>(
+        &self,
+        reader: &mut R,
+        name: &str,
+    ) -> Result<QTensor, LoadError> {
         let info = self
             .content
             .tensor_infos
@@ -414,8 +421,9 @@ pub fn load(
             reason: format!("{quantization} runs on the CPU engine only (GPUs run bf16)"),
         });
     }
-    let quantizable: std::collections::BTreeSet<String> =
-        QwenModel::quantizable_weights(&config).into_iter().collect();
+    let quantizable: std::collections::BTreeSet<String> = QwenModel::quantizable_weights(&config)
+        .into_iter()
+        .collect();
     let mut infos: Vec<(&String, u64)> = gguf
         .content
         .tensor_infos
@@ -451,13 +459,14 @@ pub fn load(
             "kept as Q8_0"
         } else {
             let t = q.dequantize(&Device::Cpu).map_err(bad)?;
-            if kept
-                && let Some(q8) = quantize_weight(&hf, &t, quantization)?
-            {
+            if kept && let Some(q8) = quantize_weight(&hf, &t, quantization)? {
                 quantized.insert(hf, q8);
                 "requantized to Q8_0"
             } else {
-                let t = t.to_dtype(dtype).and_then(|t| t.to_device(device)).map_err(bad)?;
+                let t = t
+                    .to_dtype(dtype)
+                    .and_then(|t| t.to_device(device))
+                    .map_err(bad)?;
                 dense.insert(hf, t);
                 if q.dtype() == GgmlDType::F32 && dtype == DType::F32 {
                     "kept as F32"
@@ -504,16 +513,38 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output.weight", "lm_head.weight"),
             ("output_norm.weight", "model.norm.weight"),
-            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
-            ("blk.12.attn_k.bias", "model.layers.12.self_attn.k_proj.bias"),
-            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight"),
-            ("blk.3.attn_k_norm.weight", "model.layers.3.self_attn.k_norm.weight"),
-            ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight"),
-            ("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
+            (
+                "blk.0.attn_q.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.12.attn_k.bias",
+                "model.layers.12.self_attn.k_proj.bias",
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.3.attn_k_norm.weight",
+                "model.layers.3.self_attn.k_norm.weight",
+            ),
+            (
+                "blk.29.ffn_down.weight",
+                "model.layers.29.mlp.down_proj.weight",
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
         ] {
             assert_eq!(checkpoint_name(gguf).as_deref(), Some(hf), "{gguf}");
         }
-        for other in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.0.ffn_gate_exps.weight"] {
+        for other in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.0.ffn_gate_exps.weight",
+        ] {
             assert_eq!(checkpoint_name(other), None, "{other}");
         }
     }
@@ -540,8 +571,11 @@ mod tests {
         for dtype in [GgmlDType::F32, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&t, dtype)?;
             let back = unpermute_rows(&q, heads)?.dequantize(&Device::Cpu)?;
-            let want = QTensor::quantize(&Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu)?, dtype)?
-                .dequantize(&Device::Cpu)?;
+            let want = QTensor::quantize(
+                &Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu)?,
+                dtype,
+            )?
+            .dequantize(&Device::Cpu)?;
             assert_eq!(
                 back.flatten_all()?.to_vec1::<f32>()?,
                 want.flatten_all()?.to_vec1::<f32>()?,

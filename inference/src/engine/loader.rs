@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, token_id_list};
-use super::model::{QuantizedWeights, QwenModel};
 use super::gguf::{GgufFile, is_gguf};
+use super::model::{QuantizedWeights, QwenModel};
 use super::quant::{Quantization, quantize_weight};
 use super::tokenizer::{ChatTokenizer, TemplateSource};
 use crate::error::LoadError;
@@ -114,8 +114,7 @@ impl ModelFiles {
         if !is_gguf(path) {
             return Err(LoadError::Malformed {
                 path: path.to_owned(),
-                reason: "a model file must be a .gguf file (or give the model's directory)"
-                    .into(),
+                reason: "a model file must be a .gguf file (or give the model's directory)".into(),
             });
         }
         Ok(Self::Gguf(path.to_owned()))
@@ -272,10 +271,12 @@ fn hf_template(
     tokenizer_config: Option<&serde_json::Value>,
 ) -> Result<TemplateSource, LoadError> {
     let template = match &files.chat_template {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-            path: path.clone(),
-            source,
-        })?),
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?,
+        ),
         None => match tokenizer_config.and_then(|c| c.get("chat_template")) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(serde_json::Value::Array(named)) => named
@@ -528,7 +529,10 @@ pub async fn resolve_hub_model(
     gguf_file: Option<&str>,
 ) -> Result<ModelFiles, LoadError> {
     if let Some(file) = gguf_file
-        && (file.is_empty() || file.starts_with('/') || file.split('/').any(|p| p == "..") || !is_gguf(Path::new(file)))
+        && (file.is_empty()
+            || file.starts_with('/')
+            || file.split('/').any(|p| p == "..")
+            || !is_gguf(Path::new(file)))
     {
         return Err(LoadError::InvalidConfig {
             field: "gguf_file",
@@ -557,14 +561,16 @@ pub async fn resolve_hub_model(
             });
         }
     }
-    fetch_all(&repo, model, gguf_file, false).await.map_err(|e| match e {
-        FetchError::Load(e) => e,
-        FetchError::Hub(reason) => LoadError::HubUnavailable {
-            repo: repo_name,
-            cache,
-            reason,
-        },
-    })
+    fetch_all(&repo, model, gguf_file, false)
+        .await
+        .map_err(|e| match e {
+            FetchError::Load(e) => e,
+            FetchError::Hub(reason) => LoadError::HubUnavailable {
+                repo: repo_name,
+                cache,
+                reason,
+            },
+        })
 }
 
 enum FetchError {

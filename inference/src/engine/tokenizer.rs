@@ -187,12 +187,12 @@ impl ChatTokenizer {
     ) -> Result<Vec<u32>, InferenceError> {
         match &*self.template {
             Template::Jinja(template) => {
-                let text = template
-                    .render(messages, true, thinking)
-                    .map_err(|e| InferenceError::InvalidRequest {
+                let text = template.render(messages, true, thinking).map_err(|e| {
+                    InferenceError::InvalidRequest {
                         field: "messages",
                         reason: e.to_string(),
-                    })?;
+                    }
+                })?;
                 self.encode_rendered(&text, messages)
             }
             Template::ChatMl { im_start, im_end } => {
@@ -209,12 +209,13 @@ impl ChatTokenizer {
         thinking: bool,
     ) -> Option<Result<String, InferenceError>> {
         match &*self.template {
-            Template::Jinja(t) => Some(t.render(messages, add_generation_prompt, thinking).map_err(
-                |e| InferenceError::InvalidRequest {
-                    field: "messages",
-                    reason: e.to_string(),
-                },
-            )),
+            Template::Jinja(t) => Some(
+                t.render(messages, add_generation_prompt, thinking)
+                    .map_err(|e| InferenceError::InvalidRequest {
+                        field: "messages",
+                        reason: e.to_string(),
+                    }),
+            ),
             Template::ChatMl { .. } => None,
         }
     }

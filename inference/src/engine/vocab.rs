@@ -10,10 +10,10 @@
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::config::Config;
@@ -22,8 +22,7 @@ use super::tokenizer::{ChatTokenizer, TemplateSource};
 use crate::error::LoadError;
 
 /// GPT-2's split: contractions, letter runs, digit runs, punctuation runs, whitespace.
-const GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Qwen2's: case-insensitive contractions, a letter run with one leading non-letter, single
 /// digits, punctuation with trailing newlines, newline runs, whitespace.
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -176,9 +175,7 @@ pub fn tokenizer(gguf: &GgufFile) -> Result<Tokenizer, LoadError> {
 pub fn chat_tokenizer(gguf: &GgufFile, config: &Config) -> Result<ChatTokenizer, LoadError> {
     let inner = tokenizer(gguf)?;
     let token = |key: &str| -> Result<Option<String>, LoadError> {
-        Ok(gguf
-            .uint(key)?
-            .and_then(|id| inner.id_to_token(id as u32)))
+        Ok(gguf.uint(key)?.and_then(|id| inner.id_to_token(id as u32)))
     };
     let source = TemplateSource {
         template: gguf.string("tokenizer.chat_template").map(str::to_owned),
