@@ -78,10 +78,10 @@ fn malformed_files_are_typed_errors() {
 fn unknown_model_type_is_refused() {
     let dir = tiny_model(TinyArch::Qwen2);
     edit_json(&dir.path().join("config.json"), |c| {
-        c["model_type"] = "llama".into()
+        c["model_type"] = "gpt_neox".into()
     });
-    match expect_err(dir.path(), "llama") {
-        LoadError::UnsupportedModelType { model_type, .. } => assert_eq!(model_type, "llama"),
+    match expect_err(dir.path(), "gpt_neox") {
+        LoadError::UnsupportedModelType { model_type, .. } => assert_eq!(model_type, "gpt_neox"),
         other => panic!("expected UnsupportedModelType, got {other:?}"),
     }
 }
