@@ -63,6 +63,21 @@ pub enum LoadError {
     },
 }
 
+impl LoadError {
+    /// A failed read of a model file: `MissingFile` when it is not there, else `Io`.
+    pub fn reading(path: &std::path::Path, source: std::io::Error) -> Self {
+        match source.kind() {
+            std::io::ErrorKind::NotFound => LoadError::MissingFile {
+                path: path.to_owned(),
+            },
+            _ => LoadError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {

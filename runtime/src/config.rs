@@ -277,12 +277,8 @@ impl RawConfig {
                     "names a GGUF file of a hub model.repo; set model.repo to ORG/NAME",
                 ));
             }
-            if !file.ends_with(".gguf") || file.contains("..") || file.starts_with('/') {
-                return Err(err(
-                    "model.gguf_file",
-                    format!("{file:?} is not a .gguf file name inside the repo"),
-                ));
-            }
+            council_inference::engine::loader::check_repo_gguf_name(file)
+                .map_err(|e| err("model.gguf_file", e))?;
         }
         let max_batch = positive("model.max_batch", m.max_batch.unwrap_or(8))?;
         let max_seq_len = positive("model.max_seq_len", m.max_seq_len.unwrap_or(4096))?;
@@ -1074,6 +1070,17 @@ mod tests {
                 "model.quantize",
             ),
             ("[model]\nvllm_urls = [\"ftp://x\"]", "model.vllm_urls"),
+            (
+                "[model]\nrepo = \"a/b\"\ngguf_file = \"../x.gguf\"",
+                "model.gguf_file",
+            ),
+            (
+                "[model]\nrepo = \"a/b\"\ngguf_file = \"x.bin\"",
+                "model.gguf_file",
+            ),
+            // The default model is one pinned file already.
+            ("[model]\ngguf_file = \"x.gguf\"", "model.gguf_file"),
+            ("[model]\nrepo = \"pypi:nothing==1\"", "model.repo"),
             (
                 "[model]\ndir = \"/m\"\nvllm_urls = [\"http://x:8000\"]",
                 "model.vllm_urls",

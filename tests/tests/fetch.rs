@@ -43,6 +43,15 @@ async fn downloads_verifies_and_extracts_then_serves_from_the_cache_offline() {
         "the documented layout"
     );
     assert_eq!(path, pin.cache_path(cache.path()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o644,
+            "readable like any cache file: {mode:o}"
+        );
+    }
     assert_eq!(std::fs::read(&path).expect("extracted file"), model);
     assert_eq!(
         entries(&folder(&pin, cache.path())),

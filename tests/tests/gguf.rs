@@ -41,21 +41,30 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The model in `dir` loaded from its safetensors (held as `hf_weights` says) and from a GGUF
+/// of it in `dtype` (loaded as written).
+fn both(dir: &Path, hf_weights: Quantization, dtype: GgmlDType) -> (LoadedModel, LoadedModel) {
+    let hf = load(&ModelFiles::from_dir(dir).expect("hf"), hf_weights).expect("hf loads");
+    let path = gguf_of(dir, dtype);
+    let gguf = load(
+        &ModelFiles::from_path(&path).expect("gguf"),
+        Quantization::None,
+    )
+    .expect("gguf loads");
+    (hf, gguf)
+}
+
+/// How far the two may differ: nothing, but for Llama, whose scaled RoPE a GGUF stores as
+/// per-frequency divisors (rounded once more).
+fn rope_bound(arch: TinyArch) -> f32 {
+    if arch == TinyArch::Llama { 1e-4 } else { 0.0 }
+}
+
 #[test]
 fn f32_gguf_is_the_same_model_as_its_safetensors() {
     for arch in ARCHS {
         let dir = tiny_model(arch);
-        let hf = load(
-            &ModelFiles::from_dir(dir.path()).expect("hf"),
-            Quantization::None,
-        )
-        .expect("hf loads");
-        let path = gguf_of(dir.path(), GgmlDType::F32);
-        let gguf = load(
-            &ModelFiles::from_path(&path).expect("gguf"),
-            Quantization::None,
-        )
-        .expect("gguf loads");
+        let (hf, gguf) = both(dir.path(), Quantization::None, GgmlDType::F32);
         assert_eq!(hf.model.config().arch, gguf.model.config().arch);
         for text in TEXTS {
             let ids = hf.tokenizer.encode(text).expect("encodes");
@@ -69,9 +78,10 @@ fn f32_gguf_is_the_same_model_as_its_safetensors() {
                 sequence_logits(&gguf.model, &ids).expect("forward"),
             );
             let diff = max_diff(&a, &b);
-            // Same weights, same code; only Llama's scaled RoPE is stored as divisors in GGUF.
-            let bound = if arch == TinyArch::Llama { 1e-4 } else { 0.0 };
-            assert!(diff <= bound, "{arch:?}: max |Δlogit| {diff} on {text:?}");
+            assert!(
+                diff <= rope_bound(arch),
+                "{arch:?}: max |Δlogit| {diff} on {text:?}"
+            );
         }
         let chat = vec![
             ChatMessage::system("You review."),
@@ -97,17 +107,7 @@ fn f32_gguf_is_the_same_model_as_its_safetensors() {
 fn q8_0_gguf_stays_q8_0_and_equals_quantizing_the_safetensors() {
     for arch in ARCHS {
         let dir = tiny_model(arch);
-        let hf = load(
-            &ModelFiles::from_dir(dir.path()).expect("hf"),
-            Quantization::Q8_0,
-        )
-        .expect("hf loads quantized");
-        let path = gguf_of(dir.path(), GgmlDType::Q8_0);
-        let gguf = load(
-            &ModelFiles::from_path(&path).expect("gguf"),
-            Quantization::None,
-        )
-        .expect("gguf loads");
+        let (hf, gguf) = both(dir.path(), Quantization::Q8_0, GgmlDType::Q8_0);
         assert_eq!(
             gguf.model.weight_bytes(),
             hf.model.weight_bytes(),
@@ -118,8 +118,8 @@ fn q8_0_gguf_stays_q8_0_and_equals_quantizing_the_safetensors() {
             sequence_logits(&hf.model, &ids).expect("forward"),
             sequence_logits(&gguf.model, &ids).expect("forward"),
         );
-        let bound = if arch == TinyArch::Llama { 1e-4 } else { 0.0 };
-        assert!(max_diff(&a, &b) <= bound, "{arch:?}: {}", max_diff(&a, &b));
+        let diff = max_diff(&a, &b);
+        assert!(diff <= rope_bound(arch), "{arch:?}: max |Δlogit| {diff}");
     }
 }
 

@@ -6,6 +6,7 @@
 
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 
+use crate::error::error_chain;
 use crate::request::ChatMessage;
 
 const NAME: &str = "chat_template";
@@ -23,17 +24,6 @@ pub struct ChatTemplate {
 #[error("chat template: {0}")]
 pub struct TemplateError(String);
 
-fn describe(e: &Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 impl ChatTemplate {
     /// Compiles `source`; `bos_token` / `eos_token` are the strings the template may insert.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
@@ -42,7 +32,7 @@ impl ChatTemplate {
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(|e| TemplateError(describe(&e)))?;
+            .map_err(|e| TemplateError(error_chain(&e)))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -57,7 +47,7 @@ impl ChatTemplate {
             Value::from("26 Jul 2024")
         });
         env.add_template_owned(NAME, source.to_owned())
-            .map_err(|e| TemplateError(describe(&e)))?;
+            .map_err(|e| TemplateError(error_chain(&e)))?;
         Ok(Self {
             env,
             bos_token: bos_token.to_owned(),
@@ -79,7 +69,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(NAME)
-            .map_err(|e| TemplateError(describe(&e)))?;
+            .map_err(|e| TemplateError(error_chain(&e)))?;
         template
             .render(context! {
                 messages => messages,
@@ -89,7 +79,7 @@ impl ChatTemplate {
                 eos_token => self.eos_token.as_str(),
                 tools => Value::from(()),
             })
-            .map_err(|e| TemplateError(describe(&e)))
+            .map_err(|e| TemplateError(error_chain(&e)))
     }
 }
 

@@ -151,15 +151,7 @@ pub(crate) fn token_id_list(value: Option<&serde_json::Value>) -> Vec<u32> {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => LoadError::MissingFile {
-                path: path.to_owned(),
-            },
-            _ => LoadError::Io {
-                path: path.to_owned(),
-                source: e,
-            },
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::reading(path, e))?;
         Self::from_json(&text, path)
     }
 

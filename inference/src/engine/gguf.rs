@@ -98,15 +98,7 @@ fn dtype_name(dtype: GgmlDType) -> String {
 impl GgufFile {
     /// Reads the header of the GGUF file at `path`.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => LoadError::MissingFile {
-                path: path.to_owned(),
-            },
-            _ => LoadError::Io {
-                path: path.to_owned(),
-                source: e,
-            },
-        })?;
+        let file = std::fs::File::open(path).map_err(|e| LoadError::reading(path, e))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             // candle may append a backtrace: the first line is the message.
@@ -330,40 +322,58 @@ impl GgufFile {
     }
 }
 
+/// Whole-model tensors: GGUF name, checkpoint name.
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A decoder layer's modules: GGUF name (`blk.N.{name}.weight`), checkpoint name
+/// (`model.layers.N.{name}.weight`).
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// The checkpoint name of a GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.
 /// self_attn.q_proj.weight`); `None` for tensors the model does not take.
-fn checkpoint_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_owned());
+pub fn checkpoint_name(gguf: &str) -> Option<String> {
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some((*hf).to_owned());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, suffix) = rest.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, module) = LAYER_MODULES.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// The GGUF name of a checkpoint tensor: the inverse of [`checkpoint_name`].
+pub fn gguf_name(checkpoint: &str) -> Option<String> {
+    if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, hf)| *hf == checkpoint) {
+        return Some((*g).to_owned());
+    }
+    let (layer, rest) = checkpoint.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let (part, _) = LAYER_MODULES.iter().find(|(_, hf)| *hf == module)?;
+    Some(format!("blk.{layer}.{part}.{suffix}"))
 }
 
 /// Puts the rows of a Llama `attn_q` / `attn_k` tensor back in Hugging Face order: llama.cpp's
@@ -539,6 +549,7 @@ mod tests {
             ),
         ] {
             assert_eq!(checkpoint_name(gguf).as_deref(), Some(hf), "{gguf}");
+            assert_eq!(gguf_name(hf).as_deref(), Some(gguf), "{hf}");
         }
         for other in [
             "rope_freqs.weight",

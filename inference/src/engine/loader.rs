@@ -521,6 +521,18 @@ fn hub_offline() -> bool {
         .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
 }
 
+/// Checks that `file` names a `.gguf` file inside a hub repo (relative, no `..`).
+pub fn check_repo_gguf_name(file: &str) -> Result<(), String> {
+    if file.is_empty()
+        || file.starts_with('/')
+        || file.split('/').any(|p| p == "..")
+        || !is_gguf(Path::new(file))
+    {
+        return Err(format!("{file:?} is not a .gguf file name inside the repo"));
+    }
+    Ok(())
+}
+
 /// Resolves a hub model to a local snapshot directory: from the cache when every file is
 /// there (no network), else by downloading into the cache. With `HF_HUB_OFFLINE=1` the
 /// network is never used. With `gguf_file`, only that GGUF file of the repo is fetched.
@@ -528,16 +540,11 @@ pub async fn resolve_hub_model(
     model: &HubModel,
     gguf_file: Option<&str>,
 ) -> Result<ModelFiles, LoadError> {
-    if let Some(file) = gguf_file
-        && (file.is_empty()
-            || file.starts_with('/')
-            || file.split('/').any(|p| p == "..")
-            || !is_gguf(Path::new(file)))
-    {
-        return Err(LoadError::InvalidConfig {
+    if let Some(file) = gguf_file {
+        check_repo_gguf_name(file).map_err(|reason| LoadError::InvalidConfig {
             field: "gguf_file",
-            reason: format!("{file:?} is not a .gguf file name inside the repo"),
-        });
+            reason,
+        })?;
     }
     let cache = hub_cache_dir();
     let repo_name = model.to_string();

@@ -187,12 +187,7 @@ impl ChatTokenizer {
     ) -> Result<Vec<u32>, InferenceError> {
         match &*self.template {
             Template::Jinja(template) => {
-                let text = template.render(messages, true, thinking).map_err(|e| {
-                    InferenceError::InvalidRequest {
-                        field: "messages",
-                        reason: e.to_string(),
-                    }
-                })?;
+                let text = render(template, messages, true, thinking)?;
                 self.encode_rendered(&text, messages)
             }
             Template::ChatMl { im_start, im_end } => {
@@ -209,13 +204,7 @@ impl ChatTokenizer {
         thinking: bool,
     ) -> Option<Result<String, InferenceError>> {
         match &*self.template {
-            Template::Jinja(t) => Some(
-                t.render(messages, add_generation_prompt, thinking)
-                    .map_err(|e| InferenceError::InvalidRequest {
-                        field: "messages",
-                        reason: e.to_string(),
-                    }),
-            ),
+            Template::Jinja(t) => Some(render(t, messages, add_generation_prompt, thinking)),
             Template::ChatMl { .. } => None,
         }
     }
@@ -292,6 +281,22 @@ impl ChatTokenizer {
             .map_err(|e| InferenceError::Tokenizer(e.to_string()))?;
         Ok(strip_think(&text))
     }
+}
+
+/// The template's text for `messages`; a template that refuses them (`raise_exception`) is the
+/// request's fault.
+fn render(
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    thinking: bool,
+) -> Result<String, InferenceError> {
+    template
+        .render(messages, add_generation_prompt, thinking)
+        .map_err(|e| InferenceError::InvalidRequest {
+            field: "messages",
+            reason: e.to_string(),
+        })
 }
 
 /// Removes `<think>…</think>` blocks (and an unterminated trailing one) and the whitespace that
