@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::deliberation::{Completion, Deliberation, LlmCall, Reply, Step, StepError};
+use crate::deliberation::{CallError, Completion, Deliberation, LlmCall, Reply, Step, StepError};
 use crate::rng::hash_str;
 use crate::spec::{CouncilSpec, DeliberationConfig, Task};
 
@@ -18,6 +18,9 @@ pub struct ReplyDto {
     pub completion_tokens: u64,
     pub choice_logprobs: Option<Vec<f64>>,
     pub error: Option<String>,
+    /// The error would come again (absent in older checkpoints: transient).
+    #[serde(default)]
+    pub error_permanent: bool,
 }
 
 /// Everything needed to resume a deliberation, given the same council, task, config and seed.
@@ -66,6 +69,7 @@ impl From<&Reply> for ReplyDto {
                 completion_tokens: c.completion_tokens,
                 choice_logprobs: c.choice_logprobs.clone(),
                 error: None,
+                error_permanent: false,
             },
             Err(e) => ReplyDto {
                 call: r.call,
@@ -73,7 +77,8 @@ impl From<&Reply> for ReplyDto {
                 prompt_tokens: 0,
                 completion_tokens: 0,
                 choice_logprobs: None,
-                error: Some(e.clone()),
+                error: Some(e.message.clone()),
+                error_permanent: !e.transient,
             },
         }
     }
@@ -82,7 +87,10 @@ impl From<&Reply> for ReplyDto {
 impl From<&ReplyDto> for Reply {
     fn from(d: &ReplyDto) -> Self {
         let result = match (&d.error, &d.text) {
-            (Some(e), _) => Err(e.clone()),
+            (Some(e), _) => Err(CallError {
+                message: e.clone(),
+                transient: !d.error_permanent,
+            }),
             (None, text) => Ok(Completion {
                 text: text.clone().unwrap_or_default(),
                 prompt_tokens: d.prompt_tokens,

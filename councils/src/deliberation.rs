@@ -62,7 +62,45 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub call: u64,
-    pub result: Result<Completion, String>,
+    pub result: Result<Completion, CallError>,
+}
+
+/// Why a call got no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub message: String,
+    /// Another try may succeed (overload, a server down); `false` when the same call would
+    /// fail the same way (e.g. a prompt longer than the context window).
+    pub transient: bool,
+}
+
+impl CallError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A bare message is a transient error: retrying is the safe default.
+impl From<&str> for CallError {
+    fn from(message: &str) -> Self {
+        Self::transient(message)
+    }
 }
 
 /// What to do next.
@@ -295,7 +333,10 @@ impl Deliberation {
             }
             Err(e) => {
                 self.usage.failed_calls += 1;
-                (None, Err(e.clone()))
+                if matches!(p.meta, CallMeta::Score { .. } | CallMeta::Choice { .. }) {
+                    self.usage.failed_judgements += 1;
+                }
+                (None, Err(e.message.clone()))
             }
         };
         let (prompt_tokens, completion_tokens) =
@@ -320,11 +361,11 @@ impl Deliberation {
             ok: usable.is_some(),
         });
         let Some(c) = usable else {
-            let reason = match reply.result {
-                Err(e) => e,
-                Ok(_) => "empty reply".to_owned(),
+            let (reason, backend) = match reply.result {
+                Err(e) => (e.message, e.transient),
+                Ok(_) => ("empty reply".to_owned(), false),
             };
-            self.fail_agent(p.agent, p.phase, p.round, reason, &p.meta);
+            self.fail_agent(p.agent, p.phase, p.round, reason, backend, &p.meta);
             return;
         };
         let a = p.agent;
@@ -408,6 +449,7 @@ impl Deliberation {
         phase: Phase,
         round: u32,
         reason: String,
+        backend: bool,
         meta: &CallMeta,
     ) {
         // A judge that fails only loses its vote; its own proposal is finished and still ranks.
@@ -421,6 +463,7 @@ impl Deliberation {
                 phase,
                 round,
                 reason,
+                backend,
             });
         }
     }

@@ -18,7 +18,7 @@ pub mod sanitize;
 pub mod spec;
 
 pub use deliberation::{
-    CallKind, CallSampling, Completion, Deliberation, LlmCall, Reply, Step, StepError,
+    CallError, CallKind, CallSampling, Completion, Deliberation, LlmCall, Reply, Step, StepError,
 };
 pub use ids::{AgentId, CouncilId, TaskId};
 pub use outcome::{Outcome, OutcomeStatus, Phase, Progress, StopReason};

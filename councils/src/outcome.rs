@@ -49,6 +49,9 @@ pub enum StopReason {
 pub struct Usage {
     pub calls: u64,
     pub failed_calls: u64,
+    /// Of `failed_calls`, the judging calls (scores, rankings, choices): their votes are
+    /// missing from the scores, never guessed.
+    pub failed_judgements: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
 }
@@ -97,6 +100,10 @@ pub struct FailedAgent {
     pub phase: Phase,
     pub round: u32,
     pub reason: String,
+    /// The backend failed the call with a transient error (overload, a server down): another
+    /// try may succeed where this one did not. A deliberation is deterministic for its task,
+    /// so an empty or unusable reply, or a permanent error, would come again.
+    pub backend: bool,
 }
 
 /// One call as it happened.

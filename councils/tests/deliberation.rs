@@ -7,7 +7,7 @@ use council_councils::personas::council_of;
 use council_councils::prompts::MessageRole;
 use council_councils::spec::{DeliberationConfig, Quorum, Visibility};
 use council_councils::{
-    Completion, CouncilSpec, Deliberation, LlmCall, Reply, Role, Step, Task, TaskId,
+    CallError, Completion, CouncilSpec, Deliberation, LlmCall, Reply, Role, Step, Task, TaskId,
 };
 
 type Script = dyn Fn(&LlmCall) -> Result<String, String>;
@@ -37,12 +37,14 @@ fn reply(call: &LlmCall, script: &Script) -> Reply {
         .sum();
     Reply {
         call: call.id,
-        result: script(call).map(|text| Completion {
-            completion_tokens: text.len() as u64 / 4 + 1,
-            text,
-            prompt_tokens,
-            choice_logprobs: None,
-        }),
+        result: script(call)
+            .map(|text| Completion {
+                completion_tokens: text.len() as u64 / 4 + 1,
+                text,
+                prompt_tokens,
+                choice_logprobs: None,
+            })
+            .map_err(CallError::transient),
     }
 }
 

@@ -20,7 +20,24 @@ pub type ScoreFuture = Pin<Box<dyn Future<Output = Result<ScoreResult, Inference
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
     Ready,
-    Unavailable { reason: String },
+    /// Cannot take work now; may recover (a remote server down, a breaker open).
+    Unavailable {
+        reason: String,
+    },
+    /// Will never take work again (the engine thread ended): the process must be restarted.
+    Stopped {
+        reason: String,
+    },
+}
+
+impl Health {
+    /// Why it cannot take work, if it cannot.
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            Health::Ready => None,
+            Health::Unavailable { reason } | Health::Stopped { reason } => Some(reason),
+        }
+    }
 }
 
 /// What model a backend serves.

@@ -116,6 +116,31 @@ pub enum InferenceError {
     Protocol { endpoint: String, reason: String },
 }
 
+impl InferenceError {
+    /// Whether the same request may succeed on another try (later, or on another replica):
+    /// overload, an unreachable or failing server, a timeout, a stopped engine. A prompt that
+    /// does not fit, an invalid request or a model that cannot run it fail the same way again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            InferenceError::Overloaded { .. }
+            | InferenceError::Cancelled
+            | InferenceError::EngineStopped
+            | InferenceError::Unavailable { .. }
+            | InferenceError::Timeout { .. }
+            | InferenceError::Protocol { .. } => true,
+            InferenceError::Upstream { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 429
+            }
+            InferenceError::PromptTooLong { .. }
+            | InferenceError::InvalidRequest { .. }
+            | InferenceError::Load(_)
+            | InferenceError::Model(_)
+            | InferenceError::Tokenizer(_)
+            | InferenceError::ConstraintViolated { .. } => false,
+        }
+    }
+}
+
 /// An error and all its sources ("error sending request: connection refused"): the top level
 /// alone often hides the cause.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

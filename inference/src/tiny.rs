@@ -57,6 +57,9 @@ pub enum TinyShape {
     Tiny,
     /// The dimensions of Qwen2.5-0.5B (qwen2 arch) or Qwen3-0.6B (qwen3 arch), for benchmarks.
     Small,
+    /// Tiny, but every weight matrix has rows of a multiple of 256 columns, so that k-quants
+    /// (Q4_K, Q5_K, Q6_K: blocks of 256) can hold them all.
+    Wide,
 }
 
 impl std::str::FromStr for TinyShape {
@@ -65,8 +68,10 @@ impl std::str::FromStr for TinyShape {
         match s {
             "tiny" => Ok(Self::Tiny),
             "small" | "qwen2.5-0.5b" | "qwen3-0.6b" => Ok(Self::Small),
+            "wide" => Ok(Self::Wide),
             other => Err(format!(
-                "unknown shape {other:?} (tiny, or small = Qwen2.5-0.5B / Qwen3-0.6B dimensions)"
+                "unknown shape {other:?} (tiny, wide = tiny with rows of 256 columns, or small = \
+                 Qwen2.5-0.5B / Qwen3-0.6B dimensions)"
             )),
         }
     }
@@ -180,6 +185,25 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             max_positions: 8192,
             rope_theta: 500_000.0,
             tied: true,
+        },
+        (TinyShape::Wide, arch) => Dims {
+            vocab: spec
+                .padded_vocab
+                .unwrap_or(tokenizer_vocab)
+                .max(tokenizer_vocab),
+            hidden: 256,
+            intermediate: 512,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            max_positions: 8192,
+            rope_theta: if arch == TinyArch::Qwen2 {
+                10_000.0
+            } else {
+                500_000.0
+            },
+            tied: arch != TinyArch::Qwen3,
         },
         // SmolLM2-135M's dimensions.
         (TinyShape::Small, TinyArch::Llama) => Dims {

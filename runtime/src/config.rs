@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch::DispatchConfig;
 use crate::dispatch::setup::covers;
-use crate::model_source::{DEFAULT_MODEL, ModelArgs};
+use crate::model_source::{DEFAULT_MAX_PENDING, DEFAULT_MODEL, ModelArgs};
 use crate::nats::{NatsAuth, NatsConfig, NatsTls, Secret};
 use crate::service::{Limits, Tls};
 
@@ -65,6 +65,8 @@ pub struct RawModel {
     pub kv_cache: Option<String>,
     /// Tokens one engine step computes at most.
     pub max_step_tokens: Option<usize>,
+    /// Requests the engine holds (running and queued) before it refuses more.
+    pub max_pending: Option<usize>,
     /// Share the KV of common prompt prefixes between requests (default true).
     pub prefix_cache: Option<bool>,
     /// Weights of the linear layers: "none" (default) or "q8_0" (CPU only).
@@ -183,6 +185,7 @@ impl RawConfig {
             max_seq_len,
             kv_cache,
             max_step_tokens,
+            max_pending,
             prefix_cache,
             quantize,
             vllm_urls,
@@ -291,6 +294,10 @@ impl RawConfig {
                 format!("must be at least model.max_batch ({max_batch})"),
             ));
         }
+        let max_pending = positive(
+            "model.max_pending",
+            m.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
+        )?;
         let quantize =
             council_inference::Quantization::parse(m.quantize.as_deref().unwrap_or("none"))
                 .map_err(|e| err("model.quantize", e))?;
@@ -318,6 +325,7 @@ impl RawConfig {
             max_seq_len,
             kv_cache,
             max_step_tokens,
+            max_pending,
             no_prefix_cache: !m.prefix_cache.unwrap_or(true),
             quantize,
             vllm,
@@ -928,6 +936,7 @@ impl ServeConfig {
                 "max_seq_len": self.model.max_seq_len,
                 "kv_cache": format!("{:?}", self.model.kv_cache),
                 "max_step_tokens": self.model.max_step_tokens,
+                "max_pending": self.model.max_pending,
                 "prefix_cache": !self.model.no_prefix_cache,
                 "quantize": self.model.quantize.as_str(),
                 "vllm_urls": self.model.vllm.urls,

@@ -164,6 +164,7 @@ pub fn outcome_json(o: &Outcome) -> serde_json::Value {
         "usage": {
             "calls": o.usage.calls,
             "failed_calls": o.usage.failed_calls,
+            "failed_judgements": o.usage.failed_judgements,
             "prompt_tokens": o.usage.prompt_tokens,
             "completion_tokens": o.usage.completion_tokens,
         },

@@ -1,12 +1,12 @@
 //! Runs deliberations against a `Backend`: every call of a phase is submitted at once, so the
 //! engine batches them (and the calls of every other deliberation running at the same time).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use council_councils::prompts::{Message, MessageRole};
 use council_councils::{
-    AgentId, CallKind, CallSampling, Completion, Deliberation, LlmCall, Outcome, Phase, Reply,
-    Step, StepError,
+    AgentId, CallError, CallKind, CallSampling, Completion, Deliberation, LlmCall, Outcome, Phase,
+    Reply, Step, StepError,
 };
 use council_inference::{
     Backend, ChatMessage, GenerateRequest, Prompt, Sampling, ScoreRequest, ScoreResult,
@@ -88,9 +88,45 @@ pub enum Event {
     },
 }
 
-/// Answers every call of one phase concurrently, reporting each as it comes back. Dropping the
-/// returned future aborts the tasks, which drops their backend futures and so cancels the
-/// requests.
+/// What one submitted call came back with.
+enum Answer {
+    Done(Reply),
+    /// The backend's queue was full: the call waits for room and goes again.
+    Refused(u64),
+}
+
+/// Submits `call` and spawns the wait for its reply.
+fn submit(backend: &dyn Backend, call: &LlmCall, tasks: &mut tokio::task::JoinSet<Answer>) {
+    let id = call.id;
+    let settle = move |result: Result<Completion, council_inference::InferenceError>| match result {
+        Err(council_inference::InferenceError::Overloaded { .. }) => Answer::Refused(id),
+        result => Answer::Done(Reply {
+            call: id,
+            result: result.map_err(call_error),
+        }),
+    };
+    match &call.kind {
+        CallKind::Generate => {
+            let future = backend.generate(request(call));
+            tasks.spawn(async move { settle(future.await.map(completion)) });
+        }
+        CallKind::ScoreChoices { choices } => {
+            let prompt = Prompt::Chat(chat_messages(&call.messages));
+            let future = backend.score(ScoreRequest::new(prompt, choices.clone()));
+            tasks.spawn(async move { settle(future.await.map(scored)) });
+        }
+    }
+}
+
+/// How long a refused call waits before it is submitted again when no other call of its phase
+/// came back meanwhile.
+const REFUSED_WAIT: Duration = Duration::from_millis(50);
+
+/// Answers every call of one phase concurrently, reporting each as it comes back. A phase
+/// larger than the backend's queue does not fail: a call the backend refuses for lack of room
+/// waits until another call comes back (or a moment passes) and is submitted again, so a large
+/// council loses no judgement to admission. Dropping the returned future aborts the tasks,
+/// which drops their backend futures and so cancels the requests.
 async fn answer_all(
     backend: &dyn Backend,
     calls: Vec<LlmCall>,
@@ -99,48 +135,53 @@ async fn answer_all(
     let mut tasks = tokio::task::JoinSet::new();
     let mut replies = Vec::with_capacity(calls.len());
     let mut callers = std::collections::HashMap::new();
+    let mut waiting: std::collections::VecDeque<LlmCall> = std::collections::VecDeque::new();
+    let mut by_id = std::collections::HashMap::new();
     for call in calls {
         callers.insert(call.id, (call.agent.clone(), call.phase, call.round));
-        match call.kind {
-            CallKind::Generate => {
-                let future = backend.generate(request(&call));
-                tasks.spawn(async move {
-                    Reply {
-                        call: call.id,
-                        result: future.await.map(completion).map_err(|e| e.to_string()),
-                    }
-                });
+        submit(backend, &call, &mut tasks);
+        by_id.insert(call.id, call);
+    }
+    while !tasks.is_empty() || !waiting.is_empty() {
+        let joined = if tasks.is_empty() {
+            // Everything in flight came back and the rest was refused: give the backend a
+            // moment (its queue holds other callers' work) and try again.
+            tokio::time::sleep(REFUSED_WAIT).await;
+            None
+        } else if waiting.is_empty() {
+            tasks.join_next().await
+        } else {
+            tokio::select! {
+                j = tasks.join_next() => j,
+                () = tokio::time::sleep(REFUSED_WAIT) => None,
             }
-            CallKind::ScoreChoices { ref choices } => {
-                let prompt = Prompt::Chat(chat_messages(&call.messages));
-                let scoring = ScoreRequest::new(prompt, choices.clone());
-                let future = backend.score(scoring);
-                tasks.spawn(async move {
-                    Reply {
-                        call: call.id,
-                        result: future.await.map(scored).map_err(|e| e.to_string()),
+        };
+        if let Some(joined) = joined {
+            match joined.map_err(|e| DriverError::Join(e.to_string()))? {
+                Answer::Done(reply) => {
+                    if let Some((agent, phase, round)) = callers.remove(&reply.call) {
+                        on_event(Event::CallDone {
+                            agent,
+                            phase,
+                            round,
+                            ok: reply.result.is_ok(),
+                        });
                     }
-                });
+                    by_id.remove(&reply.call);
+                    replies.push(reply);
+                }
+                Answer::Refused(id) => {
+                    if let Some(call) = by_id.get(&id) {
+                        waiting.push_back(call.clone());
+                    }
+                    continue;
+                }
             }
         }
-    }
-    let mut report = |reply: &Reply| {
-        if let Some((agent, phase, round)) = callers.remove(&reply.call) {
-            on_event(Event::CallDone {
-                agent,
-                phase,
-                round,
-                ok: reply.result.is_ok(),
-            });
+        // Room may have freed up: resubmit what waits, oldest first.
+        for call in std::mem::take(&mut waiting) {
+            submit(backend, &call, &mut tasks);
         }
-    };
-    for reply in &replies {
-        report(reply);
-    }
-    while let Some(joined) = tasks.join_next().await {
-        let reply = joined.map_err(|e| DriverError::Join(e.to_string()))?;
-        report(&reply);
-        replies.push(reply);
     }
     Ok(replies)
 }
@@ -205,5 +246,13 @@ pub async fn run_timed_from(
         if let Some((phase, round)) = phase {
             timeline.push((phase, round, SystemTime::now()));
         }
+    }
+}
+
+/// A backend error as the deliberation sees it.
+fn call_error(e: council_inference::InferenceError) -> CallError {
+    CallError {
+        message: e.to_string(),
+        transient: e.is_transient(),
     }
 }

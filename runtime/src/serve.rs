@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// [model.max_step_tokens] Tokens one engine step computes at most (default 512).
     #[arg(long, env = "COUNCIL_MAX_STEP_TOKENS")]
     pub max_step_tokens: Option<usize>,
+    /// [model.max_pending] Requests the engine holds before it refuses more (default 256).
+    #[arg(long, env = "COUNCIL_MAX_PENDING")]
+    pub max_pending: Option<usize>,
     /// [model.prefix_cache] Share the KV of common prompt prefixes (default true).
     #[arg(long, env = "COUNCIL_PREFIX_CACHE", value_name = "BOOL")]
     pub prefix_cache: Option<bool>,
@@ -181,6 +184,7 @@ impl ServeArgs {
                 max_seq_len: a.max_seq_len,
                 kv_cache: a.kv_cache,
                 max_step_tokens: a.max_step_tokens,
+                max_pending: a.max_pending,
                 prefix_cache: a.prefix_cache,
                 quantize: a.quantize,
                 vllm_urls: a.vllm_urls,

@@ -61,6 +61,11 @@ impl World {
 
     /// A config file for a worker: NATS store and dispatch with short test timings.
     fn config(&self, name: &str, dispatch_extra: &str) -> PathBuf {
+        self.config_with(name, "[store]\nkind = \"nats\"", dispatch_extra)
+    }
+
+    /// A config file for a worker with `store` as its `[store]` section.
+    fn config_with(&self, name: &str, store: &str, dispatch_extra: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
         let mut dispatch: Vec<String> = dispatch_extra.lines().map(str::to_owned).collect();
         for default in [
@@ -76,7 +81,7 @@ impl World {
             }
         }
         let text = format!(
-            "[store]\nkind = \"nats\"\n[nats]\nurl = \"{}\"\n[dispatch]\nenabled = true\n{}\n",
+            "{store}\n[nats]\nurl = \"{}\"\n[dispatch]\nenabled = true\n{}\n",
             self.url,
             dispatch.join("\n")
         );
@@ -87,6 +92,20 @@ impl World {
     /// A worker process; its log goes to `<name>.log` in the test's directory.
     fn worker(&self, name: &str, dispatch_extra: &str, extra: &[&str]) -> Served {
         let config = self.config(name, dispatch_extra);
+        let log = std::fs::File::create(self.log_path(name)).expect("log file");
+        let mut args = vec!["--config", config.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--log-format", "json"]);
+        serve_with(&self.model, &args, Stdio::from(log))
+    }
+
+    /// A worker whose store is a file store in `data` (a single replica).
+    fn file_worker(&self, name: &str, data: &std::path::Path, extra: &[&str]) -> Served {
+        let store = format!(
+            "[store]\nkind = \"file\"\ndata_dir = \"{}\"",
+            data.display()
+        );
+        let config = self.config_with(name, &store, "");
         let log = std::fs::File::create(self.log_path(name)).expect("log file");
         let mut args = vec!["--config", config.to_str().expect("utf-8")];
         args.extend_from_slice(extra);
@@ -783,23 +802,27 @@ async fn past_the_duplicate_window_the_events_stream_is_searched() {
     let earlier = council_runtime::store::now_ms() - 10_000;
     for id in ["window-out", "window-lost"] {
         store
-            .update_record(council_proto::council::store::v1::DeliberationRecord {
-                task_id: id.into(),
-                role: "DEV".into(),
-                status: DeliberationStatus::Completed as i32,
-                created_at_ms: earlier - 1000,
-                updated_at_ms: earlier,
-                deadline_at_ms: earlier + 60_000,
-                instance_id: "a-process-that-died".into(),
-                response: Some(pb::DeliberateResponse {
+            .write_record_at(
+                council_proto::council::store::v1::DeliberationRecord {
                     task_id: id.into(),
-                    winner_id: "dev-1".into(),
+                    role: "DEV".into(),
+                    status: DeliberationStatus::Completed as i32,
+                    created_at_ms: earlier - 1000,
+                    updated_at_ms: earlier,
+                    deadline_at_ms: earlier + 60_000,
+                    instance_id: "a-process-that-died".into(),
+                    response: Some(pb::DeliberateResponse {
+                        task_id: id.into(),
+                        winner_id: "dev-1".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            })
+                },
+                0,
+            )
             .await
-            .expect("record written");
+            .expect("record written")
+            .expect("a new record");
     }
     // The dead process had published the event of one of them.
     let mut headers = async_nats::HeaderMap::new();
@@ -850,39 +873,36 @@ async fn past_the_duplicate_window_the_events_stream_is_searched() {
     }
 }
 
-/// 8. A backend that fails every call: the task is nak'ed with a delay, redelivered up to
-/// `max_deliver`, then dead-lettered with the reason and one failed event.
+/// A failure that another try cannot change (every prompt is longer than the engine's
+/// sequences, so the quorum is lost the same way each time) is dead-lettered on its first
+/// delivery with one failed event: it is not retried `max_deliver` times.
 #[tokio::test]
-async fn backend_failures_retry_then_dead_letter() {
+async fn a_deterministic_failure_is_dead_lettered_at_once() {
     let w = World::new(NatsServer::start(), None).await;
-    // Sequences of 8 tokens cannot hold any prompt: every engine call fails.
+    // Sequences of 8 tokens cannot hold any prompt: every engine call fails, permanently.
     let worker = w.worker("w", "", &["--max-seq-len", "8"]);
     w.publish_task(&task("doomed-1", 0, 2)).await;
     let event = w.wait_event("doomed-1", LONG).await;
     w.wait_settled(LONG).await;
     assert_eq!(event["event_type"], "deliberation.failed");
-    assert_eq!(event["error"]["code"], "retries_exhausted");
-    assert_eq!(event["error"]["attempts"], 3);
+    assert_eq!(event["error"]["code"], "failed");
+    assert_eq!(event["error"]["attempts"], 1);
     let letters = w.dead_letters().await;
     assert_eq!(letters.len(), 1, "{letters:#?}");
     assert_eq!(letters[0]["task_id"], "doomed-1");
-    assert_eq!(letters[0]["reason_class"], "retries_exhausted");
-    assert_eq!(letters[0]["deliveries"], 3);
+    assert_eq!(letters[0]["reason_class"], "failed");
+    assert_eq!(letters[0]["deliveries"], 1);
     assert!(
         letters[0]["reason"]
             .as_str()
             .unwrap_or("")
-            .contains("after 3 deliveries"),
+            .contains("agents still working"),
         "{}",
         letters[0]["reason"]
     );
     assert_eq!(w.events_of("doomed-1").await.len(), 1);
-    assert_eq!(
-        deliberations_run(&worker.addr).await,
-        3,
-        "ran once per delivery, then stopped"
-    );
-    assert!(w.log("w").contains("transient failure; retrying later"));
+    assert_eq!(deliberations_run(&worker.addr).await, 1, "ran once");
+    assert!(!w.log("w").contains("transient failure; retrying later"));
 }
 
 /// A worker authenticates with a token file or an nkey seed file (the server knows only the
@@ -1020,4 +1040,454 @@ async fn startup_checks_streams_and_consumer() {
         err.contains("MEMDLQ") && err.contains("memory storage"),
         "{err}"
     );
+}
+
+// ---- Hostile input and the last delivery (each fails on the code before its fix) ----
+
+/// Waits until `pred` holds for the dead letters, returning them.
+async fn wait_letters(w: &World, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let letters = w.dead_letters().await;
+        if pred(&letters) {
+            return letters;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "{what}: dead letters {letters:#?}\n{}",
+            w.log("w")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Task ids that no header, key or file name may carry (CR/LF, spaces, 129 bytes, non-ASCII)
+/// are refused when the message is read: a dead letter each, no event under such an id, no
+/// panic, and the worker goes on with the next task. (Before: a CR/LF id reached the
+/// `Nats-Msg-Id` header of its failed event and panicked the worker, leaving the delivery held
+/// by in-progress acks forever.)
+#[tokio::test]
+async fn hostile_task_ids_are_dead_lettered_without_a_panic() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &[]);
+    let long = "x".repeat(129);
+    let hostile = ["evil\r\nNats-Msg-Id: other", "a b", long.as_str(), "tâche"];
+    for id in hostile {
+        w.publish_task(&task(id, 0, 1)).await;
+    }
+    w.publish_task(&task("good-after-hostile", 0, 1)).await;
+    w.wait_event("good-after-hostile", LONG).await;
+    w.wait_settled(LONG).await;
+    let letters = w.dead_letters().await;
+    assert_eq!(letters.len(), hostile.len(), "{letters:#?}");
+    for l in &letters {
+        assert_eq!(l["reason_class"], "schema_invalid", "{l}");
+        assert!(
+            l["task_id"].is_null(),
+            "an invalid id is not echoed as one: {l}"
+        );
+        assert!(
+            l["reason"].as_str().unwrap_or("").contains("task_id"),
+            "{l}"
+        );
+    }
+    let events = w.messages("ORCHESTRATOR_EVENTS").await;
+    assert!(
+        events.iter().all(|(_, id, _)| id == "good-after-hostile"),
+        "only the good task has an event: {events:#?}"
+    );
+    let log = w.log("w");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(deliberations_run(&worker.addr).await, 1);
+}
+
+/// A task far larger than the limit, so large that a dead letter holding all of it in base64
+/// would exceed the server's `max_payload`: it is dead-lettered anyway, with as much of the
+/// original as fits and its size. (Before: the dead letter could not be published, every
+/// delivery was naked, and after the last one nothing was left.)
+#[tokio::test]
+async fn an_oversized_task_is_dead_lettered_with_what_fits() {
+    let w = World::new(NatsServer::start(), None).await;
+    let _worker = w.worker("w", "", &[]);
+    let mut big = task("huge-1", 0, 1);
+    big["description"] = Value::String("y".repeat(900_000));
+    let size = serde_json::to_vec(&big).expect("json").len();
+    w.publish_task(&big).await;
+    let letters = wait_letters(&w, "the oversized task", |l| !l.is_empty()).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let l = &letters[0];
+    assert_eq!(l["reason_class"], "oversized");
+    assert_eq!(l["task_id"], "huge-1");
+    assert_eq!(l["deliveries"], 1);
+    assert_eq!(l["original_bytes"], size);
+    assert_eq!(l["original_truncated"], true);
+    let kept = l["original_base64"].as_str().unwrap_or("").len() / 4 * 3;
+    assert!(kept > 500_000 && kept < size, "kept {kept} of {size} bytes");
+    // Its id could be read and no task holds it: one failed event too.
+    let events = w.events_of("huge-1").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["error"]["code"], "oversized");
+}
+
+/// A malformed message that carries the id of a task being deliberated gets its dead letter,
+/// but neither takes the task's result nor marks its record: the task completes and its one
+/// event says so. (Before: the malformed message's failed event took the id's `Nats-Msg-Id`
+/// first, the real completion was dropped as a duplicate, and the stream said "failed".)
+#[tokio::test]
+async fn a_bad_message_never_takes_a_running_tasks_result() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &[]);
+    w.publish_task(&task("contested-1", 1, 3)).await;
+    wait_status(
+        &worker.addr,
+        "contested-1",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    // Same id, no description: not a valid task.
+    w.publish(
+        "council.tasks.DEV",
+        serde_json::to_vec(
+            &json!({"schema": "council.task.v1", "task_id": "contested-1", "role": "DEV"}),
+        )
+        .expect("json"),
+    )
+    .await;
+    let event = w.wait_event("contested-1", LONG).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed", "{event}");
+    assert_eq!(w.events_of("contested-1").await.len(), 1);
+    let letters = w.dead_letters().await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["reason_class"], "schema_invalid");
+    assert_eq!(letters[0]["task_id"], "contested-1");
+    assert_eq!(
+        record_status(&worker.addr, "contested-1").await,
+        Some(DeliberationStatus::Completed)
+    );
+}
+
+/// The task's record cannot be read on any delivery (a directory where its file should be):
+/// the first deliveries are retried; the last one waits it out in place for two ack waits and
+/// then ends in a dead letter that says why. (Before: the last delivery was naked like the
+/// others, and the task vanished with no event and no dead letter.)
+#[tokio::test]
+async fn the_last_delivery_ends_in_a_dead_letter_not_silence() {
+    let w = World::new(NatsServer::start(), None).await;
+    let data = w.dir.path().join("data");
+    let _worker = w.file_worker("w", &data, &[]);
+    std::fs::create_dir_all(data.join("records/t-unreadable-1.pb/x")).expect("a directory");
+    w.publish_task(&task("unreadable-1", 0, 1)).await;
+    let letters = wait_letters(&w, "the unreadable task", |l| !l.is_empty()).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let l = &letters[0];
+    assert_eq!(l["reason_class"], "retries_exhausted");
+    assert_eq!(l["task_id"], "unreadable-1");
+    assert_eq!(l["deliveries"], 3);
+    let reason = l["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("cannot read the task's record") && reason.contains("delivery 3 of 3"),
+        "{reason}"
+    );
+    let events = w.events_of("unreadable-1").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["error"]["code"], "retries_exhausted");
+    assert!(w.log("w").contains("last delivery: retrying in place"));
+}
+
+/// A record that can never be read (not a record at all) is not retried: the task is
+/// dead-lettered on its first delivery.
+#[tokio::test]
+async fn a_corrupt_record_is_dead_lettered_at_once() {
+    let w = World::new(NatsServer::start(), None).await;
+    let data = w.dir.path().join("data");
+    let worker = w.file_worker("w", &data, &[]);
+    std::fs::write(
+        data.join("records/t-corrupt-1.pb"),
+        b"\xff\xff\xff not protobuf",
+    )
+    .expect("garbage");
+    w.publish_task(&task("corrupt-1", 0, 1)).await;
+    let letters = wait_letters(&w, "the corrupt record", |l| !l.is_empty()).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["reason_class"], "failed");
+    assert_eq!(letters[0]["deliveries"], 1, "not retried");
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot be read"),
+        "{}",
+        letters[0]["reason"]
+    );
+    assert_eq!(deliberations_run(&worker.addr).await, 0);
+}
+
+/// An events stream that refuses the completed event (its messages are limited to 300
+/// bytes): the refusal would come again, so the task is dead-lettered at once saying so, and
+/// its outcome stays in the record for GetDeliberationResult.
+#[tokio::test]
+async fn an_event_the_stream_refuses_is_dead_lettered_at_once() {
+    let w = World::new(NatsServer::start(), None).await;
+    w.js.create_stream(jetstream::stream::Config {
+        name: "ORCHESTRATOR_EVENTS".into(),
+        subjects: vec!["orchestration.>".into()],
+        max_message_size: 300,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("a small events stream");
+    let worker = w.worker("w", "", &[]);
+    w.publish_task(&task("too-wordy-1", 0, 2)).await;
+    let letters = wait_letters(&w, "the refused event", |l| !l.is_empty()).await;
+    w.wait_settled(LONG).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["reason_class"], "event_refused");
+    assert_eq!(letters[0]["deliveries"], 1);
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deliberation.completed"),
+        "{}",
+        letters[0]["reason"]
+    );
+    assert_eq!(
+        record_status(&worker.addr, "too-wordy-1").await,
+        Some(DeliberationStatus::Completed)
+    );
+    assert_eq!(deliberations_run(&worker.addr).await, 1);
+}
+
+/// Another replica takes over a running task's record (as when it judged this run dead): the
+/// first replica's heartbeats are compare-and-set on the revision it claimed, so they fail,
+/// it stops its run and writes nothing more; when the usurper goes silent, the task is taken
+/// back and completes once. (Before: heartbeats were unconditional puts that overwrote the
+/// other replica's record.)
+#[tokio::test]
+async fn a_replica_whose_run_was_taken_over_stops_writing() {
+    use council_runtime::store::{CouncilStore, KvConfig, KvStore};
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &["--heartbeat-secs", "1"]);
+    w.publish_task(&task("usurped-1", 1, 3)).await;
+    wait_status(
+        &worker.addr,
+        "usurped-1",
+        DeliberationStatus::InProgress,
+        LONG,
+    )
+    .await;
+    let store = KvStore::open(&KvConfig {
+        nats: council_runtime::nats::NatsConfig::plain(w.nats.url()),
+        bucket_prefix: "council".into(),
+        retention: Duration::from_secs(7 * 24 * 3600),
+    })
+    .await
+    .expect("the worker's store");
+    // The usurper claims the record and keeps it alive for a few heartbeats, each a
+    // compare-and-set: any write in between by the first replica makes one fail.
+    let (mut record, mut revision) = loop {
+        let (mut r, at) = store
+            .record_at("usurped-1")
+            .await
+            .expect("read")
+            .expect("a record");
+        r.instance_id = "usurper".into();
+        r.updated_at_ms = council_runtime::store::now_ms();
+        // The first replica may heartbeat between the read and the claim: read again.
+        if let Some(next) = store.write_record_at(r.clone(), at).await.expect("write") {
+            break (r, next);
+        }
+    };
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        record.updated_at_ms = council_runtime::store::now_ms();
+        revision = store
+            .write_record_at(record.clone(), revision)
+            .await
+            .expect("write")
+            .unwrap_or_else(|| {
+                panic!(
+                    "the first replica wrote the usurper's record\n{}",
+                    w.log("w")
+                )
+            });
+    }
+    assert!(
+        w.log("w").contains("taken over by another replica"),
+        "{}",
+        w.log("w")
+    );
+    // The usurper goes silent: the first replica takes the task back and completes it once.
+    let event = w.wait_event("usurped-1", LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed");
+    w.wait_settled(LONG).await;
+    assert_eq!(w.events_of("usurped-1").await.len(), 1);
+    assert!(w.dead_letters().await.is_empty());
+}
+
+/// Publishes `body` on `subject`, retrying through a NATS restart.
+async fn publish_until_taken(w: &World, subject: &str, body: Vec<u8>) {
+    let start = Instant::now();
+    loop {
+        let sent = async {
+            w.js.publish(subject.to_owned(), body.clone().into())
+                .await?
+                .await
+        }
+        .await;
+        match sent {
+            Ok(_) => return,
+            Err(e) => {
+                assert!(start.elapsed() < LONG, "cannot publish: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The soak: a few hundred messages (valid tasks, duplicates of them, malformed JSON,
+/// schema-invalid tasks, CR/LF ids, oversized bodies) to two replicas, one of which is killed
+/// with SIGKILL and replaced, while the NATS server is restarted once. Then the count: exactly
+/// one completed event per valid task id, exactly one dead letter per bad message, a failed
+/// event only for a bad message whose id is readable and free, and nothing pending.
+#[tokio::test]
+async fn soak_every_message_ends_exactly_once() {
+    let mut w = World::new(NatsServer::start(), None).await;
+    let settings = "in_flight = 4\nmax_deliver = 6";
+    let mut a = w.worker("a", settings, &["--heartbeat-secs", "1"]);
+    let _b = w.worker("b", settings, &["--heartbeat-secs", "1"]);
+    const VALID: usize = 240;
+    let mut bad: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut failed_ids = Vec::new();
+    for i in 0..15 {
+        bad.push((
+            "malformed",
+            format!("{{\"task_id\": \"m-{i}\", oops").into_bytes(),
+        ));
+        let id = format!("invalid-{i}");
+        let mut t = task(&id, 0, 1);
+        t.as_object_mut().expect("object").remove("description");
+        bad.push(("schema_invalid", serde_json::to_vec(&t).expect("json")));
+        failed_ids.push(id);
+        let crlf = task(&format!("crlf-{i}\r\nNats-Msg-Id: soak-{i}"), 0, 1);
+        bad.push(("schema_invalid", serde_json::to_vec(&crlf).expect("json")));
+    }
+    for i in 0..8 {
+        let id = format!("big-{i}");
+        let mut t = task(&id, 0, 1);
+        t["description"] = Value::String("z".repeat(5000 + i * 20_000));
+        bad.push(("oversized", serde_json::to_vec(&t).expect("json")));
+        failed_ids.push(id);
+    }
+    let mut bad_iter = bad.iter();
+    for i in 0..VALID {
+        let body = serde_json::to_vec(&task(&format!("soak-{i}"), 0, 1)).expect("json");
+        publish_until_taken(&w, "council.tasks.DEV", body.clone()).await;
+        if i % 4 == 0 {
+            // A duplicate of a valid task: the same id again.
+            let dup = serde_json::to_vec(&task(&format!("soak-{}", i / 2), 0, 1)).expect("json");
+            publish_until_taken(&w, "council.tasks.DEV", dup).await;
+        }
+        if i % 2 == 0
+            && let Some((_, body)) = bad_iter.next()
+        {
+            publish_until_taken(&w, "council.tasks.DEV", body.clone()).await;
+        }
+        if i == VALID / 3 {
+            a.child.kill().expect("SIGKILL");
+            a.child.wait().expect("reaped");
+            a = w.worker("a2", settings, &["--heartbeat-secs", "1"]);
+        }
+        if i == 2 * VALID / 3 {
+            w.nats.stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            w.nats.restart();
+        }
+    }
+    for (_, body) in bad_iter {
+        publish_until_taken(&w, "council.tasks.DEV", body.clone()).await;
+    }
+
+    // Every valid id answered, every bad message dead-lettered, nothing pending.
+    let start = Instant::now();
+    loop {
+        let done = {
+            let events = w.messages("ORCHESTRATOR_EVENTS").await;
+            let answered: std::collections::BTreeSet<String> = events
+                .iter()
+                .filter_map(|(_, _, b)| b["task_id"].as_str().map(str::to_owned))
+                .collect();
+            (0..VALID).all(|i| answered.contains(&format!("soak-{i}")))
+                && w.dead_letters().await.len() >= bad.len()
+        };
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "not every message ended\n{}\n{}",
+            w.log("a2"),
+            w.log("b")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    w.wait_settled(LONG).await;
+    // Let any late duplicate arrive before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let events = w.messages("ORCHESTRATOR_EVENTS").await;
+    let mut per_id: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for (_, _, body) in &events {
+        if let Some(id) = body["task_id"].as_str() {
+            per_id.entry(id.to_owned()).or_default().push(body);
+        }
+    }
+    for i in 0..VALID {
+        let id = format!("soak-{i}");
+        let got = per_id.get(&id).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(got.len(), 1, "{id}: {got:#?}");
+        assert_eq!(got[0]["event_type"], "deliberation.completed", "{id}");
+    }
+    for id in &failed_ids {
+        let got = per_id.get(id).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(got.len(), 1, "{id}: {got:#?}");
+        assert_eq!(got[0]["event_type"], "deliberation.failed", "{id}");
+    }
+    assert_eq!(
+        per_id.len(),
+        VALID + failed_ids.len(),
+        "no other id has an event: {:?}",
+        per_id.keys().collect::<Vec<_>>()
+    );
+    let letters = w.dead_letters().await;
+    let mut by_sequence: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &letters {
+        *by_sequence
+            .entry(l["original_stream_sequence"].as_u64().unwrap_or(0))
+            .or_default() += 1;
+        *by_class
+            .entry(l["reason_class"].as_str().unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "one dead letter per bad message: {by_class:?}"
+    );
+    assert!(by_sequence.values().all(|n| *n == 1), "{by_sequence:?}");
+    let mut want: BTreeMap<String, usize> = BTreeMap::new();
+    for (class, _) in &bad {
+        *want.entry((*class).to_owned()).or_default() += 1;
+    }
+    assert_eq!(by_class, want);
+    for log in [w.log("a2"), w.log("b")] {
+        assert!(!log.contains("panicked"), "{log}");
+    }
 }

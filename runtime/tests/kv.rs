@@ -105,10 +105,13 @@ async fn two_stores_share_councils_and_records_with_compare_and_set() {
 
     // Records: one claim wins; both read what the owner writes.
     let live = record("task:1.x", DeliberationStatus::InProgress);
-    assert_eq!(
-        a.claim(live.clone(), 10).await.expect("claim"),
-        Claim::Claimed { replaced: None }
-    );
+    let Claim::Claimed {
+        replaced: None,
+        revision,
+    } = a.claim(live.clone(), 10).await.expect("claim")
+    else {
+        panic!("a claims a new task")
+    };
     assert_eq!(
         b.claim(record("task:1.x", DeliberationStatus::InProgress), 10)
             .await
@@ -122,19 +125,47 @@ async fn two_stores_share_councils_and_records_with_compare_and_set() {
         winner_id: "dev-1".into(),
         ..Default::default()
     });
-    a.update_record(done.clone()).await.expect("update");
-    assert_eq!(b.record("task:1.x").await.expect("read"), Some(done));
+    // Every write is a compare-and-set on the revision: the owner's goes through, a write
+    // from a stale revision (a replica whose run was taken over) does not.
+    let heartbeat = a
+        .write_record_at(live.clone(), revision)
+        .await
+        .expect("write")
+        .expect("the owner writes");
+    assert!(heartbeat > revision);
+    assert_eq!(
+        b.write_record_at(live.clone(), revision)
+            .await
+            .expect("write"),
+        None,
+        "a stale revision loses"
+    );
+    assert_eq!(
+        b.write_record_at(live.clone(), 0).await.expect("write"),
+        None,
+        "revision 0 only creates"
+    );
+    a.write_record_at(done.clone(), heartbeat)
+        .await
+        .expect("update")
+        .expect("the owner writes");
+    let (read, at) = b.record_at("task:1.x").await.expect("read").expect("kept");
+    assert_eq!(read, done);
+    assert!(at > heartbeat);
     assert_eq!(b.record("never").await.expect("read"), None);
     // A failed task can be claimed again.
     let failed = record("retry-me", DeliberationStatus::Failed);
-    a.update_record(failed.clone()).await.expect("write");
-    assert_eq!(
-        b.claim(record("retry-me", DeliberationStatus::InProgress), 10)
-            .await
-            .expect("claim"),
-        Claim::Claimed {
-            replaced: Some(Box::new(failed))
-        },
+    a.write_record_at(failed.clone(), 0)
+        .await
+        .expect("write")
+        .expect("created");
+    assert!(
+        matches!(
+            b.claim(record("retry-me", DeliberationStatus::InProgress), 10)
+                .await
+                .expect("claim"),
+            Claim::Claimed { replaced: Some(r), .. } if *r == failed
+        ),
         "the failed record it replaced comes back"
     );
 

@@ -2,7 +2,7 @@
 //! exactly as they do alone.
 
 use council_councils::personas::council_of;
-use council_councils::spec::DeliberationConfig;
+use council_councils::spec::{DeliberationConfig, JudgeMode};
 use council_councils::{Deliberation, Outcome, OutcomeStatus, Role, Task, TaskId};
 use council_inference::EngineConfig;
 use council_inference::tiny::TinyArch;
@@ -114,4 +114,50 @@ async fn dropping_a_deliberation_cancels_its_requests() {
         stats.generated_tokens < 900,
         "abandoned requests kept generating: {stats:?}"
     );
+}
+
+/// A phase larger than the engine's queue (a council of 6 with log-prob judging issues
+/// 6 × 5 × criteria choice calls; the queue holds 4): refused calls wait for room and go
+/// again, so nothing fails and no judgement is dropped, and the outcome is the one an engine
+/// with room to spare gives. (Before: admission refused every call past the queue at once,
+/// and the council lost agents and votes.)
+#[tokio::test]
+async fn a_phase_larger_than_the_engine_queue_waits_for_room() {
+    let dir = tiny_model(TinyArch::Qwen3);
+    let config = DeliberationConfig {
+        rounds: 1,
+        max_tokens_per_call: 24,
+        early_stop: false,
+        judge: JudgeMode::LogProb,
+        ..Default::default()
+    };
+    let run = |max_pending| {
+        let handle = engine(
+            dir.path(),
+            EngineConfig {
+                max_pending,
+                ..EngineConfig::default()
+            },
+        );
+        let mut council = council_of(&Role::Dev, 6).expect("council");
+        council.config = config;
+        let task =
+            Task::new(TaskId::new("big-phase").expect("id"), "Name one risk.").expect("task");
+        async move {
+            driver::run(&handle, Deliberation::new(council, task, config, 7))
+                .await
+                .expect("runs")
+        }
+    };
+    let small = run(4).await;
+    // The random model may reply with nothing (an agent fails for that), but no call fails.
+    assert!(
+        small.failed_agents.iter().all(|f| !f.backend),
+        "{:#?}",
+        small.failed_agents
+    );
+    assert_eq!(small.usage.failed_calls, 0, "{:?}", small.failed_agents);
+    assert_eq!(small.usage.failed_judgements, 0);
+    assert!(small.usage.calls > 4 * 4, "{} calls", small.usage.calls);
+    assert_eq!(small, run(1024).await, "waiting changed the outcome");
 }

@@ -739,7 +739,12 @@ fn effective(
     container: &Json,
     image: &Dockerfile,
 ) -> Result<Effective, String> {
-    if let Some((k, _)) = std::env::vars().find(|(k, _)| k.starts_with("COUNCIL_")) {
+    // Where fetched models are cached and which index they come from are not config: the
+    // loader never reads them, and the test suite may set them.
+    const NOT_CONFIG: [&str; 2] = ["COUNCIL_CACHE_DIR", "COUNCIL_PYPI_INDEX_URL"];
+    if let Some((k, _)) = std::env::vars()
+        .find(|(k, _)| k.starts_with("COUNCIL_") && !NOT_CONFIG.contains(&k.as_str()))
+    {
         panic!("{k} is set in the test's environment: the config loader would read it; unset it");
     }
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use council_inference::engine::loader::{self, LoadedModel, ModelFiles};
 use council_inference::engine::sequence_logits;
-use council_inference::tiny::{TinyArch, TinyModelSpec};
+use council_inference::tiny::{TinyArch, TinyModelSpec, TinyShape};
 use council_inference::tiny_gguf::write_gguf;
 use council_inference::{Backend, ChatMessage, EngineConfig, LoadError, Quantization};
 use council_tests::{all_at_once, one_by_one, tiny_model, tiny_model_with, varied_requests};
@@ -135,14 +135,7 @@ fn other_tensor_types_load_and_stay_close_to_f32() {
     .expect("hf loads");
     let ids = f32_model.tokenizer.encode(TEXTS[1]).expect("encodes");
     let reference = sequence_logits(&f32_model.model, &ids).expect("forward");
-    let spread = reference
-        .iter()
-        .flatten()
-        .fold(f32::NEG_INFINITY, |m, v| m.max(*v))
-        - reference
-            .iter()
-            .flatten()
-            .fold(f32::INFINITY, |m, v| m.min(*v));
+    let spread = spread(&reference);
     for (dtype, bound) in [
         (GgmlDType::F16, 0.01),
         (GgmlDType::BF16, 0.05),
@@ -155,6 +148,7 @@ fn other_tensor_types_load_and_stay_close_to_f32() {
                 .unwrap_or_else(|e| panic!("{dtype:?} ({quantization}) loads: {e}"));
             let logits = sequence_logits(&model.model, &ids).expect("forward");
             let relative = max_diff(&reference, &logits) / spread;
+            eprintln!("{dtype:?} ({quantization}): max |Δlogit| {relative:.5} of the spread");
             // Requantized to Q8_0, the weights round once more.
             let bound = match quantization {
                 Quantization::Q8_0 => f32::max(bound, 0.05),
@@ -166,6 +160,71 @@ fn other_tensor_types_load_and_stay_close_to_f32() {
             );
         }
     }
+}
+
+/// The k-quants need rows of 256 columns, which the tiny models do not have: a wide tiny model
+/// (every matrix 256 or 512 columns) is written with every weight matrix in Q4_K, Q5_K or Q6_K,
+/// loads through the same reader (Llama's permuted rows moved back as whole k-quant rows) and
+/// stays close to its f32 safetensors; with `--quantize q8_0` too.
+#[test]
+fn k_quant_files_load_and_stay_close_to_f32() {
+    for arch in ARCHS {
+        let dir = tiny_model_with(TinyModelSpec {
+            shape: TinyShape::Wide,
+            ..TinyModelSpec::new(arch)
+        });
+        let f32_model = load(
+            &ModelFiles::from_dir(dir.path()).expect("hf"),
+            Quantization::None,
+        )
+        .expect("hf loads");
+        let ids = f32_model.tokenizer.encode(TEXTS[0]).expect("encodes");
+        let reference = sequence_logits(&f32_model.model, &ids).expect("forward");
+        let spread = spread(&reference);
+        for (dtype, bound) in [
+            (GgmlDType::Q4K, 0.5),
+            (GgmlDType::Q5K, 0.25),
+            (GgmlDType::Q6K, 0.1),
+        ] {
+            let out = dir.path().join("model.gguf");
+            let summary = write_gguf(dir.path(), &out, dtype).expect("GGUF written");
+            // Every matrix (embedding and projections) is in the k-quant; only vectors are F32.
+            let matrices = summary
+                .types
+                .get(&format!("{dtype:?}"))
+                .copied()
+                .unwrap_or(0);
+            assert!(
+                matrices > 2 * 7,
+                "{arch:?} {dtype:?}: only {matrices} tensors in the k-quant: {:?}",
+                summary.types
+            );
+            for quantization in [Quantization::None, Quantization::Q8_0] {
+                let model = load(&ModelFiles::from_path(&out).expect("gguf"), quantization)
+                    .unwrap_or_else(|e| panic!("{arch:?} {dtype:?} ({quantization}) loads: {e}"));
+                let logits = sequence_logits(&model.model, &ids).expect("forward");
+                let relative = max_diff(&reference, &logits) / spread;
+                eprintln!(
+                    "{arch:?} {dtype:?} ({quantization}): max |Δlogit| {relative:.5} of the spread"
+                );
+                assert!(
+                    relative > 0.0 && relative <= bound,
+                    "{arch:?} {dtype:?} ({quantization}): max |Δlogit| is {relative} of the spread"
+                );
+            }
+        }
+    }
+}
+
+fn spread(logits: &[Vec<f32>]) -> f32 {
+    logits
+        .iter()
+        .flatten()
+        .fold(f32::NEG_INFINITY, |m, v| m.max(*v))
+        - logits
+            .iter()
+            .flatten()
+            .fold(f32::INFINITY, |m, v| m.min(*v))
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
 use council_runtime::service::{self, Limits, Options};
 use council_runtime::store::{
-    Claim, CouncilStore, Created, FileStore, StoreError, apply_default_councils,
+    Claim, CouncilStore, Created, FileStore, StoreError, Versioned, apply_default_councils,
 };
 use council_tests::{engine, tiny_model};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,6 +32,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 struct Switchable {
     inner: EngineHandle,
     sick: Arc<AtomicBool>,
+    /// Reports the backend stopped for good.
+    gone: Arc<AtomicBool>,
 }
 
 impl Backend for Switchable {
@@ -42,7 +44,11 @@ impl Backend for Switchable {
         self.inner.score(request)
     }
     fn health(&self) -> Health {
-        if self.sick.load(Ordering::SeqCst) {
+        if self.gone.load(Ordering::SeqCst) {
+            Health::Stopped {
+                reason: "switched off for good by the test".into(),
+            }
+        } else if self.sick.load(Ordering::SeqCst) {
             Health::Unavailable {
                 reason: "switched off by the test".into(),
             }
@@ -100,17 +106,21 @@ impl CouncilStore for Flaky {
         self.check()?;
         self.inner.replace(expected, new).await
     }
-    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError> {
+    async fn record_at(&self, task_id: &str) -> Result<Option<Versioned>, StoreError> {
         self.check()?;
-        self.inner.record(task_id).await
+        self.inner.record_at(task_id).await
     }
     async fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError> {
         self.check()?;
         self.inner.claim(record, now_ms).await
     }
-    async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError> {
+    async fn write_record_at(
+        &self,
+        record: DeliberationRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
         self.check()?;
-        self.inner.update_record(record).await
+        self.inner.write_record_at(record, revision).await
     }
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
         self.check()?;
@@ -128,6 +138,7 @@ struct Server {
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
     engine: EngineHandle,
     sick: Arc<AtomicBool>,
+    gone: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
     metrics: SocketAddr,
     _model: tempfile::TempDir,
@@ -216,9 +227,11 @@ async fn start_with(mut options: Options) -> Server {
     };
     let engine_handle = engine(model.path(), EngineConfig::default());
     let sick = Arc::new(AtomicBool::new(false));
+    let gone = Arc::new(AtomicBool::new(false));
     let backend = Switchable {
         inner: engine_handle.clone(),
         sick: sick.clone(),
+        gone: gone.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -253,6 +266,7 @@ async fn start_with(mut options: Options) -> Server {
         done,
         engine: engine_handle,
         sick,
+        gone,
         down,
         metrics: metrics_addr,
         _model: model,
@@ -1082,4 +1096,96 @@ async fn shutdown_fails_what_outlives_the_grace_period_as_retryable() {
     assert_eq!(record.status, DeliberationStatus::Failed as i32);
     assert!(record.retryable);
     assert!(record.error_message.contains("shutting down"), "{record:?}");
+}
+
+/// The store is unreachable at the moment a deliberation finishes: the final record write is
+/// retried until the store is back, so the record says COMPLETED and asking again returns the
+/// stored result without running anything. (Before: the failed write was only logged, the
+/// record stayed live, and the next Deliberate with the id was refused as already running,
+/// then ran the council again once the record read as interrupted.)
+#[tokio::test]
+async fn a_failed_final_write_is_retried_and_nothing_runs_twice() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    let mut stream = c
+        .stream_deliberation(request("final-write-1", "DEV", 1))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = stream.message().await.expect("no error") {
+        if update.status == "scoring" && !s.down.load(Ordering::SeqCst) {
+            // The last phase: the run ends (and writes its record) while the store is away.
+            s.down.store(true, Ordering::SeqCst);
+            let down = s.down.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                down.store(false, Ordering::SeqCst);
+            });
+        }
+        last = Some(update);
+    }
+    let first = last
+        .and_then(|u| u.response)
+        .expect("the stream ends with the response");
+    let record = s
+        .wait_record("final-write-1", |r| {
+            !s.down.load(Ordering::SeqCst) && r.status != 0
+        })
+        .await;
+    assert_eq!(record.status(), DeliberationStatus::Completed, "{record:?}");
+    let again = c
+        .deliberate(request("final-write-1", "DEV", 1))
+        .await
+        .expect("the stored result")
+        .into_inner();
+    assert_eq!(again.winner_id, first.winner_id);
+    let stats = c
+        .get_status(pb::GetStatusRequest {
+            include_stats: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(stats.total_deliberations, 1, "it ran once");
+}
+
+/// The backend stops for good (its engine thread ended): readiness and liveness both say
+/// NOT_SERVING, and `/healthz` fails, so the orchestrator restarts the pod. A backend that is
+/// only unavailable (a remote server down) leaves liveness alone.
+#[tokio::test]
+async fn liveness_fails_only_when_the_backend_is_gone_for_good() {
+    let s = start(Limits::default()).await;
+    let liveness = || async {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service::LIVENESS_SERVICE.into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status()
+    };
+    s.wait_health(ServingStatus::Serving).await;
+    s.sick.store(true, Ordering::SeqCst);
+    s.wait_health(ServingStatus::NotServing).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(liveness().await, ServingStatus::Serving, "only unavailable");
+    assert_eq!(http_get(s.metrics, "/healthz").await.0, 200);
+    s.sick.store(false, Ordering::SeqCst);
+    s.gone.store(true, Ordering::SeqCst);
+    let mut alive = liveness().await;
+    for _ in 0..100 {
+        if alive == ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        alive = liveness().await;
+    }
+    assert_eq!(alive, ServingStatus::NotServing);
+    assert_eq!(s.health().await, ServingStatus::NotServing);
+    assert_eq!(http_get(s.metrics, "/healthz").await.0, 503);
 }

@@ -545,7 +545,7 @@ impl Backend for EngineHandle {
 
     fn health(&self) -> Health {
         if self.inner.tx.is_closed() {
-            Health::Unavailable {
+            Health::Stopped {
                 reason: "the engine thread has stopped".into(),
             }
         } else {

@@ -58,6 +58,7 @@ pub struct Outcome {
     pub majority_answer: String,
     pub calls: i64,
     pub failed_calls: i64,
+    pub failed_judgements: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub proposals: Vec<ProposalOut>,
@@ -97,48 +98,91 @@ pub struct ProgressEvent {
 }
 
 /// A message that will not be processed: the original (base64, with its subject), the reason
-/// and the delivery count.
+/// and the delivery count. It always fits the server's payload limit: the copy of the original
+/// is cut to what fits (`original_truncated`), its full size is in `original_bytes`, and the
+/// original stays in the tasks stream at `original_stream_sequence` until its retention ends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadLetter {
     pub schema: &'static str,
     /// `oversized`, `malformed`, `schema_invalid`, `unknown_council`, `invalid`,
-    /// `retries_exhausted`, `failed`.
+    /// `retries_exhausted`, `failed`, `internal`.
     pub reason_class: String,
     pub reason: String,
     pub task_id: Option<String>,
     pub original_subject: String,
     pub original_stream_sequence: u64,
+    /// The size of the original message.
+    pub original_bytes: usize,
+    /// Whether `original_base64` holds only the first part of it.
+    pub original_truncated: bool,
     pub original_base64: String,
     pub deliveries: u64,
     pub timestamp: String,
     pub instance: String,
 }
 
+/// Longest reason a dead letter carries, in bytes.
+const MAX_REASON: usize = 4096;
+
+/// Where a dead letter came from: the message as received.
+#[derive(Debug, Clone, Copy)]
+pub struct Original<'a> {
+    pub subject: &'a str,
+    pub sequence: u64,
+    pub payload: &'a [u8],
+    pub deliveries: u64,
+}
+
 impl DeadLetter {
-    #[allow(clippy::too_many_arguments)]
+    /// A dead letter whose JSON is at most `max_bytes` long (at least 1 KiB): the reason is
+    /// cut to a quarter of that, the copy of the original to what is left.
     pub fn new(
         reason_class: &str,
         reason: String,
         task_id: Option<String>,
-        subject: &str,
-        sequence: u64,
-        payload: &[u8],
-        deliveries: u64,
+        original: Original<'_>,
         instance: &str,
+        max_bytes: usize,
     ) -> Self {
-        Self {
+        let mut letter = Self {
             schema: DLQ_SCHEMA,
             reason_class: reason_class.to_owned(),
-            reason,
+            // A quarter of the room at most, so a small server limit still takes the letter.
+            reason: truncate_utf8(reason, MAX_REASON.min(max_bytes / 4)),
             task_id,
-            original_subject: subject.to_owned(),
-            original_stream_sequence: sequence,
-            original_base64: base64::engine::general_purpose::STANDARD.encode(payload),
-            deliveries,
+            original_subject: original.subject.to_owned(),
+            original_stream_sequence: original.sequence,
+            original_bytes: original.payload.len(),
+            original_truncated: false,
+            original_base64: String::new(),
+            deliveries: original.deliveries,
             timestamp: iso8601(crate::store::now_ms()),
             instance: instance.to_owned(),
-        }
+        };
+        // The rest of the letter, with `true` in place of `false` (one byte more) so the
+        // truncated form is counted.
+        let rest = serde_json::to_vec(&letter).map_or(0, |v| v.len()) + 1;
+        let room = max_bytes.saturating_sub(rest) / 4 * 3;
+        let kept = original.payload.len().min(room);
+        letter.original_truncated = kept < original.payload.len();
+        letter.original_base64 =
+            base64::engine::general_purpose::STANDARD.encode(&original.payload[..kept]);
+        letter
     }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
+fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
+    s
 }
 
 /// The context every event of one task shares.
@@ -202,6 +246,7 @@ impl EventContext {
             majority_answer: s.majority_answer,
             calls: s.calls,
             failed_calls: s.failed_calls,
+            failed_judgements: s.failed_judgements,
             prompt_tokens: s.prompt_tokens,
             completion_tokens: s.completion_tokens,
             proposals: r
@@ -333,5 +378,60 @@ mod tests {
         assert_eq!(f["error"]["code"], "retries_exhausted");
         assert_eq!(f["error"]["attempts"], 3);
         assert!(f.get("outcome").is_none());
+    }
+
+    #[test]
+    fn a_dead_letter_always_fits_and_says_when_it_was_cut() {
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let original = Original {
+            subject: "council.tasks.DEV",
+            sequence: 7,
+            payload: &payload,
+            deliveries: 1,
+        };
+        for limit in [1024, 4096, 65_536, 1_048_576] {
+            let letter = DeadLetter::new(
+                "oversized",
+                "é".repeat(10_000),
+                Some("T-1".into()),
+                original,
+                "host:1:2",
+                limit,
+            );
+            let json = serde_json::to_vec(&letter).expect("json");
+            assert!(
+                json.len() <= limit,
+                "limit {limit}: the letter is {} bytes",
+                json.len()
+            );
+            assert!(letter.original_truncated, "limit {limit}");
+            assert_eq!(letter.original_bytes, 1_000_000);
+            assert!(letter.reason.len() <= MAX_REASON.min(limit / 4));
+            assert!(letter.reason.ends_with('…'));
+            let kept = base64::engine::general_purpose::STANDARD
+                .decode(&letter.original_base64)
+                .expect("base64");
+            assert_eq!(
+                &payload[..kept.len()],
+                &kept[..],
+                "a prefix of the original"
+            );
+            if limit >= 65_536 {
+                assert!(kept.len() > limit / 2, "limit {limit}: kept {}", kept.len());
+            }
+        }
+        let small = DeadLetter::new(
+            "malformed",
+            "bad".into(),
+            None,
+            Original {
+                payload: b"{oops",
+                ..original
+            },
+            "i",
+            1_048_576,
+        );
+        assert!(!small.original_truncated);
+        assert_eq!(small.original_base64, "e29vcHM=");
     }
 }

@@ -15,11 +15,12 @@ pub mod setup;
 pub mod task;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{AckKind, Context};
 use bytes::Bytes;
@@ -32,8 +33,9 @@ use tokio_stream::StreamExt;
 use crate::nats::error_chain;
 use crate::service::runs::{Runner, Started};
 use crate::service::status::ServiceError;
-use crate::store::{effective, is_finished, now_ms};
-use event::{DeadLetter, EventContext};
+use crate::store::{StoreError, effective, is_finished, now_ms};
+use council_proto::council::store::v1::DeliberationRecord;
+use event::{DeadLetter, EventContext, Original};
 use task::{Task, TaskError};
 
 /// Streams, subjects and worker settings (defaults as documented in docs/DISPATCH.md).
@@ -145,18 +147,70 @@ impl Prepared {
 }
 
 /// What to tell JetStream about a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Disposition {
     Ack,
-    /// Redeliver after the delay (none: at once, e.g. to another replica at shutdown).
-    Nak(Option<Duration>),
+    /// Another try may succeed: redeliver after the delay (none: at once). Never the answer to
+    /// a last delivery: see [`Dispatcher::process`].
+    Retry {
+        delay: Option<Duration>,
+        cause: Cause,
+        reason: String,
+    },
     /// Dead-lettered: never redeliver.
     Term,
 }
 
-/// Deliveries of one task held by this process: the first one runs it, later ones (a
-/// redelivery while it runs) are settled with it.
-type Held = Arc<Mutex<HashMap<String, Vec<Arc<Acker>>>>>;
+/// Why a delivery is handed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The run failed in a way another run may not (backend trouble, a deadline).
+    Run,
+    /// NATS or the store would not answer around the run (reading the record, publishing
+    /// the event or the dead letter): the task's outcome does not depend on it.
+    Io,
+    /// This replica is shutting down: another one takes the task.
+    Shutdown,
+}
+
+/// The deliveries of one message held by this process, with their delivery counts: the first
+/// one is worked on, later ones (a redelivery while it runs) are settled with it.
+type Deliveries = Arc<Mutex<Vec<(Arc<Acker>, u64)>>>;
+
+/// Task ids in hand, and their deliveries.
+type Held = Arc<Mutex<HashMap<String, Deliveries>>>;
+
+/// A lock that a panic elsewhere does not make unusable: what it guards (deliveries to
+/// settle) is still right, and leaving a delivery unsettled is worse.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// In-progress acks for every delivery held, until dropped.
+struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl KeepAlive {
+    fn start(deliveries: Deliveries, every: Duration) -> Self {
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let ackers: Vec<Arc<Acker>> =
+                    lock(&deliveries).iter().map(|(a, _)| a.clone()).collect();
+                for a in &ackers {
+                    let _ = a.ack_with(AckKind::Progress).await;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// The worker: pulls tasks while it has room, runs each through the [`Runner`] and publishes
 /// its one terminal event.
@@ -197,6 +251,18 @@ impl Dispatcher {
         crate::nats::health(&self.client)
     }
 
+    /// Why this replica cannot run a task now, if it cannot: its backend or store is down.
+    fn cannot_run(&self) -> Option<String> {
+        if let Some(reason) = self.runner.backend().health().problem() {
+            return Some(format!("backend: {reason}"));
+        }
+        self.runner
+            .store()
+            .health()
+            .err()
+            .map(|reason| format!("store: {reason}"))
+    }
+
     /// The connection, to drain at the very end.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
@@ -208,8 +274,25 @@ impl Dispatcher {
         let slots = Arc::new(Semaphore::new(self.config.in_flight));
         let mut handlers = JoinSet::new();
         let mut failures = 0u32;
+        let mut paused = false;
         'pull: loop {
             while handlers.try_join_next().is_some() {}
+            // Pull nothing while this replica cannot run it: good tasks would burn their
+            // deliveries here while healthy replicas could take them.
+            if let Some(problem) = self.cannot_run() {
+                if !paused {
+                    tracing::warn!(%problem, "not pulling tasks until the backend and the store are healthy");
+                    paused = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    () = stopped(&mut stop) => break,
+                }
+            }
+            if paused {
+                tracing::info!("healthy again: pulling tasks");
+                paused = false;
+            }
             // Wait for room before asking for anything: what we pull, we work on at once.
             let first = tokio::select! {
                 p = slots.clone().acquire_owned() => match p {
@@ -284,14 +367,22 @@ impl Dispatcher {
     }
 
     /// Naks (no delay) what an abandoned pull request still delivers, so another replica takes
-    /// it now instead of after `ack_wait`.
-    async fn hand_back(&self, mut batch: async_nats::jetstream::consumer::pull::Batch) {
+    /// it now instead of after `ack_wait`; a message on its last delivery is handled instead (a
+    /// nak would lose it), which at shutdown dead-letters it with the reason.
+    async fn hand_back(self: &Arc<Self>, mut batch: async_nats::jetstream::consumer::pull::Batch) {
         let until = tokio::time::Instant::now() + Duration::from_secs(6);
         while let Ok(Some(m)) = tokio::time::timeout_at(until, batch.next()).await {
             match m {
                 Ok(m) => {
-                    let _ = m.ack_with(AckKind::Nak(None)).await;
-                    self.runner.metrics().dispatched("handed_over");
+                    let last = m
+                        .info()
+                        .is_ok_and(|i| i.delivered >= self.config.max_deliver);
+                    if last {
+                        self.clone().handle(m).await;
+                    } else {
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                        self.runner.metrics().dispatched("handed_over");
+                    }
                 }
                 Err(_) => break,
             }
@@ -305,131 +396,264 @@ impl Dispatcher {
             .unwrap_or((1, 0));
         let subject = message.subject.to_string();
         let (message, acker) = message.split();
-        let payload = message.payload;
+        let acker = Arc::new(acker);
         let c = &self.config;
-        let task = match task::parse(&payload, &subject, &c.tasks_prefix, c.max_task_bytes, |s| {
-            c.captured(s)
-        }) {
-            Ok(t) => t,
-            Err(e) => {
-                let bad = Delivery {
-                    subject: &subject,
-                    sequence,
-                    payload: &payload,
-                    delivered,
-                };
-                let d = self.reject(&e, bad).await;
-                self.settle(vec![Arc::new(acker)], d).await;
-                return;
+        let parsed = task::parse(
+            &message.payload,
+            &subject,
+            &c.tasks_prefix,
+            c.max_task_bytes,
+            |s| c.captured(s),
+        );
+        let deliveries: Deliveries = Arc::new(Mutex::new(vec![(acker, delivered)]));
+        let id = match &parsed {
+            Ok(task) => {
+                let id = task.id().to_owned();
+                let mut held = lock(&self.held);
+                if let Some(running) = held.get(&id) {
+                    // A redelivery of a task this process is running: settled with the first.
+                    tracing::info!(task_id = %id, delivered, "redelivered while running here");
+                    let mine = lock(&deliveries).drain(..).collect::<Vec<_>>();
+                    lock(running).extend(mine);
+                    return;
+                }
+                held.insert(id.clone(), deliveries.clone());
+                Some(id)
             }
+            Err(_) => None,
         };
-        let id = task.id().to_owned();
-        {
-            let Ok(mut held) = self.held.lock() else {
-                return;
-            };
-            if let Some(ackers) = held.get_mut(&id) {
-                // A redelivery of a task this process is running: settled with the first.
-                tracing::info!(task_id = %id, delivered, "redelivered while running here");
-                ackers.push(Arc::new(acker));
-                return;
-            }
-            held.insert(id.clone(), vec![Arc::new(acker)]);
-        }
-        // In-progress acks for every delivery held, for as long as the task is in hand.
-        let keepalive = {
-            let held = self.held.clone();
-            let id = id.clone();
-            let every = c.progress_every();
+        let _keepalive = KeepAlive::start(deliveries.clone(), c.progress_every());
+        let msg = Delivery {
+            subject,
+            sequence,
+            payload: message.payload,
+            deliveries: deliveries.clone(),
+        };
+        // The work runs in a task of its own: a panic in it is caught here, and the delivery
+        // is still settled.
+        let work = {
+            let me = self.clone();
+            let msg = msg.clone();
+            let parsed = parsed.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let ackers: Vec<Arc<Acker>> = held
-                        .lock()
-                        .ok()
-                        .and_then(|h| h.get(&id).cloned())
-                        .unwrap_or_default();
-                    for a in &ackers {
-                        let _ = a.ack_with(AckKind::Progress).await;
-                    }
+                match &parsed {
+                    Ok(task) => me.process(task, &msg).await,
+                    Err(e) => me.reject(e, &msg).await,
                 }
             })
         };
-        let bad = Delivery {
-            subject: &subject,
-            sequence,
-            payload: &payload,
-            delivered,
+        let d = match work.await {
+            Ok(d) => d,
+            Err(e) => {
+                let why = panic_text(e);
+                tracing::error!(seq = sequence, error = %why, "handling a task panicked; dead-lettering it");
+                self.runner.metrics().dispatched("panicked");
+                self.last_resort(
+                    parsed.as_ref().ok(),
+                    &msg,
+                    "internal",
+                    format!("the worker failed: {why}"),
+                )
+                .await
+            }
         };
-        let d = self.process(&task, bad).await;
-        keepalive.abort();
-        let ackers = self
-            .held
-            .lock()
-            .ok()
-            .and_then(|mut h| h.remove(&id))
-            .unwrap_or_default();
+        if let Some(id) = &id {
+            lock(&self.held).remove(id);
+        }
+        let ackers: Vec<Arc<Acker>> = lock(&deliveries).drain(..).map(|(a, _)| a).collect();
         self.settle(ackers, d).await;
     }
 
-    /// Runs (or recognises) one valid task and publishes its terminal event.
-    async fn process(&self, task: &Task, msg: Delivery<'_>) -> Disposition {
-        let id = task.id();
-        let ctx = EventContext {
-            task_id: id.to_owned(),
+    /// Runs (or recognises) one valid task and publishes its terminal event. A last delivery
+    /// is never handed back: a failed run is dead-lettered, and NATS or store trouble is
+    /// waited out in place (in-progress acks keep the delivery; none is spent).
+    async fn process(&self, task: &Task, msg: &Delivery) -> Disposition {
+        let mut waited = false;
+        let mut io_wait = Duration::from_millis(500);
+        let mut in_place = None;
+        loop {
+            let ctx = self.context(task, msg);
+            // The permanent guard: what the record says about this task.
+            let d = match self.guard(task, &ctx, msg).await {
+                Some(d) => d,
+                None => match self.deliberate(task, &ctx, msg).await {
+                    Some(d) => d,
+                    None if self.runner.is_draining() => {
+                        self.runner.metrics().dispatched("handed_over");
+                        Disposition::Retry {
+                            delay: None,
+                            cause: Cause::Shutdown,
+                            reason: format!(
+                                "replica {} shut down before it could run the task",
+                                self.instance
+                            ),
+                        }
+                    }
+                    None => {
+                        // Another replica's record is live, or no slot is free: hold the
+                        // delivery (in-progress acks keep it ours, without spending
+                        // deliveries) until that record finishes or its heartbeat stops, or a
+                        // slot frees up.
+                        if !waited {
+                            self.runner.metrics().dispatched("waited");
+                            waited = true;
+                        }
+                        tokio::time::sleep(
+                            self.config.progress_every().min(Duration::from_secs(2)),
+                        )
+                        .await;
+                        continue;
+                    }
+                },
+            };
+            let Disposition::Retry { cause, reason, .. } = &d else {
+                return d;
+            };
+            if !self.is_last(msg) {
+                return d;
+            }
+            // The last delivery: a failed run cannot be tried again, and NATS or store trouble
+            // is waited out in place (the delivery held) for a while; then the dead letter
+            // says why the task could not be handled.
+            let since = *in_place.get_or_insert_with(tokio::time::Instant::now);
+            if matches!(cause, Cause::Run | Cause::Shutdown)
+                || since.elapsed() > self.last_delivery_patience()
+            {
+                let reason = format!(
+                    "{reason} (delivery {} of {})",
+                    msg.delivered(),
+                    self.config.max_deliver
+                );
+                return self.dead_end_in_place(task, msg, reason).await;
+            }
+            if self.runner.is_draining() {
+                tracing::error!(task_id = %task.id(), %reason, "shutting down on the last delivery with NATS or the store away: the task stays in the stream, unanswered");
+                return d;
+            }
+            tracing::warn!(task_id = %task.id(), %reason, "last delivery: retrying in place");
+            tokio::time::sleep(io_wait).await;
+            io_wait = (io_wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Dead-letters a task on its last delivery, waiting out NATS trouble in place (the dead
+    /// letter's id makes a second copy a duplicate) until it is out or the process stops.
+    async fn dead_end_in_place(&self, task: &Task, msg: &Delivery, reason: String) -> Disposition {
+        let mut wait = Duration::from_millis(500);
+        loop {
+            let ctx = self.context(task, msg);
+            let d = self
+                .dead_end(
+                    task,
+                    &ctx,
+                    msg,
+                    "retries_exhausted",
+                    reason.clone(),
+                    now_ms(),
+                )
+                .await;
+            if !matches!(d, Disposition::Retry { .. }) || self.runner.is_draining() {
+                return d;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The event context of `task` at this delivery.
+    fn context(&self, task: &Task, msg: &Delivery) -> EventContext {
+        EventContext {
+            task_id: task.id().to_owned(),
             story_id: task.story_id().unwrap_or_default().to_owned(),
             role: task.role.clone(),
             correlation: task.message.correlation.clone(),
-            delivery: msg.delivered,
-        };
-        let mut waited = false;
-        loop {
-            // The permanent guard: what the record says about this task.
-            if let Some(d) = self.guard(task, &ctx, &msg).await {
-                return d;
-            }
-            match self.deliberate(task, &ctx, &msg).await {
-                Some(d) => return d,
+            delivery: msg.delivered(),
+        }
+    }
+
+    /// How long a last delivery waits out NATS or store trouble before the task is
+    /// dead-lettered: two ack waits.
+    fn last_delivery_patience(&self) -> Duration {
+        self.config.ack_wait * 2
+    }
+
+    /// Whether the newest delivery held is the last JetStream will make.
+    fn is_last(&self, msg: &Delivery) -> bool {
+        msg.delivered() as i64 >= self.config.max_deliver
+    }
+
+    /// What ends a message after this process failed at handling it (a panic): its dead letter
+    /// and, for a valid task, its failed event. Runs in a task of its own, so that a second
+    /// panic only hands the delivery back.
+    async fn last_resort(
+        self: &Arc<Self>,
+        task: Option<&Task>,
+        msg: &Delivery,
+        class: &'static str,
+        reason: String,
+    ) -> Disposition {
+        let me = self.clone();
+        let task = task.cloned();
+        let msg2 = msg.clone();
+        let reason2 = reason.clone();
+        let ended = tokio::spawn(async move {
+            match &task {
+                Some(task) => {
+                    let ctx = me.context(task, &msg2);
+                    me.dead_end(task, &ctx, &msg2, class, reason2, now_ms())
+                        .await
+                }
                 None => {
-                    // Another replica's record is live, or no slot is free: hold the delivery
-                    // (in-progress acks keep it ours, without spending deliveries) until that
-                    // record finishes or its heartbeat stops, or a slot frees up.
-                    if !waited {
-                        self.runner.metrics().dispatched("waited");
-                        waited = true;
+                    let letter = me.letter(class, reason2, None, &msg2);
+                    if me.dead_letter(&letter, &msg2).await {
+                        Disposition::Term
+                    } else {
+                        me.io_retry(&msg2, "could not dead-letter")
                     }
-                    if self.runner.is_draining() {
-                        return Disposition::Nak(None);
-                    }
-                    tokio::time::sleep(self.config.progress_every().min(Duration::from_secs(2)))
-                        .await;
                 }
             }
+        })
+        .await;
+        ended.unwrap_or_else(|e| {
+            tracing::error!(error = %panic_text(e), "dead-lettering after a failure panicked too");
+            Disposition::Retry {
+                delay: Some(self.config.retry_delay(msg.delivered())),
+                cause: Cause::Io,
+                reason,
+            }
+        })
+    }
+
+    /// A retry for NATS or store trouble.
+    fn io_retry(&self, msg: &Delivery, reason: impl Into<String>) -> Disposition {
+        Disposition::Retry {
+            delay: Some(self.config.retry_delay(msg.delivered())),
+            cause: Cause::Io,
+            reason: reason.into(),
         }
     }
 
     /// What the task's record says to do, if it says anything: ack a duplicate, publish the
     /// event of a completed run, dead-letter a permanent failure.
-    async fn guard(
-        &self,
-        task: &Task,
-        ctx: &EventContext,
-        msg: &Delivery<'_>,
-    ) -> Option<Disposition> {
+    async fn guard(&self, task: &Task, ctx: &EventContext, msg: &Delivery) -> Option<Disposition> {
         let id = task.id();
         let metrics = self.runner.metrics().clone();
         match self.runner.store().record(id).await {
+            Err(e @ StoreError::Corrupt { .. }) => {
+                // It would not read any better next time.
+                let reason = format!("the task's record cannot be read: {e}");
+                return Some(
+                    self.dead_end(task, ctx, msg, "failed", reason, now_ms())
+                        .await,
+                );
+            }
             Err(e) => {
                 tracing::warn!(task_id = %id, error = %e, "cannot read the record; retrying later");
                 metrics.dispatched("retried");
-                return Some(Disposition::Nak(Some(
-                    self.config.retry_delay(msg.delivered),
-                )));
+                return Some(self.io_retry(msg, format!("cannot read the task's record: {e}")));
             }
             Ok(Some(record)) if record.published_at_ms > 0 => {
-                tracing::info!(task_id = %id, delivered = msg.delivered, "duplicate delivery: its event is out already");
+                tracing::info!(task_id = %id, delivered = msg.delivered(), "duplicate delivery: its event is out already");
                 metrics.dispatched("duplicate");
                 return Some(Disposition::Ack);
             }
@@ -447,11 +671,12 @@ impl Dispatcher {
                             ctx.completed(response),
                             Disposition::Ack,
                             record.updated_at_ms,
+                            msg,
                         )
                         .await,
                     );
                 }
-                if is_finished(&record) && !record.retryable {
+                if is_finished(&record) && !record.retryable && record.rejected_sequence == 0 {
                     let reason = record.error_message.clone();
                     return Some(
                         self.dead_end(task, ctx, msg, "failed", reason, record.updated_at_ms)
@@ -471,7 +696,7 @@ impl Dispatcher {
         &self,
         task: &Task,
         ctx: &EventContext,
-        msg: &Delivery<'_>,
+        msg: &Delivery,
     ) -> Option<Disposition> {
         let id = task.id();
         let metrics = self.runner.metrics().clone();
@@ -505,15 +730,20 @@ impl Dispatcher {
                     ctx.completed(&response),
                     Disposition::Ack,
                     now_ms(),
+                    msg,
                 )
                 .await
             }
             Err(ServiceError::ShuttingDown) => {
                 tracing::info!(task_id = %id, "shutting down: handing the task to another replica");
                 metrics.dispatched("handed_over");
-                Disposition::Nak(None)
+                Disposition::Retry {
+                    delay: None,
+                    cause: Cause::Shutdown,
+                    reason: format!("replica {} shut down while running the task", self.instance),
+                }
             }
-            Err(e @ ServiceError::AlreadyRunning(_)) => {
+            Err(e @ (ServiceError::AlreadyRunning(_) | ServiceError::TakenOver(_))) => {
                 tracing::info!(task_id = %id, error = %e, "running elsewhere; waiting for that run");
                 return None;
             }
@@ -522,28 +752,60 @@ impl Dispatcher {
                 tracing::info!(task_id = %id, error = %e, "no free deliberation slot; waiting");
                 return None;
             }
-            Err(e) if e.is_retryable() && (msg.delivered as i64) < self.config.max_deliver => {
-                let delay = self.config.retry_delay(msg.delivered);
-                tracing::warn!(task_id = %id, delivered = msg.delivered, error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying later");
+            Err(e @ ServiceError::Store(StoreError::Unavailable { .. })) => {
+                tracing::warn!(task_id = %id, error = %e, "the store is unavailable; retrying later");
                 metrics.dispatched("retried");
-                Disposition::Nak(Some(delay))
+                self.io_retry(msg, e.to_string())
+            }
+            Err(e) if e.is_retryable() => {
+                let delay = self.config.retry_delay(msg.delivered());
+                tracing::warn!(task_id = %id, delivered = msg.delivered(), error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying later");
+                metrics.dispatched("retried");
+                Disposition::Retry {
+                    delay: Some(delay),
+                    cause: Cause::Run,
+                    reason: e.to_string(),
+                }
             }
             Err(e) => {
                 let class = match &e {
                     ServiceError::UnknownRole(_) => "unknown_council",
                     ServiceError::InvalidArgument { .. } => "invalid",
-                    _ if e.is_retryable() => "retries_exhausted",
                     _ => "failed",
                 };
-                let reason = if class == "retries_exhausted" {
-                    format!("{e} (after {} deliveries)", msg.delivered)
-                } else {
-                    e.to_string()
-                };
-                self.dead_end(task, ctx, msg, class, reason, now_ms()).await
+                self.dead_end(task, ctx, msg, class, e.to_string(), now_ms())
+                    .await
             }
         };
         Some(d)
+    }
+
+    /// A dead letter for this delivery.
+    fn letter(
+        &self,
+        class: &str,
+        reason: String,
+        task_id: Option<String>,
+        msg: &Delivery,
+    ) -> DeadLetter {
+        DeadLetter::new(
+            class,
+            reason,
+            task_id,
+            Original {
+                subject: &msg.subject,
+                sequence: msg.sequence,
+                payload: &msg.payload,
+                deliveries: msg.delivered(),
+            },
+            &self.instance,
+            self.max_letter_bytes(),
+        )
+    }
+
+    /// The largest message this connection may publish, less room for headers.
+    fn max_letter_bytes(&self) -> usize {
+        (self.client.server_info().max_payload).saturating_sub(LETTER_HEADROOM)
     }
 
     /// A valid task that will not complete: its dead letter, its failed event, then `Term`.
@@ -551,28 +813,26 @@ impl Dispatcher {
         &self,
         task: &Task,
         ctx: &EventContext,
-        msg: &Delivery<'_>,
+        msg: &Delivery,
         class: &str,
         reason: String,
         since_ms: i64,
     ) -> Disposition {
         tracing::warn!(task_id = %task.id(), class, %reason, "dead-lettering the task");
-        let letter = DeadLetter::new(
-            class,
-            reason.clone(),
-            Some(task.id().to_owned()),
-            msg.subject,
-            msg.sequence,
-            msg.payload,
-            msg.delivered,
-            &self.instance,
-        );
+        let letter = self.letter(class, reason.clone(), Some(task.id().to_owned()), msg);
         if !self.dead_letter(&letter, msg).await {
-            return Disposition::Nak(Some(self.config.retry_delay(msg.delivered)));
+            return self.io_retry(msg, "could not publish the dead letter");
         }
-        let event = ctx.failed(class, reason, msg.delivered);
-        self.finish(Target::of(task), event, Disposition::Term, since_ms)
-            .await
+        // The dead letter is the task's answer; its failed event tells the orchestrator that
+        // waits on the id, and is not worth a second dead letter when it cannot go out.
+        let event = ctx.failed(class, reason, msg.delivered());
+        let d = self
+            .finish(Target::of(task), event, Disposition::Term, since_ms, msg)
+            .await;
+        if let Disposition::Retry { reason, .. } = d {
+            tracing::warn!(task_id = %task.id(), %reason, "dead-lettered without its failed event");
+        }
+        Disposition::Term
     }
 
     /// Publishes the terminal event of `task` unless it is out already, marks the record,
@@ -583,6 +843,7 @@ impl Dispatcher {
         event: event::TaskEvent,
         then: Disposition,
         since_ms: i64,
+        msg: &Delivery,
     ) -> Disposition {
         let id = task.id;
         let subject = task.result_subject.map(str::to_owned).unwrap_or_else(|| {
@@ -600,7 +861,7 @@ impl Dispatcher {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(task_id = %id, error = %e, "cannot search the events stream; retrying later");
-                    return Disposition::Nak(Some(self.config.retry_delay(event.delivery)));
+                    return self.io_retry(msg, format!("cannot search the events stream: {e}"));
                 }
             }
         } else {
@@ -620,51 +881,83 @@ impl Dispatcher {
                         }
                         ack.sequence
                     }
+                    Err(e) if e.refused => {
+                        // It will never fit: the dead letter says so; the record keeps the
+                        // outcome (GetDeliberationResult serves it).
+                        let reason = format!(
+                            "the events stream refused its {} event: {}",
+                            event.event_type, e.reason
+                        );
+                        tracing::error!(task_id = %id, %reason, "dead-lettering");
+                        let letter = self.letter("event_refused", reason, Some(id.to_owned()), msg);
+                        return if self.dead_letter(&letter, msg).await {
+                            Disposition::Term
+                        } else {
+                            self.io_retry(msg, "could not publish the dead letter")
+                        };
+                    }
                     Err(e) => {
-                        tracing::warn!(task_id = %id, error = %e, "could not publish the event; retrying later");
-                        return Disposition::Nak(Some(self.config.retry_delay(event.delivery)));
+                        tracing::warn!(task_id = %id, error = %e.reason, "could not publish the event; retrying later");
+                        return self
+                            .io_retry(msg, format!("could not publish the event: {}", e.reason));
                     }
                 }
             }
         };
-        self.mark_published(id, task.role, sequence).await;
+        self.mark_published(id, task.role, sequence, task.rejected)
+            .await;
         then
     }
 
-    /// Records that the task's event is out, so later deliveries are acked without work.
-    async fn mark_published(&self, id: &str, role: &str, sequence: u64) {
+    /// Records that the task's event is out, so later deliveries are acked without work. Every
+    /// write is a compare-and-set: `rejected` (the tasks stream's sequence of a message that
+    /// was not a valid task) marks only the record written for that message, never a record
+    /// of a task that was accepted meanwhile.
+    async fn mark_published(&self, id: &str, role: &str, sequence: u64, rejected: u64) {
         let store = self.runner.store();
-        for attempt in 0..20u32 {
+        for attempt in 0..MARK_ATTEMPTS {
             let now = now_ms();
-            let written = match store.record(id).await {
-                Ok(Some(mut r)) => {
+            let written = match store.record_at(id).await {
+                Ok(Some((r, _))) if rejected > 0 && r.rejected_sequence != rejected => {
+                    tracing::info!(task_id = %id, "the task id's record is another message's now; not marking it");
+                    return;
+                }
+                Ok(Some((mut r, revision))) => {
                     r.published_at_ms = now;
                     r.event_sequence = sequence;
                     r.updated_at_ms = now;
-                    store.update_record(r).await
+                    if r.rejected_sequence > 0 {
+                        r.status = DeliberationStatus::Failed as i32;
+                    }
+                    store.write_record_at(r, revision).await
+                }
+                Ok(None) if rejected > 0 => {
+                    tracing::info!(task_id = %id, "the rejected message's record is gone; not marking it");
+                    return;
                 }
                 Ok(None) => {
                     // Dead-lettered before any run: keep a finished record as the guard.
-                    store
-                        .update_record(council_proto::council::store::v1::DeliberationRecord {
-                            task_id: id.to_owned(),
-                            role: role.to_owned(),
-                            status: DeliberationStatus::Failed as i32,
-                            created_at_ms: now,
-                            updated_at_ms: now,
-                            deadline_at_ms: now,
-                            error_message: "dead-lettered".into(),
-                            instance_id: self.instance.clone(),
-                            published_at_ms: now,
-                            event_sequence: sequence,
-                            ..Default::default()
-                        })
-                        .await
+                    let r = DeliberationRecord {
+                        task_id: id.to_owned(),
+                        role: role.to_owned(),
+                        status: DeliberationStatus::Failed as i32,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                        deadline_at_ms: now,
+                        error_message: "dead-lettered".into(),
+                        instance_id: self.instance.clone(),
+                        published_at_ms: now,
+                        event_sequence: sequence,
+                        ..Default::default()
+                    };
+                    store.write_record_at(r, 0).await
                 }
                 Err(e) => Err(e),
             };
             match written {
-                Ok(()) => return,
+                Ok(Some(_)) => return,
+                // Changed since it was read: read it again.
+                Ok(None) => {}
                 Err(e) => {
                     if attempt == 0 {
                         tracing::warn!(task_id = %id, error = %e, "cannot mark the event published yet; retrying");
@@ -683,9 +976,17 @@ impl Dispatcher {
         subject: &str,
         msg_id: &str,
         body: Bytes,
-    ) -> Result<async_nats::jetstream::publish::PublishAck, String> {
+    ) -> Result<async_nats::jetstream::publish::PublishAck, PublishFailure> {
         let give_up =
             tokio::time::Instant::now() + self.config.ack_wait.max(Duration::from_secs(10));
+        // async-nats panics on a header value it cannot send; task ids are checked when a
+        // message is parsed, and this keeps any other id from reaching the header.
+        if let Err(reason) = task::check_task_id(msg_id) {
+            return Err(PublishFailure {
+                refused: true,
+                reason: format!("{subject}: not a message id: {reason}"),
+            });
+        }
         let mut wait = Duration::from_millis(200);
         loop {
             let mut headers = HeaderMap::new();
@@ -700,9 +1001,18 @@ impl Dispatcher {
             match sent {
                 Ok(ack) => return Ok(ack),
                 Err(e) => {
+                    // Too large for the server, or refused by the stream itself (e.g. its
+                    // message size limit): it would be refused again.
+                    let refused = e.kind() == PublishErrorKind::MaxPayloadExceeded
+                        || std::error::Error::source(&e).is_some_and(|s| {
+                            s.downcast_ref::<async_nats::jetstream::Error>().is_some()
+                        });
                     let e = error_chain(&e);
-                    if tokio::time::Instant::now() + wait > give_up {
-                        return Err(format!("{subject}: {e}"));
+                    if refused || tokio::time::Instant::now() + wait > give_up {
+                        return Err(PublishFailure {
+                            refused,
+                            reason: format!("{subject}: {e}"),
+                        });
                     }
                     tracing::debug!(%subject, error = %e, "publish failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -762,65 +1072,99 @@ impl Dispatcher {
         }
     }
 
-    /// A message that is not a valid task: its dead letter and, when its task id can be read
-    /// and the task has no terminal event yet, a failed event; then `Term`.
-    async fn reject(&self, e: &TaskError, msg: Delivery<'_>) -> Disposition {
-        let salvaged = task::salvage(msg.payload);
+    /// A message that is not a valid task: its dead letter, then `Term`. When its task id can
+    /// be read and no task holds that id, a failed event under that id too: the id is taken
+    /// first with a record of this message (created only where none exists), so the event of
+    /// a message we could not read never takes the place of, or marks, a task we accepted.
+    async fn reject(&self, e: &TaskError, msg: &Delivery) -> Disposition {
+        let mut io_wait = Duration::from_millis(500);
+        loop {
+            let d = self.reject_once(e, msg).await;
+            let Disposition::Retry { reason, .. } = &d else {
+                return d;
+            };
+            if !self.is_last(msg) || self.runner.is_draining() {
+                return d;
+            }
+            // The last delivery: NATS or the store is away; wait it out, the delivery held.
+            tracing::warn!(seq = msg.sequence, %reason, "last delivery of a bad message: retrying in place");
+            tokio::time::sleep(io_wait).await;
+            io_wait = (io_wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn reject_once(&self, e: &TaskError, msg: &Delivery) -> Disposition {
+        let salvaged = task::salvage(&msg.payload);
         let task_id = salvaged.as_ref().map(|s| s.task_id.clone());
-        tracing::warn!(subject = msg.subject, seq = msg.sequence, task_id = task_id.as_deref().unwrap_or("-"), error = %e, "dead-lettering a bad message");
-        let letter = DeadLetter::new(
-            e.class(),
-            e.to_string(),
-            task_id,
-            msg.subject,
-            msg.sequence,
-            msg.payload,
-            msg.delivered,
-            &self.instance,
-        );
-        if !self.dead_letter(&letter, &msg).await {
-            return Disposition::Nak(Some(self.config.retry_delay(msg.delivered)));
+        tracing::warn!(subject = %msg.subject, seq = msg.sequence, task_id = task_id.as_deref().unwrap_or("-"), error = %e, "dead-lettering a bad message");
+        let letter = self.letter(e.class(), e.to_string(), task_id, msg);
+        if !self.dead_letter(&letter, msg).await {
+            return self.io_retry(msg, "could not publish the dead letter");
         }
         let Some(s) = salvaged else {
             return Disposition::Term;
         };
-        match self.runner.store().record(&s.task_id).await {
-            // The id's event is out already (this message reuses a finished task's id).
-            Ok(Some(r)) if r.published_at_ms > 0 => return Disposition::Term,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(task_id = %s.task_id, error = %e, "cannot read the record; retrying later");
-                return Disposition::Nak(Some(self.config.retry_delay(msg.delivered)));
-            }
+        let store = self.runner.store();
+        let now = now_ms();
+        let mine = DeliberationRecord {
+            task_id: s.task_id.clone(),
+            role: s.role.clone(),
+            // Live until its event is out: a valid task with this id waits meanwhile.
+            status: DeliberationStatus::InProgress as i32,
+            created_at_ms: now,
+            updated_at_ms: now,
+            deadline_at_ms: now.saturating_add(2 * self.config.ack_wait.as_millis() as i64),
+            error_message: format!("dead-lettered: {}: {e}", e.class()),
+            instance_id: self.instance.clone(),
+            rejected_sequence: msg.sequence,
+            ..Default::default()
+        };
+        let ours = match store.write_record_at(mine, 0).await {
+            Ok(Some(_)) => true,
+            Ok(None) => match store.record(&s.task_id).await {
+                // Taken by this message on an earlier delivery, its event not yet out.
+                Ok(Some(r)) => r.rejected_sequence == msg.sequence && r.published_at_ms == 0,
+                Ok(None) => false,
+                Err(e) => return self.io_retry(msg, format!("cannot read the task's record: {e}")),
+            },
+            Err(StoreError::Corrupt { .. }) => false,
+            Err(e) => return self.io_retry(msg, format!("cannot write the task's record: {e}")),
+        };
+        if !ours {
+            // The id belongs to a task (running, finished or another bad message): the dead
+            // letter alone answers this message.
+            tracing::info!(task_id = %s.task_id, "the task id is in use: dead letter only");
+            return Disposition::Term;
         }
         let ctx = EventContext {
             task_id: s.task_id.clone(),
             story_id: s.story_id.clone(),
             role: s.role.clone(),
             correlation: s.correlation.clone(),
-            delivery: msg.delivered,
+            delivery: msg.delivered(),
         };
-        let event = ctx.failed(e.class(), e.to_string(), msg.delivered);
+        let event = ctx.failed(e.class(), e.to_string(), msg.delivered());
         let target = Target {
             id: &s.task_id,
             role: &s.role,
             result_subject: None,
+            rejected: msg.sequence,
         };
-        self.finish(target, event, Disposition::Term, now_ms())
+        self.finish(target, event, Disposition::Term, now, msg)
             .await
     }
 
     /// Publishes a dead letter and waits for the DLQ stream's ack.
-    async fn dead_letter(&self, letter: &DeadLetter, msg: &Delivery<'_>) -> bool {
+    async fn dead_letter(&self, letter: &DeadLetter, msg: &Delivery) -> bool {
         let body = Bytes::from(serde_json::to_vec(letter).unwrap_or_default());
-        let id = format!("dlq-{}-{}", self.config.tasks_stream, msg.sequence);
+        let id = format!("dlq-{}", msg.sequence);
         match self.publish(&self.config.dlq_subject, &id, body).await {
             Ok(_) => {
                 self.runner.metrics().dispatched("dead_lettered");
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "could not dead-letter; the message will come again");
+                tracing::error!(error = %e.reason, refused = e.refused, "could not dead-letter; trying again");
                 false
             }
         }
@@ -829,12 +1173,12 @@ impl Dispatcher {
     /// Tells JetStream, for every delivery held, with a confirmed ack where it matters.
     async fn settle(&self, ackers: Vec<Arc<Acker>>, d: Disposition) {
         for acker in ackers {
-            let kind = match d {
+            let kind = match &d {
                 Disposition::Ack => AckKind::Ack,
-                Disposition::Nak(delay) => AckKind::Nak(delay),
+                Disposition::Retry { delay, .. } => AckKind::Nak(*delay),
                 Disposition::Term => AckKind::Term,
             };
-            if matches!(d, Disposition::Nak(_)) {
+            if matches!(d, Disposition::Retry { .. }) {
                 // A lost nak only delays the redelivery to ack_wait.
                 let _ = acker.ack_with(kind).await;
                 continue;
@@ -861,12 +1205,40 @@ impl Dispatcher {
     }
 }
 
+/// Tries of marking a record published (0.25 s more wait after each: about 5 s in all).
+const MARK_ATTEMPTS: u32 = 6;
+
+/// Why a publish failed.
+#[derive(Debug, Clone)]
+struct PublishFailure {
+    /// The server or the stream refused the message itself: it would be refused again.
+    refused: bool,
+    reason: String,
+}
+
+/// Room left in a dead letter's message for its headers.
+const LETTER_HEADROOM: usize = 1024;
+
+/// What a panic said.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Whose terminal event is published, and where.
 #[derive(Debug, Clone, Copy)]
 struct Target<'a> {
     id: &'a str,
     role: &'a str,
     result_subject: Option<&'a str>,
+    /// The tasks stream's sequence of the bad message this event answers (0: a valid task).
+    rejected: u64,
 }
 
 impl<'a> Target<'a> {
@@ -875,17 +1247,30 @@ impl<'a> Target<'a> {
             id: task.id(),
             role: &task.role,
             result_subject: task.message.result_subject.as_deref(),
+            rejected: 0,
         }
     }
 }
 
-/// The raw delivery: what dead letters and retry delays need.
-#[derive(Debug, Clone, Copy)]
-struct Delivery<'a> {
-    subject: &'a str,
+/// The message as received, and every delivery of it held: what dead letters and retry
+/// delays need.
+#[derive(Clone)]
+struct Delivery {
+    subject: String,
     sequence: u64,
-    payload: &'a [u8],
-    delivered: u64,
+    payload: Bytes,
+    deliveries: Deliveries,
+}
+
+impl Delivery {
+    /// The newest delivery's count (a redelivery while the first runs counts).
+    fn delivered(&self) -> u64 {
+        lock(&self.deliveries)
+            .iter()
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(1)
+    }
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

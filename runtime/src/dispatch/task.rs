@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use council_councils::TaskId;
 use council_proto::fleet::orchestrator::v1 as pb;
 use serde::Deserialize;
 
@@ -137,7 +138,8 @@ pub struct Salvaged {
 pub fn salvage(payload: &[u8]) -> Option<Salvaged> {
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
     let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
-    let task_id = text(value.get("task_id")).filter(|s| !s.trim().is_empty() && s.len() <= 256)?;
+    // Only an id that could name a task: anything else never reaches a header or a record.
+    let task_id = text(value.get("task_id")).filter(|s| check_task_id(s).is_ok())?;
     let correlation: BTreeMap<String, String> = value
         .get("correlation")
         .and_then(|c| c.as_object())
@@ -154,6 +156,21 @@ pub fn salvage(payload: &[u8]) -> Option<Salvaged> {
             .unwrap_or_default(),
         story_id: correlation.get("story_id").cloned().unwrap_or_default(),
         correlation,
+    })
+}
+
+/// The one rule for task ids, of gRPC and NATS alike ([`TaskId`]): 1..=128 bytes of ASCII
+/// letters, digits, `-`, `_`, `.`, `:`. Such an id is safe as a `Nats-Msg-Id` header, a KV key
+/// and a file name. The reason quotes at most the id's first 40 characters.
+pub fn check_task_id(id: &str) -> Result<(), String> {
+    TaskId::new(id).map(|_| ()).map_err(|e| {
+        let shown: String = id.chars().take(40).collect();
+        let more = if shown.len() < id.len() { "…" } else { "" };
+        format!(
+            "task_id {shown:?}{more} ({} bytes) is invalid: {}",
+            id.len(),
+            e.reason
+        )
     })
 }
 
@@ -187,8 +204,8 @@ pub fn parse(
             message.schema
         ));
     }
-    if message.task_id.trim().is_empty() {
-        return invalid("task_id is empty".into());
+    if let Err(reason) = check_task_id(&message.task_id) {
+        return invalid(reason);
     }
     let from_subject = subject
         .strip_prefix(prefix)
@@ -286,7 +303,7 @@ mod tests {
 
     #[test]
     fn every_bad_message_is_classified_with_a_reason() {
-        let cases: [(&str, &str, &str); 7] = [
+        let cases: [(&str, &str, &str); 9] = [
             ("{not json", "malformed", "key must be a string"),
             ("[1,2]", "schema_invalid", "JSON object"),
             (
@@ -302,7 +319,17 @@ mod tests {
             (
                 r#"{"schema":"council.task.v1","task_id":" ","description":"d","role":"DEV"}"#,
                 "schema_invalid",
-                "task_id is empty",
+                "task_id \" \" (1 bytes) is invalid",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"","description":"d","role":"DEV"}"#,
+                "schema_invalid",
+                "is invalid: empty",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"T\r\nX-Evil: 1","description":"d","role":"DEV"}"#,
+                "schema_invalid",
+                "only ASCII letters",
             ),
             (
                 r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","descripton":"typo"}"#,
@@ -340,5 +367,26 @@ mod tests {
         assert_eq!(salvage(b"{oops"), None);
         assert_eq!(salvage(br#"{"task_id":5}"#), None);
         assert_eq!(salvage(br#"{"task_id":"  "}"#), None);
+        // An id no task may have is not salvaged: it never reaches a header or a record.
+        assert_eq!(salvage(b"{\"task_id\":\"a\\r\\nb\"}"), None);
+        assert_eq!(salvage(br#"{"task_id":"a b"}"#), None);
+        let long = format!("{{\"task_id\":\"{}\"}}", "x".repeat(129));
+        assert_eq!(salvage(long.as_bytes()), None);
+        let max = format!("{{\"task_id\":\"{}\"}}", "x".repeat(128));
+        assert!(salvage(max.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn task_ids_follow_the_one_rule_and_reasons_stay_short() {
+        for ok in ["T-1", "a", "story:42.task_7", &"x".repeat(128)] {
+            assert_eq!(check_task_id(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", " ", "a b", "T\r\n", "é", "x/y", &"x".repeat(129)] {
+            assert!(check_task_id(bad).is_err(), "{bad:?}");
+        }
+        let huge = "\n".repeat(100_000);
+        let reason = check_task_id(&huge).expect_err("bad");
+        assert!(reason.len() < 200, "{reason}");
+        assert!(reason.contains("100000 bytes"), "{reason}");
     }
 }

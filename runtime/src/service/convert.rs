@@ -185,6 +185,7 @@ pub fn summary(o: &Outcome) -> pb::DeliberationSummary {
         majority_answer: o.majority_answer.clone().unwrap_or_default(),
         calls: o.usage.calls as i64,
         failed_calls: o.usage.failed_calls as i64,
+        failed_judgements: o.usage.failed_judgements as i64,
         prompt_tokens: o.usage.prompt_tokens as i64,
         completion_tokens: o.usage.completion_tokens as i64,
         failed_agents: o

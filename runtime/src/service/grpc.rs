@@ -249,11 +249,9 @@ impl Orchestrator {
         let status = if self.runner.is_draining() {
             "DRAINING".to_owned()
         } else {
-            match self.runner.backend().health() {
-                council_inference::Health::Ready => "SERVING".to_owned(),
-                council_inference::Health::Unavailable { reason } => {
-                    format!("NOT_SERVING: {reason}")
-                }
+            match self.runner.backend().health().problem() {
+                None => "SERVING".to_owned(),
+                Some(reason) => format!("NOT_SERVING: {reason}"),
             }
         };
         let stats = include_stats.then(|| {

@@ -107,8 +107,10 @@ pub const SERVICE_NAME: &str = "fleet.orchestrator.v1.OrchestratorService";
 pub const READINESS_SERVICES: [&str; 2] = ["", SERVICE_NAME];
 
 /// A health name that is `SERVING` from the moment the gRPC port answers until the process
-/// exits, drain included: it depends on nothing but the process itself, so a liveness probe on
-/// it never restarts a replica because NATS or the model is down.
+/// exits, drain included, unless the backend stopped for good (the engine thread ended): it
+/// depends on nothing outside the process, so a liveness probe on it never restarts a replica
+/// because NATS, the store or a remote model server is down, and always restarts one whose
+/// engine is gone.
 pub const LIVENESS_SERVICE: &str = "liveness";
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
@@ -193,7 +195,16 @@ pub async fn serve(
         let mut stopping = stopping_rx.clone();
         tokio::spawn(async move {
             let mut last = None;
+            let mut alive = true;
             loop {
+                if alive && let Health::Stopped { reason } = readiness.backend.health() {
+                    // Nothing in this process brings the engine back: let the probe restart it.
+                    tracing::error!(%reason, "the backend stopped for good: liveness NOT_SERVING");
+                    reporter
+                        .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
+                        .await;
+                    alive = false;
+                }
                 let problem = readiness.problem();
                 let status = if problem.is_none() {
                     ServingStatus::Serving
@@ -341,7 +352,7 @@ struct Readiness {
 impl Readiness {
     /// Why the service is not ready, if it is not.
     fn problem(&self) -> Option<String> {
-        if let Health::Unavailable { reason } = self.backend.health() {
+        if let Some(reason) = self.backend.health().problem() {
             return Some(format!("backend: {reason}"));
         }
         if let Err(reason) = self.store.health() {
@@ -388,8 +399,21 @@ fn metrics_router(
             }
         }
     };
+    let alive = move || {
+        let stopped = matches!(backend.health(), Health::Stopped { .. });
+        async move {
+            if stopped {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the backend stopped for good\n",
+                )
+            } else {
+                (StatusCode::OK, "ok\n")
+            }
+        }
+    };
     axum::Router::new()
         .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(alive))
         .route("/readyz", get(ready))
 }

@@ -267,8 +267,8 @@ impl Runner {
             ..Default::default()
         };
         // An interrupted earlier run of this task may have left a checkpoint to resume from.
-        let previous = match self.store.claim(record.clone(), now).await? {
-            Claim::Claimed { replaced } => replaced.map(|r| *r),
+        let (previous, revision) = match self.store.claim(record.clone(), now).await? {
+            Claim::Claimed { replaced, revision } => (replaced.map(|r| *r), revision),
             Claim::Existing(existing) => {
                 let existing = effective(*existing, now);
                 if existing.status == DeliberationStatus::Completed as i32
@@ -301,6 +301,7 @@ impl Runner {
             let result = runner
                 .run(RunInput {
                     record,
+                    revision,
                     deliberation,
                     pending,
                     deadline,
@@ -334,6 +335,7 @@ impl Runner {
     async fn run(&self, input: RunInput) -> Result<pb::DeliberateResponse, ServiceError> {
         let RunInput {
             mut record,
+            revision,
             deliberation,
             pending,
             deadline,
@@ -348,8 +350,10 @@ impl Runner {
             Ran(Box<Result<(council_councils::Outcome, driver::Timeline), driver::DriverError>>),
             TimedOut,
             Cancelled(Cancel),
+            TakenOver,
         }
         let checkpoint = Mutex::new(Vec::new());
+        let revision = Mutex::new(revision);
         let ended = {
             let mut on_event = |e: Event| {
                 if let Event::Checkpoint(c) = &e {
@@ -368,7 +372,7 @@ impl Runner {
                     Err(_) => Ended::TimedOut,
                 },
                 c = cancel.cancelled() => Ended::Cancelled(c),
-                never = self.heartbeat(&record, &checkpoint) => match never {},
+                () = self.heartbeat(&record, &checkpoint, &revision) => Ended::TakenOver,
             }
         };
         let duration = started.elapsed();
@@ -386,9 +390,12 @@ impl Runner {
                             duration,
                             seed,
                         )),
-                        OutcomeStatus::Failed { reason } => {
-                            Err(ServiceError::DeliberationFailed(reason.clone()))
-                        }
+                        OutcomeStatus::Failed { reason } => Err(ServiceError::DeliberationFailed {
+                            reason: reason.clone(),
+                            // Only a backend error may go away on another try: the
+                            // deliberation is deterministic for its task.
+                            retryable: outcome.failed_agents.iter().any(|f| f.backend),
+                        }),
                     }
                 }
                 Err(e) => Err(ServiceError::Driver(e)),
@@ -396,11 +403,14 @@ impl Runner {
             Ended::TimedOut => Err(ServiceError::DeadlineExceeded(deadline)),
             Ended::Cancelled(Cancel::Client) => Err(ServiceError::Cancelled),
             Ended::Cancelled(Cancel::Shutdown) => Err(ServiceError::ShuttingDown),
+            Ended::TakenOver => Err(ServiceError::TakenOver(record.task_id.clone())),
         };
         let ending = match &result {
             Ok(_) => Ending::Completed,
             Err(ServiceError::DeadlineExceeded(_)) => Ending::Timeout,
-            Err(ServiceError::Cancelled | ServiceError::ShuttingDown) => Ending::Cancelled,
+            Err(
+                ServiceError::Cancelled | ServiceError::ShuttingDown | ServiceError::TakenOver(_),
+            ) => Ending::Cancelled,
             Err(_) => Ending::Failed,
         };
         record.updated_at_ms = now_ms();
@@ -423,8 +433,9 @@ impl Runner {
                 record.retryable = e.is_retryable();
             }
         }
-        if let Err(e) = self.store.update_record(record.clone()).await {
-            tracing::error!(task_id = %record.task_id, error = %e, "could not write the deliberation record");
+        if !matches!(result, Err(ServiceError::TakenOver(_))) {
+            let revision = revision.lock().map_or(0, |r| *r);
+            self.write_final(&record, revision).await;
         }
         tracing::info!(
             task_id = %record.task_id,
@@ -448,12 +459,15 @@ impl Runner {
     }
 
     /// Refreshes the live record every heartbeat period, so other replicas can tell a running
-    /// deliberation from one whose process died. Never returns.
+    /// deliberation from one whose process died. Every write is a compare-and-set on the
+    /// record's revision; returns only when the record was taken over (another replica judged
+    /// this run dead and claimed the task): from then on this run writes nothing.
     async fn heartbeat(
         &self,
         record: &DeliberationRecord,
         checkpoint: &Mutex<Vec<u8>>,
-    ) -> std::convert::Infallible {
+        revision: &Mutex<u64>,
+    ) {
         let mut tick = tokio::time::interval(self.limits.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -462,8 +476,44 @@ impl Runner {
             let mut r = record.clone();
             r.updated_at_ms = now_ms();
             r.checkpoint = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
-            if let Err(e) = self.store.update_record(r).await {
-                tracing::warn!(task_id = %record.task_id, error = %e, "could not refresh the record's heartbeat");
+            let at = revision.lock().map_or(0, |r| *r);
+            match self.store.write_record_at(r, at).await {
+                Ok(Some(next)) => {
+                    if let Ok(mut rev) = revision.lock() {
+                        *rev = next;
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!(task_id = %record.task_id, "the record was taken over by another replica; stopping this run");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %record.task_id, error = %e, "could not refresh the record's heartbeat");
+                }
+            }
+        }
+    }
+
+    /// Writes the finished record (compare-and-set on the run's revision), retrying while the
+    /// store is unavailable, for up to about a minute: a completed deliberation whose record
+    /// stayed live would read as interrupted and run again.
+    async fn write_final(&self, record: &DeliberationRecord, revision: u64) {
+        let mut wait = Duration::from_millis(200);
+        for attempt in 1..=FINAL_WRITE_ATTEMPTS {
+            match self.store.write_record_at(record.clone(), revision).await {
+                Ok(Some(_)) => return,
+                Ok(None) => {
+                    tracing::warn!(task_id = %record.task_id, "the record was taken over by another replica; not writing this run's end");
+                    return;
+                }
+                Err(e) if attempt < FINAL_WRITE_ATTEMPTS => {
+                    tracing::warn!(task_id = %record.task_id, attempt, error = %e, "could not write the deliberation record; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(8));
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %record.task_id, attempts = attempt, error = %e, "could not write the deliberation record; giving up");
+                }
             }
         }
     }
@@ -543,8 +593,13 @@ impl Runner {
     }
 }
 
+/// Tries of the final record write (backoff 0.2 s doubling to 8 s: about a minute in all).
+const FINAL_WRITE_ATTEMPTS: u32 = 12;
+
 struct RunInput {
     record: DeliberationRecord,
+    /// The claimed record's revision: every write of the run is a compare-and-set on it.
+    revision: u64,
     deliberation: Deliberation,
     /// The calls a restored deliberation was waiting for.
     pending: Option<Vec<LlmCall>>,

@@ -36,8 +36,13 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Driver(#[from] DriverError),
-    #[error("deliberation failed: {0}")]
-    DeliberationFailed(String),
+    /// The deliberation ended without a quorum; `retryable` when a backend error took agents
+    /// out (an empty or unusable reply would come again: the run is deterministic).
+    #[error("deliberation failed: {reason}")]
+    DeliberationFailed { reason: String, retryable: bool },
+    /// Another replica judged this run dead and claimed its task: this run stopped.
+    #[error("task {0} was taken over by another replica")]
+    TakenOver(String),
     /// The run ended without reporting (its task panicked): our bug.
     #[error("the deliberation ended without a result")]
     Lost,
@@ -65,8 +70,15 @@ impl ServiceError {
             ServiceError::Store(StoreError::Unavailable { .. } | StoreError::Corrupt { .. }) => {
                 Status::unavailable(message)
             }
-            // Too many agents failed (usually the backend): retrying can succeed.
-            ServiceError::DeliberationFailed(_) => Status::unavailable(message),
+            // Too many agents failed: retrying can succeed when the backend was the cause.
+            ServiceError::DeliberationFailed {
+                retryable: true, ..
+            } => Status::unavailable(message),
+            // The model's replies were unusable: the same task would fail the same way.
+            ServiceError::DeliberationFailed {
+                retryable: false, ..
+            } => Status::failed_precondition(message),
+            ServiceError::TakenOver(_) => Status::aborted(message),
             // A protocol error between driver and state machine, or a lost run, is our bug.
             ServiceError::Driver(_) | ServiceError::Lost => Status::internal(message),
         }
@@ -80,6 +92,11 @@ impl ServiceError {
                 | ServiceError::UnknownRole(_)
                 | ServiceError::Driver(_)
                 | ServiceError::Lost
+                | ServiceError::Store(StoreError::Corrupt { .. })
+                | ServiceError::DeliberationFailed {
+                    retryable: false,
+                    ..
+                }
         )
     }
 }
@@ -147,9 +164,20 @@ mod tests {
             ),
             (ServiceError::Store(store("down")), Code::Unavailable),
             (
-                ServiceError::DeliberationFailed("quorum".into()),
+                ServiceError::DeliberationFailed {
+                    reason: "quorum".into(),
+                    retryable: true,
+                },
                 Code::Unavailable,
             ),
+            (
+                ServiceError::DeliberationFailed {
+                    reason: "quorum".into(),
+                    retryable: false,
+                },
+                Code::FailedPrecondition,
+            ),
+            (ServiceError::TakenOver("t".into()), Code::Aborted),
             (ServiceError::Lost, Code::Internal),
         ];
         for (e, code) in cases {
@@ -159,5 +187,18 @@ mod tests {
         }
         assert!(ServiceError::ShuttingDown.is_retryable());
         assert!(!invalid("x", "y").is_retryable());
+        // Only what another try can change is retried.
+        let quorum = |retryable| ServiceError::DeliberationFailed {
+            reason: "1 of 3 agents still working".into(),
+            retryable,
+        };
+        assert!(quorum(true).is_retryable());
+        assert!(!quorum(false).is_retryable());
+        assert!(ServiceError::Store(store("down")).is_retryable());
+        let corrupt = StoreError::Corrupt {
+            store: "s".into(),
+            reason: "not a record".into(),
+        };
+        assert!(!ServiceError::Store(corrupt).is_retryable());
     }
 }

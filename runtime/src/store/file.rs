@@ -3,11 +3,15 @@
 //! the old or the new set of councils, never a torn one; each deliberation record in its own
 //! protobuf file written the same way. A lock file keeps a second process out, so records
 //! left live by a crash are known to be interrupted and are marked so at the next start.
+//!
+//! Every read and write of a file runs on tokio's blocking pool, never on an async worker. Record
+//! revisions (for compare-and-set) are kept in memory: the lock makes this process the only
+//! writer, so a revision only has to be unique while it runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use council_councils::{CouncilSpec, Role, TaskId};
 use council_proto::council::store::v1::DeliberationRecord;
@@ -15,19 +19,51 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::dto::CouncilDto;
-use super::{Claim, CouncilStore, Created, StoreError, claimable, interrupted, is_finished};
+use super::{
+    Claim, CouncilStore, Created, StoreError, Versioned, claimable, interrupted, is_finished,
+};
 
 /// The embedded store: a directory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FileStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     dir: PathBuf,
     path: PathBuf,
     records: PathBuf,
     councils: Mutex<BTreeMap<Role, CouncilSpec>>,
-    /// Serialises claims and updates of records.
-    record_lock: Mutex<()>,
+    /// Serialises claims and writes of records; holds their revisions.
+    revisions: Mutex<Revisions>,
     /// Held open for its advisory lock for the store's lifetime.
     _lock: std::fs::File,
+}
+
+/// The revision of every record written by this process; a record on disk it has not written
+/// is at revision 1.
+#[derive(Debug, Default)]
+struct Revisions {
+    of: HashMap<String, u64>,
+    last: u64,
+}
+
+impl Revisions {
+    fn current(&self, task_id: &str, exists: bool) -> u64 {
+        if exists {
+            self.of.get(task_id).copied().unwrap_or(1)
+        } else {
+            0
+        }
+    }
+
+    fn bump(&mut self, task_id: &str) -> u64 {
+        // Unique for the process's life (never reused after a purge), above 1.
+        self.last = self.last.max(1) + 1;
+        self.of.insert(task_id.to_owned(), self.last);
+        self.last
+    }
 }
 
 const FILE_VERSION: u32 = 1;
@@ -70,35 +106,53 @@ impl FileStore {
         };
         let records = dir.join("records");
         std::fs::create_dir_all(&records).map_err(|e| unavailable(&records, e))?;
-        let store = Self {
+        let inner = Inner {
             dir: dir.to_owned(),
             path,
             records,
             councils: Mutex::new(councils),
-            record_lock: Mutex::new(()),
+            revisions: Mutex::new(Revisions::default()),
             _lock: lock,
         };
-        let recovered = store.recover(now_ms)?;
+        let recovered = inner.recover(now_ms)?;
         if recovered > 0 {
             tracing::warn!(
                 recovered,
                 "marked deliberations interrupted by the last stop as failed"
             );
         }
-        Ok(store)
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The store's directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.inner.dir
     }
 
+    /// Runs `f` (file I/O) on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                store: self.inner.dir.display().to_string(),
+                reason: format!("its I/O task ended: {e}"),
+            })?
+    }
+}
+
+impl Inner {
     fn locked(&self) -> Result<MutexGuard<'_, BTreeMap<Role, CouncilSpec>>, StoreError> {
         self.councils.lock().map_err(|_| self.poisoned())
     }
 
-    fn records_locked(&self) -> Result<MutexGuard<'_, ()>, StoreError> {
-        self.record_lock.lock().map_err(|_| self.poisoned())
+    fn records_locked(&self) -> Result<MutexGuard<'_, Revisions>, StoreError> {
+        self.revisions.lock().map_err(|_| self.poisoned())
     }
 
     fn poisoned(&self) -> StoreError {
@@ -187,6 +241,61 @@ impl FileStore {
         }
         Ok(recovered)
     }
+
+    fn record_at(&self, task_id: &str) -> Result<Option<Versioned>, StoreError> {
+        let revisions = self.records_locked()?;
+        let record = self.read_record(&self.record_path(task_id)?)?;
+        Ok(record.map(|r| {
+            let revision = revisions.current(task_id, true);
+            (r, revision)
+        }))
+    }
+
+    fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError> {
+        let mut revisions = self.records_locked()?;
+        let path = self.record_path(&record.task_id)?;
+        let replaced = self.read_record(&path)?;
+        if let Some(existing) = &replaced
+            && !claimable(existing, now_ms)
+        {
+            return Ok(Claim::Existing(Box::new(existing.clone())));
+        }
+        self.write_record(&record)?;
+        Ok(Claim::Claimed {
+            replaced: replaced.map(Box::new),
+            revision: revisions.bump(&record.task_id),
+        })
+    }
+
+    fn write_record_at(
+        &self,
+        record: &DeliberationRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut revisions = self.records_locked()?;
+        let exists = self.record_path(&record.task_id)?.exists();
+        if revisions.current(&record.task_id, exists) != revision {
+            return Ok(None);
+        }
+        self.write_record(record)?;
+        Ok(Some(revisions.bump(&record.task_id)))
+    }
+
+    fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let mut revisions = self.records_locked()?;
+        let mut purged = 0;
+        for path in self.record_files()? {
+            if let Some(record) = self.read_record(&path)?
+                && is_finished(&record)
+                && record.updated_at_ms < before_ms
+            {
+                std::fs::remove_file(&path).map_err(|e| unavailable(&path, e))?;
+                revisions.of.remove(&record.task_id);
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old or the new content: temporary file,
@@ -237,81 +346,76 @@ fn parse_file(path: &Path, bytes: &[u8]) -> Result<BTreeMap<Role, CouncilSpec>, 
 #[tonic::async_trait]
 impl CouncilStore for FileStore {
     async fn list(&self) -> Result<Vec<CouncilSpec>, StoreError> {
-        Ok(self.locked()?.values().cloned().collect())
+        Ok(self.inner.locked()?.values().cloned().collect())
     }
 
     async fn get(&self, role: &Role) -> Result<Option<CouncilSpec>, StoreError> {
-        Ok(self.locked()?.get(role).cloned())
+        Ok(self.inner.locked()?.get(role).cloned())
     }
 
     async fn create(&self, spec: CouncilSpec) -> Result<Created, StoreError> {
-        self.change(|councils| match councils.get(&spec.role) {
-            Some(existing) if *existing == spec => Ok(Created::Unchanged),
-            Some(_) => Err(StoreError::AlreadyExists { role: spec.role }),
-            None => {
-                councils.insert(spec.role.clone(), spec);
-                Ok(Created::New)
-            }
+        self.blocking(move |s| {
+            s.change(|councils| match councils.get(&spec.role) {
+                Some(existing) if *existing == spec => Ok(Created::Unchanged),
+                Some(_) => Err(StoreError::AlreadyExists { role: spec.role }),
+                None => {
+                    councils.insert(spec.role.clone(), spec);
+                    Ok(Created::New)
+                }
+            })
         })
+        .await
     }
 
     async fn delete(&self, role: &Role) -> Result<CouncilSpec, StoreError> {
-        self.change(|councils| {
-            councils
-                .remove(role)
-                .ok_or_else(|| StoreError::NotFound { role: role.clone() })
+        let role = role.clone();
+        self.blocking(move |s| {
+            s.change(|councils| {
+                councils
+                    .remove(&role)
+                    .ok_or_else(|| StoreError::NotFound { role: role.clone() })
+            })
         })
+        .await
     }
 
     async fn replace(&self, expected: &CouncilSpec, new: CouncilSpec) -> Result<(), StoreError> {
-        self.change(|councils| match councils.get(&new.role) {
-            None => Err(StoreError::NotFound { role: new.role }),
-            Some(current) if current != expected => Err(StoreError::Conflict { role: new.role }),
-            Some(_) => {
-                councils.insert(new.role.clone(), new);
-                Ok(())
-            }
+        let expected = expected.clone();
+        self.blocking(move |s| {
+            s.change(|councils| match councils.get(&new.role) {
+                None => Err(StoreError::NotFound { role: new.role }),
+                Some(current) if *current != expected => {
+                    Err(StoreError::Conflict { role: new.role })
+                }
+                Some(_) => {
+                    councils.insert(new.role.clone(), new);
+                    Ok(())
+                }
+            })
         })
+        .await
     }
 
-    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError> {
-        let path = self.record_path(task_id)?;
-        self.read_record(&path)
+    async fn record_at(&self, task_id: &str) -> Result<Option<Versioned>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.blocking(move |s| s.record_at(&task_id)).await
     }
 
     async fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError> {
-        let _guard = self.records_locked()?;
-        let path = self.record_path(&record.task_id)?;
-        let replaced = self.read_record(&path)?;
-        if let Some(existing) = &replaced
-            && !claimable(existing, now_ms)
-        {
-            return Ok(Claim::Existing(Box::new(existing.clone())));
-        }
-        self.write_record(&record)?;
-        Ok(Claim::Claimed {
-            replaced: replaced.map(Box::new),
-        })
+        self.blocking(move |s| s.claim(record, now_ms)).await
     }
 
-    async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError> {
-        let _guard = self.records_locked()?;
-        self.write_record(&record)
+    async fn write_record_at(
+        &self,
+        record: DeliberationRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.blocking(move |s| s.write_record_at(&record, revision))
+            .await
     }
 
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let _guard = self.records_locked()?;
-        let mut purged = 0;
-        for path in self.record_files()? {
-            if let Some(record) = self.read_record(&path)?
-                && is_finished(&record)
-                && record.updated_at_ms < before_ms
-            {
-                std::fs::remove_file(&path).map_err(|e| unavailable(&path, e))?;
-                purged += 1;
-            }
-        }
-        Ok(purged)
+        self.blocking(move |s| s.purge_records(before_ms)).await
     }
 
     fn health(&self) -> Result<(), String> {
@@ -452,9 +556,35 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let store = FileStore::open(dir.path()).expect("opens");
         let live = record("task:1", DeliberationStatus::InProgress, 10);
+        let Claim::Claimed {
+            replaced: None,
+            revision,
+        } = store.claim(live.clone(), 10).await.expect("claim")
+        else {
+            panic!("a new task is claimed")
+        };
+        // Writes are compare-and-set on the revision.
+        let next = store
+            .write_record_at(live.clone(), revision)
+            .await
+            .expect("write")
+            .expect("the owner writes");
         assert_eq!(
-            store.claim(live.clone(), 10).await.expect("claim"),
-            Claim::Claimed { replaced: None }
+            store
+                .write_record_at(live.clone(), revision)
+                .await
+                .expect("write"),
+            None,
+            "a stale revision loses"
+        );
+        assert_eq!(
+            store.write_record_at(live.clone(), 0).await.expect("write"),
+            None,
+            "revision 0 only creates"
+        );
+        assert_eq!(
+            store.record_at("task:1").await.expect("read"),
+            Some((live.clone(), next))
         );
         // A second claim while it runs gets the running record, and writes nothing.
         let again = record("task:1", DeliberationStatus::Pending, 20);
@@ -464,19 +594,19 @@ mod tests {
         );
         let mut done = record("done", DeliberationStatus::Completed, 10);
         done.response = Some(Default::default());
-        assert_eq!(
+        assert!(matches!(
             store.claim(done.clone(), 10).await.expect("claim"),
-            Claim::Claimed { replaced: None }
-        );
+            Claim::Claimed { replaced: None, .. }
+        ));
         let failed = record("failed", DeliberationStatus::Failed, 10);
         store.claim(failed.clone(), 10).await.expect("claim");
         // A failed task may run again.
         let retry = record("failed", DeliberationStatus::InProgress, 30);
-        assert_eq!(
-            store.claim(retry.clone(), 30).await.expect("claim"),
-            Claim::Claimed {
-                replaced: Some(Box::new(failed))
-            },
+        assert!(
+            matches!(
+                store.claim(retry.clone(), 30).await.expect("claim"),
+                Claim::Claimed { replaced: Some(r), .. } if *r == failed
+            ),
             "the failed record it replaced comes back"
         );
         assert_eq!(store.record("failed").await.expect("read"), Some(retry));
@@ -494,10 +624,20 @@ mod tests {
         assert_eq!(interrupted.updated_at_ms, 99);
         assert_eq!(reopened.record("done").await.expect("read"), Some(done));
         // Retention removes finished records older than the cut, nothing else.
+        // A record this process has not written is at revision 1.
+        assert_eq!(
+            reopened
+                .record_at("done")
+                .await
+                .expect("read")
+                .map(|(_, r)| r),
+            Some(1)
+        );
         reopened
-            .update_record(record("live", DeliberationStatus::InProgress, 5))
+            .write_record_at(record("live", DeliberationStatus::InProgress, 5), 0)
             .await
-            .expect("write");
+            .expect("write")
+            .expect("created");
         assert_eq!(reopened.purge_records(50).await.expect("purge"), 1);
         assert!(reopened.record("done").await.expect("read").is_none());
         assert!(reopened.record("live").await.expect("read").is_some());

@@ -17,7 +17,7 @@ use prost::Message;
 use tokio_stream::StreamExt;
 
 use super::dto::CouncilDto;
-use super::{Claim, CouncilStore, Created, StoreError, claimable};
+use super::{Claim, CouncilStore, Created, StoreError, Versioned, claimable};
 use crate::nats::{self, NatsConfig, error_chain};
 
 /// Where the KV store lives.
@@ -402,23 +402,21 @@ impl CouncilStore for KvStore {
         }
     }
 
-    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError> {
-        let key = record_key(task_id);
-        match self
+    async fn record_at(&self, task_id: &str) -> Result<Option<Versioned>, StoreError> {
+        let entry = self
             .records
-            .get(&key)
+            .entry(record_key(task_id))
             .await
-            .map_err(|e| unavailable(&self.name, e))?
-        {
-            Some(bytes) => {
-                DeliberationRecord::decode(bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        store: format!("{} record {task_id}", self.name),
-                        reason: e.to_string(),
-                    })
-            }
-            None => Ok(None),
+            .map_err(|e| unavailable(&self.name, e))?;
+        match entry {
+            Some(e) if e.operation == Operation::Put => DeliberationRecord::decode(e.value)
+                .map(|r| Some((r, e.revision)))
+                .map_err(|err| StoreError::Corrupt {
+                    store: format!("{} record {task_id}", self.name),
+                    reason: err.to_string(),
+                }),
+            // Deleted or purged: no record.
+            _ => Ok(None),
         }
     }
 
@@ -445,7 +443,7 @@ impl CouncilStore for KvStore {
                     self.records
                         .update(&key, value.clone(), e.revision)
                         .await
-                        .map(|_| Some(Box::new(existing)))
+                        .map(|revision| (Some(Box::new(existing)), revision))
                         .map_err(|err| {
                             (
                                 err.kind() == UpdateErrorKind::WrongLastRevision,
@@ -457,7 +455,7 @@ impl CouncilStore for KvStore {
                     .records
                     .create(&key, value.clone())
                     .await
-                    .map(|_| None)
+                    .map(|revision| (None, revision))
                     .map_err(|err| {
                         (
                             err.kind() == CreateErrorKind::AlreadyExists,
@@ -466,7 +464,7 @@ impl CouncilStore for KvStore {
                     }),
             };
             match written {
-                Ok(replaced) => return Ok(Claim::Claimed { replaced }),
+                Ok((replaced, revision)) => return Ok(Claim::Claimed { replaced, revision }),
                 // Another replica claimed it first: look again.
                 Err((true, _)) => continue,
                 Err((false, reason)) => return Err(unavailable(&self.name, reason)),
@@ -478,15 +476,25 @@ impl CouncilStore for KvStore {
         ))
     }
 
-    async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError> {
-        self.records
-            .put(
-                record_key(&record.task_id),
-                Bytes::from(record.encode_to_vec()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable(&self.name, e))
+    async fn write_record_at(
+        &self,
+        record: DeliberationRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = record_key(&record.task_id);
+        let value = Bytes::from(record.encode_to_vec());
+        if revision == 0 {
+            return match self.records.create(&key, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(unavailable(&self.name, e)),
+            };
+        }
+        match self.records.update(&key, value, revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(unavailable(&self.name, e)),
+        }
     }
 
     async fn purge_records(&self, _before_ms: i64) -> Result<usize, StoreError> {

@@ -49,10 +49,15 @@ pub enum Claim {
     /// new run resume).
     Claimed {
         replaced: Option<Box<DeliberationRecord>>,
+        /// The revision of the new record: its owner's writes are compare-and-set on it.
+        revision: u64,
     },
     /// The task already has a live or completed record (as of now); nothing was written.
     Existing(Box<DeliberationRecord>),
 }
+
+/// A record and its revision in the store (for [`CouncilStore::write_record_at`]).
+pub type Versioned = (DeliberationRecord, u64);
 
 /// Where councils and deliberation records live.
 #[tonic::async_trait]
@@ -67,12 +72,23 @@ pub trait CouncilStore: Send + Sync + fmt::Debug {
     async fn replace(&self, expected: &CouncilSpec, new: CouncilSpec) -> Result<(), StoreError>;
 
     /// The record of a task as stored (see [`effective`] for how to read it).
-    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError>;
+    async fn record(&self, task_id: &str) -> Result<Option<DeliberationRecord>, StoreError> {
+        Ok(self.record_at(task_id).await?.map(|(r, _)| r))
+    }
+    /// The record of a task with its revision.
+    async fn record_at(&self, task_id: &str) -> Result<Option<Versioned>, StoreError>;
     /// Writes `record` as its task's record unless the task already has one that is live or
     /// completed (see [`claimable`]), atomically.
     async fn claim(&self, record: DeliberationRecord, now_ms: i64) -> Result<Claim, StoreError>;
-    /// Overwrites the record of `record.task_id` (its owner moving it along).
-    async fn update_record(&self, record: DeliberationRecord) -> Result<(), StoreError>;
+    /// Compare-and-set: writes `record` only while its task's record is still at `revision`
+    /// (0: only while the task has none). The new revision, or `None` when the record changed,
+    /// appeared or went in the meantime: then someone else owns it and the caller must not
+    /// write it. There is no unconditional write.
+    async fn write_record_at(
+        &self,
+        record: DeliberationRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError>;
     /// Deletes finished records last updated before `before_ms`; returns how many went.
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError>;
 
