@@ -21,11 +21,12 @@ pub enum LogFormat {
 }
 
 impl Cli {
-    /// The log filter when RUST_LOG is unset: a service logs its life, a CLI only warnings.
+    /// The log filter when RUST_LOG is unset: a service logs its life, a CLI only warnings and
+    /// the download of a model (minutes on a fresh machine, so it says what it is doing).
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) => "info",
-            _ => "warn",
+            _ => "warn,council_inference::fetch=info",
         }
     }
 }

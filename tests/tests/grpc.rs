@@ -122,6 +122,14 @@ impl CouncilStore for Flaky {
         self.check()?;
         self.inner.write_record_at(record, revision).await
     }
+    async fn write_checkpoint(&self, task_id: &str, checkpoint: Vec<u8>) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.write_checkpoint(task_id, checkpoint).await
+    }
+    async fn read_checkpoint(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check()?;
+        self.inner.read_checkpoint(task_id).await
+    }
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
         self.check()?;
         self.inner.purge_records(before_ms).await

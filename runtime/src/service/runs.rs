@@ -268,7 +268,19 @@ impl Runner {
         };
         // An interrupted earlier run of this task may have left a checkpoint to resume from.
         let (previous, revision) = match self.store.claim(record.clone(), now).await? {
-            Claim::Claimed { replaced, revision } => (replaced.map(|r| *r), revision),
+            Claim::Claimed { replaced, revision } => {
+                let mut previous = replaced.map(|r| *r);
+                if let Some(p) = previous.as_mut().filter(|p| p.checkpoint.is_empty()) {
+                    // Saved beside the record (older records carry it inside).
+                    match self.store.read_checkpoint(&p.task_id).await {
+                        Ok(saved) => p.checkpoint = saved.unwrap_or_default(),
+                        Err(e) => {
+                            tracing::warn!(task_id = %p.task_id, error = %e, "cannot read the checkpoint; starting over");
+                        }
+                    }
+                }
+                (previous, revision)
+            }
             Claim::Existing(existing) => {
                 let existing = effective(*existing, now);
                 if existing.status == DeliberationStatus::Completed as i32
@@ -353,6 +365,8 @@ impl Runner {
             TakenOver,
         }
         let checkpoint = Mutex::new(Vec::new());
+        // The checkpoint as last saved: it is written only when it changed.
+        let saved = Mutex::new(Vec::new());
         let revision = Mutex::new(revision);
         let ended = {
             let mut on_event = |e: Event| {
@@ -372,7 +386,7 @@ impl Runner {
                     Err(_) => Ended::TimedOut,
                 },
                 c = cancel.cancelled() => Ended::Cancelled(c),
-                () = self.heartbeat(&record, &checkpoint, &revision) => Ended::TakenOver,
+                () = self.heartbeat(&record, &checkpoint, &saved, &revision) => Ended::TakenOver,
             }
         };
         let duration = started.elapsed();
@@ -422,7 +436,8 @@ impl Runner {
             Err(e) => {
                 if e.is_retryable() {
                     // Whoever runs the task next resumes from here.
-                    record.checkpoint = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
+                    self.save_checkpoint(&record.task_id, &checkpoint, &saved)
+                        .await;
                 }
                 record.status = if ending == Ending::Timeout {
                     DeliberationStatus::Timeout as i32
@@ -466,6 +481,7 @@ impl Runner {
         &self,
         record: &DeliberationRecord,
         checkpoint: &Mutex<Vec<u8>>,
+        saved: &Mutex<Vec<u8>>,
         revision: &Mutex<u64>,
     ) {
         let mut tick = tokio::time::interval(self.limits.heartbeat);
@@ -473,9 +489,10 @@ impl Runner {
         tick.tick().await;
         loop {
             tick.tick().await;
+            self.save_checkpoint(&record.task_id, checkpoint, saved)
+                .await;
             let mut r = record.clone();
             r.updated_at_ms = now_ms();
-            r.checkpoint = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
             let at = revision.lock().map_or(0, |r| *r);
             match self.store.write_record_at(r, at).await {
                 Ok(Some(next)) => {
@@ -490,6 +507,29 @@ impl Runner {
                 Err(e) => {
                     tracing::warn!(task_id = %record.task_id, error = %e, "could not refresh the record's heartbeat");
                 }
+            }
+        }
+    }
+
+    /// Saves the run's checkpoint beside its record when it changed since the last save.
+    async fn save_checkpoint(
+        &self,
+        task_id: &str,
+        checkpoint: &Mutex<Vec<u8>>,
+        saved: &Mutex<Vec<u8>>,
+    ) {
+        let current = checkpoint.lock().map(|c| c.clone()).unwrap_or_default();
+        if current.is_empty() || saved.lock().is_ok_and(|s| *s == current) {
+            return;
+        }
+        match self.store.write_checkpoint(task_id, current.clone()).await {
+            Ok(()) => {
+                if let Ok(mut s) = saved.lock() {
+                    *s = current;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%task_id, error = %e, "could not save the checkpoint");
             }
         }
     }

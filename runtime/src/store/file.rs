@@ -210,6 +210,11 @@ impl Inner {
         }
     }
 
+    fn checkpoint_path(&self, task_id: &str) -> Result<PathBuf, StoreError> {
+        let record = self.record_path(task_id)?;
+        Ok(record.with_file_name(format!("c-{task_id}.json")))
+    }
+
     fn write_record(&self, record: &DeliberationRecord) -> Result<(), StoreError> {
         let path = self.record_path(&record.task_id)?;
         write_atomically(&path, &record.encode_to_vec())
@@ -290,6 +295,13 @@ impl Inner {
                 && record.updated_at_ms < before_ms
             {
                 std::fs::remove_file(&path).map_err(|e| unavailable(&path, e))?;
+                let checkpoint = self.checkpoint_path(&record.task_id)?;
+                match std::fs::remove_file(&checkpoint) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(unavailable(&checkpoint, e));
+                    }
+                    _ => {}
+                }
                 revisions.of.remove(&record.task_id);
                 purged += 1;
             }
@@ -412,6 +424,25 @@ impl CouncilStore for FileStore {
     ) -> Result<Option<u64>, StoreError> {
         self.blocking(move |s| s.write_record_at(&record, revision))
             .await
+    }
+
+    async fn write_checkpoint(&self, task_id: &str, checkpoint: Vec<u8>) -> Result<(), StoreError> {
+        let task_id = task_id.to_owned();
+        self.blocking(move |s| write_atomically(&s.checkpoint_path(&task_id)?, &checkpoint))
+            .await
+    }
+
+    async fn read_checkpoint(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.blocking(move |s| {
+            let path = s.checkpoint_path(&task_id)?;
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(unavailable(&path, e)),
+            }
+        })
+        .await
     }
 
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError> {
@@ -647,6 +678,40 @@ mod tests {
             reopened.record("../x").await,
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn checkpoints_live_beside_records_and_go_with_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = FileStore::open(dir.path()).expect("opens");
+        assert_eq!(store.read_checkpoint("ck").await.expect("read"), None);
+        store
+            .write_checkpoint("ck", b"{\"steps\":[]}".to_vec())
+            .await
+            .expect("write");
+        store
+            .write_record_at(record("ck", DeliberationStatus::Failed, 5), 0)
+            .await
+            .expect("write")
+            .expect("created");
+        // The record file holds no checkpoint: a heartbeat rewrites only the record.
+        let bytes = std::fs::read(dir.path().join("records/t-ck.pb")).expect("record file");
+        assert!(
+            DeliberationRecord::decode(bytes.as_slice())
+                .expect("decodes")
+                .checkpoint
+                .is_empty()
+        );
+        assert_eq!(
+            store.read_checkpoint("ck").await.expect("read").as_deref(),
+            Some(&b"{\"steps\":[]}"[..])
+        );
+        assert!(matches!(
+            store.write_checkpoint("../x", Vec::new()).await,
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(store.purge_records(10).await.expect("purge"), 1);
+        assert_eq!(store.read_checkpoint("ck").await.expect("read"), None);
     }
 
     #[test]

@@ -70,6 +70,11 @@ fn record_key(task_id: &str) -> String {
     key
 }
 
+fn checkpoint_key(task_id: &str) -> String {
+    // `c` + the record key's hex: never a record key (those start with `t`).
+    format!("c{}", &record_key(task_id)[1..])
+}
+
 fn decode_council(store: &str, key: &str, value: &[u8]) -> Result<CouncilSpec, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         store: format!("{store} key {key}"),
@@ -495,6 +500,22 @@ impl CouncilStore for KvStore {
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(unavailable(&self.name, e)),
         }
+    }
+
+    async fn write_checkpoint(&self, task_id: &str, checkpoint: Vec<u8>) -> Result<(), StoreError> {
+        self.records
+            .put(checkpoint_key(task_id), Bytes::from(checkpoint))
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(&self.name, e))
+    }
+
+    async fn read_checkpoint(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.records
+            .get(checkpoint_key(task_id))
+            .await
+            .map(|v| v.map(|b| b.to_vec()))
+            .map_err(|e| unavailable(&self.name, e))
     }
 
     async fn purge_records(&self, _before_ms: i64) -> Result<usize, StoreError> {

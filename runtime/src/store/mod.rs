@@ -89,6 +89,12 @@ pub trait CouncilStore: Send + Sync + fmt::Debug {
         record: DeliberationRecord,
         revision: u64,
     ) -> Result<Option<u64>, StoreError>;
+    /// Saves the checkpoint of a task's run beside its record, so that heartbeats need not
+    /// rewrite it; runs save it only when it changed. Any checkpoint of a task is a valid
+    /// prefix of its deterministic deliberation, so whoever writes last is right.
+    async fn write_checkpoint(&self, task_id: &str, checkpoint: Vec<u8>) -> Result<(), StoreError>;
+    /// The checkpoint last saved for a task.
+    async fn read_checkpoint(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Deletes finished records last updated before `before_ms`; returns how many went.
     async fn purge_records(&self, before_ms: i64) -> Result<usize, StoreError>;
 
