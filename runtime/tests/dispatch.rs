@@ -1491,3 +1491,114 @@ async fn soak_every_message_ends_exactly_once() {
         assert!(!log.contains("panicked"), "{log}");
     }
 }
+
+/// An OpenAI-compatible server that lists the model and then fails every completion with 503
+/// (a test double of a sick vLLM); returns its base URL. It serves on the test's runtime, which
+/// must have worker threads to spare while the test blocks on starting a worker.
+async fn sick_vllm() -> String {
+    use axum::routing::{get, post};
+    let models = json!({"object": "list", "data": [
+        {"id": council_runtime::model_source::DEFAULT_MODEL, "object": "model", "max_model_len": 4096}
+    ]});
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            get(move || {
+                let body = models.to_string();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    json!({"error": {"message": "sick on purpose"}}).to_string(),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// A replica whose backend is unhealthy (a vLLM server failing every call, its circuit breaker
+/// open) stops pulling: a task published meanwhile stays in the stream for a healthy replica
+/// instead of burning its deliveries here. (Before: the pull loop never looked at the backend.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_replica_pulls_nothing() {
+    let w = World::new(NatsServer::start(), None).await;
+    let url = sick_vllm().await;
+    let config = w.config("w", "max_deliver = 10");
+    let log = std::fs::File::create(w.log_path("w")).expect("log file");
+    let worker = common::serve_args(
+        &[
+            "--vllm-url",
+            &url,
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--log-format",
+            "json",
+        ],
+        Stdio::from(log),
+    );
+    w.publish_task(&task("sick-first", 0, 3)).await;
+    // Its failures open the breaker; readiness follows.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", worker.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects"),
+    );
+    let start = Instant::now();
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status();
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the breaker never opened\n{}",
+            w.log("w")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.publish_task(&task("sick-second", 0, 1)).await;
+    // Well inside the breaker's 10 s: nothing is pulled.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ran_second = w
+        .log("w")
+        .lines()
+        .any(|l| l.contains("deliberation finished") && l.contains("\"task_id\":\"sick-second\""));
+    assert!(
+        !ran_second,
+        "the unhealthy replica ran the new task\n{}",
+        w.log("w")
+    );
+    assert!(
+        w.log("w")
+            .contains("not pulling tasks until the backend and the store are healthy"),
+        "{}",
+        w.log("w")
+    );
+    assert!(w.events_of("sick-second").await.is_empty());
+}

@@ -341,6 +341,22 @@ impl Dispatcher {
                 match next {
                     None => break,
                     Some(Ok(message)) => {
+                        // Unhealthy since the pull request went out: hand the message back
+                        // (a last delivery is handled: at worst it is dead-lettered) and ask
+                        // for nothing more until healthy.
+                        if self.cannot_run().is_some() {
+                            let last = message
+                                .info()
+                                .is_ok_and(|i| i.delivered >= self.config.max_deliver);
+                            if last {
+                                self.clone().handle(message).await;
+                            } else {
+                                let _ = message.ack_with(AckKind::Nak(None)).await;
+                                self.runner.metrics().dispatched("handed_over");
+                            }
+                            self.hand_back(batch).await;
+                            break;
+                        }
                         let Some(permit) = permits.pop() else {
                             // More than asked for: hand it back at once.
                             let _ = message.ack_with(AckKind::Nak(None)).await;

@@ -124,11 +124,17 @@ impl Drop for Served {
 /// `council serve` on free ports with the model in `model` and `extra` flags; returns once it
 /// printed its address.
 pub fn serve_with(model: &str, extra: &[&str], stderr: Stdio) -> Served {
+    let mut args = vec!["--model-dir", model];
+    args.extend_from_slice(extra);
+    serve_args(&args, stderr)
+}
+
+/// `council serve` on free ports with `extra` flags (the model too); returns once it printed
+/// its address.
+pub fn serve_args(extra: &[&str], stderr: Stdio) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_council"))
         .args([
             "serve",
-            "--model-dir",
-            model,
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",
