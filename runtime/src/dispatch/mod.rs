@@ -1293,3 +1293,54 @@ impl Delivery {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while a lock is held does not make the deliveries behind it unreachable: they
+    /// can still be settled.
+    #[test]
+    fn a_poisoned_lock_still_gives_its_contents() {
+        let m = Arc::new(Mutex::new(vec![1, 2, 3]));
+        let poisoner = m.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = poisoner.lock().expect("first");
+            panic!("while holding the lock");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(m.is_poisoned());
+        assert_eq!(*lock(&m), vec![1, 2, 3]);
+        lock(&m).push(4);
+        assert_eq!(lock(&m).len(), 4);
+    }
+
+    /// The in-progress acks stop when their holder is dropped, also when it is dropped by
+    /// unwinding.
+    #[tokio::test]
+    async fn keepalive_stops_when_dropped() {
+        let deliveries: Deliveries = Arc::new(Mutex::new(Vec::new()));
+        let keepalive = KeepAlive::start(deliveries, Duration::from_millis(10));
+        let task = keepalive.0.abort_handle();
+        assert!(!task.is_finished());
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = keepalive;
+            panic!("the handler failed");
+        }));
+        assert!(unwound.is_err());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(task.is_finished(), "in-progress acks went on");
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let c = DispatchConfig {
+            nak_delay: Duration::from_millis(200),
+            max_nak_delay: Duration::from_secs(1),
+            ..DispatchConfig::default()
+        };
+        let delays: Vec<u128> = (1..=5).map(|d| c.retry_delay(d).as_millis()).collect();
+        assert_eq!(delays, vec![200, 400, 800, 1000, 1000]);
+    }
+}
