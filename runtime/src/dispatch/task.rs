@@ -136,6 +136,13 @@ pub struct Salvaged {
 
 /// The task id (and what else can be read) of a message that is not a valid task.
 pub fn salvage(payload: &[u8]) -> Option<Salvaged> {
+    /// Reads `task_id` alone, refusing a message that gives it twice (whose id is ambiguous).
+    #[derive(Deserialize)]
+    struct IdOnce {
+        #[serde(rename = "task_id")]
+        _task_id: serde_json::Value,
+    }
+    serde_json::from_slice::<IdOnce>(payload).ok()?;
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
     let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
     // Only an id that could name a task: anything else never reaches a header or a record.
@@ -157,6 +164,24 @@ pub fn salvage(payload: &[u8]) -> Option<Salvaged> {
         story_id: correlation.get("story_id").cloned().unwrap_or_default(),
         correlation,
     })
+}
+
+/// Whether `subject` can be published to: dot-separated non-empty tokens, no wildcard (`*`,
+/// `>`), no whitespace or control characters, at most 256 bytes.
+fn publish_subject(subject: &str) -> Result<(), &'static str> {
+    if subject.is_empty() || subject.len() > 256 {
+        return Err("must be 1..=256 bytes");
+    }
+    if subject.split('.').any(str::is_empty) {
+        return Err("has an empty token");
+    }
+    if subject
+        .chars()
+        .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+    {
+        return Err("is not a subject one can publish to (wildcards, whitespace)");
+    }
+    Ok(())
 }
 
 /// The one rule for task ids, of gRPC and NATS alike ([`TaskId`]): 1..=128 bytes of ASCII
@@ -195,8 +220,11 @@ pub fn parse(
     if !value.is_object() {
         return Err(TaskError::Invalid("a task is a JSON object".into()));
     }
+    // Typed from the bytes, not from the parsed value: a key given twice (`task_id` "a" then
+    // "b") is refused rather than silently read as its last value, which another reader of
+    // the same message may take as its first.
     let message: TaskMessage =
-        serde_json::from_value(value).map_err(|e| TaskError::Invalid(e.to_string()))?;
+        serde_json::from_slice(payload).map_err(|e| TaskError::Invalid(e.to_string()))?;
     let invalid = |s: String| Err(TaskError::Invalid(s));
     if message.schema != TASK_SCHEMA {
         return invalid(format!(
@@ -231,6 +259,11 @@ pub fn parse(
         return invalid(format!(
             "role {role:?} differs from the subject's {s:?} ({subject})"
         ));
+    }
+    if let Some(rs) = &message.result_subject
+        && let Err(reason) = publish_subject(rs)
+    {
+        return invalid(format!("result_subject {rs:?}: {reason}"));
     }
     if let Some(rs) = &message.result_subject
         && !captured(rs)
@@ -347,6 +380,35 @@ mod tests {
             assert_eq!(e.class(), class, "{json}: {e}");
             assert!(e.to_string().contains(needle), "{json}: {e}");
         }
+        // Keys given twice, and result subjects one cannot publish to.
+        for (json, needle) in [
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","task_id":"b","description":"d","role":"DEV"}"#,
+                "duplicate field `task_id`",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"orchestration.>"}"#,
+                "not a subject one can publish to",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"orchestration.*.done"}"#,
+                "not a subject one can publish to",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"orchestration..x"}"#,
+                "empty token",
+            ),
+            (
+                r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"orchestration.a b"}"#,
+                "not a subject one can publish to",
+            ),
+        ] {
+            let e = p(json, "council.tasks.DEV").expect_err(json);
+            assert_eq!(e.class(), "schema_invalid", "{json}: {e}");
+            assert!(e.to_string().contains(needle), "{json}: {e}");
+        }
+        let ok = r#"{"schema":"council.task.v1","task_id":"a","description":"d","role":"DEV","result_subject":"orchestration.team-a.done"}"#;
+        assert!(p(ok, "council.tasks.DEV").is_ok());
         let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
         let e = p(&big, "council.tasks.DEV").expect_err("too big");
         assert_eq!(e.class(), "oversized");
@@ -370,6 +432,8 @@ mod tests {
         // An id no task may have is not salvaged: it never reaches a header or a record.
         assert_eq!(salvage(b"{\"task_id\":\"a\\r\\nb\"}"), None);
         assert_eq!(salvage(br#"{"task_id":"a b"}"#), None);
+        // An id given twice is ambiguous: not salvaged.
+        assert_eq!(salvage(br#"{"task_id":"a","task_id":"b"}"#), None);
         let long = format!("{{\"task_id\":\"{}\"}}", "x".repeat(129));
         assert_eq!(salvage(long.as_bytes()), None);
         let max = format!("{{\"task_id\":\"{}\"}}", "x".repeat(128));
