@@ -43,6 +43,7 @@ fn request(args: &BenchServiceArgs, level: usize, i: usize) -> pb::DeliberateReq
         constraints: None,
         rounds: args.rounds,
         num_agents: args.agents,
+        review_rounds: Some(args.rounds),
     }
 }
 

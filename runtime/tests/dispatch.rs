@@ -756,6 +756,7 @@ async fn a_full_replica_holds_the_task_until_a_slot_frees() {
                 constraints: None,
                 rounds: 1,
                 num_agents: 3,
+                review_rounds: None,
             })
             .await
     });

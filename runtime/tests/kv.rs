@@ -281,6 +281,7 @@ async fn two_server_processes_share_councils_and_records() {
             constraints: None,
             rounds: 0,
             num_agents: 1,
+            review_rounds: Some(0),
         })
         .await
         .expect("deliberates")

@@ -32,6 +32,7 @@ fn request(task_id: &str, rounds: i32, num_agents: i32) -> pb::DeliberateRequest
         constraints: None,
         rounds,
         num_agents,
+        review_rounds: Some(rounds),
     }
 }
 

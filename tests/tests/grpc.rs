@@ -300,6 +300,7 @@ fn request(task_id: &str, role: &str, rounds: i32) -> pb::DeliberateRequest {
         }),
         rounds,
         num_agents: 3,
+        review_rounds: Some(rounds),
     }
 }
 
@@ -468,7 +469,7 @@ async fn bad_requests_get_precise_codes_before_any_llm_call() {
     let cases: Vec<(pb::DeliberateRequest, Code, &str)> = vec![
         (
             pb::DeliberateRequest {
-                task_id: String::new(),
+                task_id: "a b".into(),
                 ..request("x", "DEV", 1)
             },
             Code::InvalidArgument,
@@ -489,6 +490,7 @@ async fn bad_requests_get_precise_codes_before_any_llm_call() {
         (
             pb::DeliberateRequest {
                 num_agents: 4,
+                review_rounds: None,
                 ..request("x", "DEV", 1)
             },
             Code::InvalidArgument,
@@ -1196,4 +1198,68 @@ async fn liveness_fails_only_when_the_backend_is_gone_for_good() {
     assert_eq!(alive, ServingStatus::NotServing);
     assert_eq!(s.health().await, ServingStatus::NotServing);
     assert_eq!(http_get(s.metrics, "/healthz").await.0, 503);
+}
+
+/// Upstream's defaults: `task_id` is optional (one of upstream's form, `task-<uuid>`, is made
+/// and returned), and an unset `rounds` takes the council's configured rounds (the default
+/// councils: 1); `review_rounds` (ours) asks for 0 explicitly. (Before: an empty id was refused
+/// and an unset `rounds` meant no review at all.)
+#[tokio::test]
+async fn upstream_defaults_for_task_id_and_rounds() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    let made = c
+        .deliberate(pb::DeliberateRequest {
+            task_id: String::new(),
+            review_rounds: Some(0),
+            ..request("ignored", "DEV", 0)
+        })
+        .await
+        .expect("an id is made")
+        .into_inner();
+    let id = made.task_id.clone();
+    let uuid = id.strip_prefix("task-").expect("task-<uuid>");
+    assert_eq!(uuid.len(), 36, "{id}");
+    assert!(
+        uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-'),
+        "{id}"
+    );
+    let record = s.record(&id).await.expect("its record");
+    assert_eq!(record.status(), DeliberationStatus::Completed);
+    // A fixed id, so the (seeded) run is the same every time.
+    let summary = c
+        .deliberate(pb::DeliberateRequest {
+            review_rounds: None,
+            ..request("defaults-1", "DEV", 0)
+        })
+        .await
+        .expect("runs")
+        .into_inner()
+        .summary
+        .expect("summary");
+    assert_eq!(
+        (summary.rounds_run, summary.stop_reason.as_str()),
+        (1, "rounds_completed"),
+        "the council's configured round ran: {summary:?}"
+    );
+    let zero = c
+        .deliberate(pb::DeliberateRequest {
+            review_rounds: Some(0),
+            ..request("explicit-zero", "DEV", 0)
+        })
+        .await
+        .expect("runs")
+        .into_inner()
+        .summary
+        .expect("summary");
+    assert_eq!(zero.rounds_run, 0, "{zero:?}");
+    let refused = c
+        .deliberate(pb::DeliberateRequest {
+            review_rounds: Some(11),
+            ..request("too-many", "DEV", 0)
+        })
+        .await
+        .expect_err("out of range");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("review_rounds"), "{refused:?}");
 }

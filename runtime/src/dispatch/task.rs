@@ -53,9 +53,10 @@ pub struct Constraints {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// Critique-and-revise rounds (0..=10); absent = 0 (proposals are scored as they are).
+    /// Critique-and-revise rounds (0..=10), 0 included; absent = the council's configured
+    /// rounds (1 unless the council says otherwise).
     #[serde(default)]
-    pub rounds: i32,
+    pub rounds: Option<i32>,
     /// Agents of the council that take part; absent or 0 = all.
     #[serde(default)]
     pub num_agents: i32,
@@ -119,7 +120,8 @@ impl Task {
                 max_iterations: 0,
                 timeout_seconds: m.constraints.timeout_seconds,
             }),
-            rounds: m.options.rounds,
+            rounds: 0,
+            review_rounds: m.options.rounds,
             num_agents: m.options.num_agents,
         }
     }
@@ -296,9 +298,21 @@ mod tests {
         assert_eq!(t.story_id(), Some("S-9"));
         let r = t.request();
         assert_eq!(
-            (r.task_id.as_str(), r.role.as_str(), r.rounds, r.num_agents),
-            ("T-1", "DEV", 1, 2)
+            (
+                r.task_id.as_str(),
+                r.role.as_str(),
+                r.review_rounds,
+                r.num_agents
+            ),
+            ("T-1", "DEV", Some(1), 2)
         );
+        // Rounds given (0 included) are exact; absent, the council's configured rounds.
+        let zero = OK.replace("\"rounds\":1", "\"rounds\":0");
+        let r = p(&zero, "council.tasks.DEV").expect("valid").request();
+        assert_eq!((r.rounds, r.review_rounds), (0, Some(0)));
+        let absent = OK.replace("\"rounds\":1,", "");
+        let r = p(&absent, "council.tasks.DEV").expect("valid").request();
+        assert_eq!((r.rounds, r.review_rounds), (0, None));
         let c = r.constraints.expect("constraints");
         assert_eq!(
             (c.rubric.as_str(), c.timeout_seconds, c.requirements.len()),

@@ -55,20 +55,18 @@ pub fn council_for(
         }
         n => council.agents.truncate(n as usize),
     }
-    if !(0..=i64::from(council_councils::spec::DeliberationConfig::MAX_ROUNDS))
-        .contains(&i64::from(req.rounds))
-    {
-        return Err(invalid(
-            "rounds",
-            format!(
-                "{} is outside 0..={}",
-                req.rounds,
-                council_councils::spec::DeliberationConfig::MAX_ROUNDS
-            ),
-        ));
+    let max = council_councils::spec::DeliberationConfig::MAX_ROUNDS;
+    let (field, rounds) = match req.review_rounds {
+        Some(r) => ("review_rounds", r),
+        None => ("rounds", req.rounds),
+    };
+    if !(0..=i64::from(max)).contains(&i64::from(rounds)) {
+        return Err(invalid(field, format!("{rounds} is outside 0..={max}")));
     }
-    // Rounds are honoured exactly, 0 included.
-    council.config.rounds = req.rounds as u32;
+    // `review_rounds` exactly, 0 included; `rounds` when set; else the council's own.
+    if req.review_rounds.is_some() || req.rounds > 0 {
+        council.config.rounds = rounds as u32;
+    }
     Ok(council)
 }
 

@@ -397,7 +397,10 @@ impl Orchestrator {
                     format!("{} is outside 0..=10", cfg.deliberation_rounds),
                 ));
             }
-            council.config.rounds = cfg.deliberation_rounds as u32;
+            // 0 (unset) keeps the default of one review round.
+            if cfg.deliberation_rounds > 0 {
+                council.config.rounds = cfg.deliberation_rounds as u32;
+            }
             if !cfg.model_profile.is_empty() {
                 for a in &mut council.agents {
                     a.model_profile = cfg.model_profile.clone();

@@ -224,10 +224,15 @@ impl Runner {
     /// `grpc-timeout`, if any.
     pub async fn start(
         self: &Arc<Self>,
-        req: pb::DeliberateRequest,
+        mut req: pb::DeliberateRequest,
         client_deadline: Option<Duration>,
         updates: Option<Updates>,
     ) -> Result<Started, ServiceError> {
+        if req.task_id.is_empty() {
+            // Optional upstream (required only for backlog review): one of upstream's form,
+            // returned in the response.
+            req.task_id = format!("task-{}", uuid::Uuid::new_v4());
+        }
         if self.is_draining() {
             self.metrics.rejected("shutting_down");
             return Err(ServiceError::ShuttingDown);
