@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("fleet_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::ClientErrorCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! code, and the encoded file descriptor set (for gRPC reflection and contract tests).
 //! Nothing else lives here; conversions to and from domain types belong to `runtime`.
 
+pub mod codec;
+
 /// `fleet.orchestrator.v1`: the upstream-compatible orchestrator API.
 pub mod fleet {
     pub mod orchestrator {

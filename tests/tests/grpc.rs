@@ -1040,6 +1040,46 @@ async fn reflected_services(channel: &Channel) -> Result<Vec<String>, tonic::Sta
     }
 }
 
+/// The services listed by reflection's older `v1alpha` protocol.
+async fn reflected_services_v1alpha(channel: &Channel) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream_once(request))
+        .await?
+        .into_inner();
+    let response = responses.message().await?.expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected reflection response {other:?}"),
+    }
+}
+
+/// Reflection answers both protocols: v1 and v1alpha (grpcurl's fallback and Python grpcio's
+/// reflection client ask v1alpha). (Before: v1alpha was UNIMPLEMENTED.)
+#[tokio::test]
+async fn reflection_answers_v1_and_v1alpha() {
+    let s = start(Limits::default()).await;
+    for services in [
+        reflected_services(&s.channel).await.expect("v1"),
+        reflected_services_v1alpha(&s.channel).await.expect("v1alpha"),
+    ] {
+        assert!(
+            services.contains(&"fleet.orchestrator.v1.OrchestratorService".to_owned()),
+            "{services:?}"
+        );
+    }
+}
+
 fn tokio_stream_once<T: Send + 'static>(
     item: T,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
@@ -1052,6 +1092,10 @@ async fn reflection_can_be_switched_off() {
     options.reflection = false;
     let s = start_with(options).await;
     let err = reflected_services(&s.channel).await.expect_err("off");
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = reflected_services_v1alpha(&s.channel)
+        .await
+        .expect_err("off");
     assert_eq!(err.code(), Code::Unimplemented);
 }
 
@@ -1262,4 +1306,28 @@ async fn upstream_defaults_for_task_id_and_rounds() {
         .expect_err("out of range");
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert!(refused.message().contains("review_rounds"), "{refused:?}");
+}
+
+/// A body that does not decode as the RPC's request type is the client's error:
+/// INVALID_ARGUMENT with the decode error, not INTERNAL. (Before: "failed to decode", INTERNAL.)
+#[tokio::test]
+async fn a_body_that_does_not_decode_is_invalid_argument() {
+    let s = start(Limits::default()).await;
+    let mut grpc = tonic::client::Grpc::new(s.channel.clone());
+    grpc.ready().await.expect("ready");
+    // Field 1 as a varint where Deliberate's field 1 (task_id) is a string.
+    let wrong = pb::GetStatusRequest {
+        include_stats: true,
+    };
+    let codec = tonic_prost::ProstCodec::<pb::GetStatusRequest, pb::DeliberateResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/fleet.orchestrator.v1.OrchestratorService/Deliberate",
+    );
+    let err = grpc
+        .unary(tonic::Request::new(wrong), path, codec)
+        .await
+        .expect_err("does not decode");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("does not decode"), "{err:?}");
+    assert_eq!(s.engine.stats().steps, 0);
 }

@@ -291,20 +291,26 @@ pub async fn serve(
         }
         builder = builder.tls_config(config)?;
     }
-    let reflection = if options.reflection {
-        Some(
+    // v1, and v1alpha for the clients that still ask it (grpcurl's fallback, grpcio's
+    // reflection client).
+    let reflection = |on: bool| {
+        on.then(|| {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(council_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()?,
-        )
-    } else {
-        None
+        })
     };
+    let reflection_v1 = reflection(options.reflection)
+        .map(|b| b.build_v1())
+        .transpose()?;
+    let reflection_v1alpha = reflection(options.reflection)
+        .map(|b| b.build_v1alpha())
+        .transpose()?;
     tracing::info!(%addr, tls = options.tls.is_some(), auth = auth.token.is_some(), "serving gRPC");
     let server = builder
         .add_service(health_service)
-        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(OrchestratorServiceServer::with_interceptor(
             orchestrator,
             move |r| auth.check(r),
