@@ -36,7 +36,11 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let engine = args.model.start_engine()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The in-process engine, or the vLLM server `--vllm-url` names.
+    let (backend, _, _) = args.model.start_backend(&runtime)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage::system(system.clone()));
@@ -51,11 +55,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
         });
     request.stop = args.stop.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let result = runtime
-        .block_on(engine.generate(request))
+        .block_on(backend.generate(request))
         .context("generation failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);

@@ -222,8 +222,14 @@ impl ModelArgs {
         Ok((Arc::new(engine), name, "engine"))
     }
 
-    /// Resolves, loads and starts an engine.
+    /// Resolves, loads and starts an engine. Refuses `--vllm-url`: a command that runs the
+    /// in-process engine must not measure or run a local model while the user named a server.
     pub fn start_engine(&self) -> anyhow::Result<EngineHandle> {
+        anyhow::ensure!(
+            !self.is_remote(),
+            "--vllm-url: this command runs the in-process engine and cannot use a vLLM server \
+             (deliberate, generate, eval and serve can); drop --vllm-url or use one of those"
+        );
         let (files, name) = self.resolve()?;
         Ok(Engine::load(&files, &name, self.engine_config())?)
     }

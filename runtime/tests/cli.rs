@@ -369,3 +369,32 @@ fn deliberate_end_to_end_on_a_tiny_model() {
         );
     }
 }
+
+/// `--vllm-url` is honoured where a command can use a server (`generate` goes to it: here a
+/// closed port, so it fails naming the endpoint) and refused by name where a command runs the
+/// in-process engine (`dev bench`, the `bench-*` commands). (Before: silently ignored; the
+/// commands ran or measured the local default model.)
+#[test]
+fn vllm_url_is_honoured_or_refused_by_name() {
+    let url = "http://127.0.0.1:9";
+    let generate = council(&["generate", "--vllm-url", url, "--max-new-tokens", "4", "Hi"]);
+    assert!(!generate.status.success(), "generated without the server");
+    assert!(
+        stderr(&generate).contains("127.0.0.1:9"),
+        "{}",
+        stderr(&generate)
+    );
+    for command in [
+        vec!["dev", "bench", "--vllm-url", url],
+        vec!["dev", "bench-batching", "--vllm-url", url],
+        vec!["dev", "bench-service", "--vllm-url", url],
+    ] {
+        let out = council(&command);
+        assert!(!out.status.success(), "{command:?} ran");
+        assert!(
+            stderr(&out).contains("--vllm-url: this command runs the in-process engine"),
+            "{command:?}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -1071,7 +1071,9 @@ async fn reflection_answers_v1_and_v1alpha() {
     let s = start(Limits::default()).await;
     for services in [
         reflected_services(&s.channel).await.expect("v1"),
-        reflected_services_v1alpha(&s.channel).await.expect("v1alpha"),
+        reflected_services_v1alpha(&s.channel)
+            .await
+            .expect("v1alpha"),
     ] {
         assert!(
             services.contains(&"fleet.orchestrator.v1.OrchestratorService".to_owned()),
