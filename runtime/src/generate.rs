@@ -1,7 +1,7 @@
 //! `council generate`: one chat completion on the in-process engine.
 
 use anyhow::Context;
-use council_inference::{Backend, ChatMessage, GenerateRequest, Sampling};
+use council_inference::{ChatMessage, GenerateRequest, Sampling};
 
 use crate::model_source::ModelArgs;
 
