@@ -259,12 +259,17 @@ impl Orchestrator {
             let (finished, avg_ms) = self.runner.metrics().totals();
             pb::OrchestratorStats {
                 total_deliberations: finished as i64,
-                total_orchestrations: finished as i64,
+                // Orchestrate is not served yet: none ran.
+                total_orchestrations: 0,
                 avg_deliberation_time_ms: avg_ms,
                 active_councils: councils.len() as i64,
-                role_counts: councils
-                    .iter()
-                    .map(|c| (c.role.to_string(), c.agents.len() as i64))
+                // Deliberations per role since start, as upstream counts them.
+                role_counts: self
+                    .runner
+                    .metrics()
+                    .per_role()
+                    .into_iter()
+                    .map(|(role, n)| (role, n as i64))
                     .collect(),
             }
         });
@@ -307,7 +312,8 @@ impl Orchestrator {
             let avg = mean(&completed);
             pb::PerformanceMetrics {
                 avg_deliberation_ms: avg,
-                avg_orchestration_ms: avg,
+                // Orchestrate is not served yet: no orchestration to average.
+                avg_orchestration_ms: 0.0,
                 p50_latency_ms: quantile(&mut completed, 0.50),
                 p95_latency_ms: quantile(&mut completed, 0.95),
                 p99_latency_ms: quantile(&mut completed, 0.99),

@@ -79,6 +79,8 @@ pub struct Metrics {
     calls: Mutex<(u64, u64)>,
     /// Since start: (finished, completed, summed milliseconds of the completed ones).
     totals: Mutex<(u64, u64, f64)>,
+    /// Since start: finished deliberations per role.
+    per_role: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,7 @@ impl Metrics {
             recent: Mutex::new(VecDeque::new()),
             calls: Mutex::new((0, 0)),
             totals: Mutex::new((0, 0, 0.0)),
+            per_role: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -202,6 +205,9 @@ impl Metrics {
             self.tokens
                 .get_or_create(&KindLabels { kind: kind.into() })
                 .inc_by(n);
+        }
+        if let Ok(mut per_role) = self.per_role.lock() {
+            *per_role.entry(f.role.clone()).or_default() += 1;
         }
         if let Ok(mut t) = self.totals.lock() {
             t.0 += 1;
@@ -242,6 +248,11 @@ impl Metrics {
         self.totals.lock().map_or((0, 0.0), |t| {
             (t.0, if t.1 == 0 { 0.0 } else { t.2 / t.1 as f64 })
         })
+    }
+
+    /// Finished deliberations per role since start.
+    pub fn per_role(&self) -> std::collections::BTreeMap<String, u64> {
+        self.per_role.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn in_flight(&self) -> i64 {
