@@ -112,30 +112,20 @@ fn check_result(r: &CheckReport) -> pb::CheckResult {
     }
 }
 
-const NOT_RUN: &str = "skipped: this check is not configured on this service";
-
+/// The checks as upstream's `CheckSuite`. Policy, lint and dry-run do not run on this service:
+/// they are left unset (absent = not run, which no client can read as a failed check with zero
+/// errors). `all_passed` means no check that ran failed; the checks that ran, or were skipped,
+/// are in `additional_checks` with `details["status"]` = passed / failed / skipped.
 fn check_suite(p: &RankedProposal) -> pb::CheckSuite {
     let additional: Vec<pb::CheckResult> = p.checks.iter().map(check_result).collect();
     pb::CheckSuite {
-        policy: Some(pb::PolicyResult {
-            passed: false,
-            violations: Vec::new(),
-            message: NOT_RUN.into(),
-        }),
-        lint: Some(pb::LintResult {
-            passed: false,
-            error_count: 0,
-            warning_count: 0,
-            errors: Vec::new(),
-        }),
-        dryrun: Some(pb::DryRunResult {
-            passed: false,
-            output: String::new(),
-            exit_code: 0,
-            message: NOT_RUN.into(),
-        }),
-        // Policy, lint and dry-run did not run, so the suite did not pass.
-        all_passed: false,
+        policy: None,
+        lint: None,
+        dryrun: None,
+        all_passed: !p
+            .checks
+            .iter()
+            .any(|c| matches!(c.status, CheckStatus::Failed { .. })),
         additional_checks: additional,
     }
 }
@@ -297,5 +287,62 @@ pub fn council_info(
         },
         status: status.into(),
         model: model.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use council_councils::AgentId;
+
+    fn proposal(checks: Vec<CheckStatus>) -> RankedProposal {
+        RankedProposal {
+            agent: AgentId::new("dev-1").expect("id"),
+            role: "DEV".parse().expect("role"),
+            content: "c".into(),
+            revisions: Vec::new(),
+            rank: 1,
+            score: 0.5,
+            scores: Default::default(),
+            answer: None,
+            checks: checks
+                .into_iter()
+                .enumerate()
+                .map(|(i, status)| CheckReport {
+                    name: format!("check-{i}"),
+                    status,
+                })
+                .collect(),
+            round: 0,
+        }
+    }
+
+    /// Checks that did not run are absent; `all_passed` is false only when a check that ran
+    /// failed.
+    #[test]
+    fn the_check_suite_says_what_ran_and_what_failed() {
+        let skipped = || CheckStatus::Skipped {
+            reason: "no answer".into(),
+        };
+        for (checks, all_passed) in [
+            (vec![], true),
+            (vec![skipped()], true),
+            (vec![CheckStatus::Passed, skipped()], true),
+            (
+                vec![
+                    CheckStatus::Passed,
+                    CheckStatus::Failed {
+                        reason: "wrong".into(),
+                    },
+                ],
+                false,
+            ),
+        ] {
+            let n = checks.len();
+            let suite = check_suite(&proposal(checks));
+            assert!(suite.policy.is_none() && suite.lint.is_none() && suite.dryrun.is_none());
+            assert_eq!(suite.all_passed, all_passed);
+            assert_eq!(suite.additional_checks.len(), n);
+        }
     }
 }
