@@ -197,6 +197,28 @@ pub fn score(
     )
 }
 
+/// The architect's choice among a council's best proposals (upstream's Orchestrate): reasons
+/// first, then one ranking line, best first. `candidates` holds (label, text).
+pub fn select(agent: &AgentSpec, task: &Task, candidates: &[(String, &str)]) -> Vec<Message> {
+    let labels: Vec<String> = candidates
+        .iter()
+        .map(|(l, _)| format!("Proposal {l}"))
+        .collect();
+    let instructions = format!(
+        "A council ranked the proposals above as its best. As the architect, choose the one to \
+         implement: weigh correctness, risk and how well each fits the system, and give your \
+         reasons in a few sentences. Then end with one line ranking every proposal from the \
+         one to implement to the last:\n{RANKING_MARKER} {}",
+        labels.join(" > ")
+    );
+    messages(
+        agent,
+        task,
+        &peers_block("The council's best proposals", candidates, 0),
+        &instructions,
+    )
+}
+
 /// A single-criterion judging prompt for log-prob scoring: the reply is one of "1".."10".
 pub fn judge_choice(
     agent: &AgentSpec,

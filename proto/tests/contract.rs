@@ -371,6 +371,142 @@ fn upstream_field_numbers_and_types_are_kept() {
     );
 }
 
+/// Upstream's orchestration, planning and context messages, field by field.
+#[test]
+fn upstream_orchestration_planning_and_context_messages_are_kept() {
+    check(
+        "OrchestrateRequest",
+        &[
+            ("task_id", 1, "string", false),
+            ("task_description", 2, "string", false),
+            ("role", 3, "string", false),
+            ("constraints", 4, "TaskConstraints", false),
+            ("options", 5, "OrchestratorOptions", false),
+            ("case_id", 6, "string", false),
+            ("story_id", 7, "string", false),
+            ("plan_id", 8, "string", false),
+            ("context_options", 9, "ContextOptions", false),
+        ],
+    );
+    check(
+        "OrchestrateResponse",
+        &[
+            ("winner", 1, "DeliberationResult", false),
+            ("candidates", 2, "DeliberationResult", true),
+            ("execution_id", 3, "string", false),
+            ("duration_ms", 4, "int64", false),
+            ("metadata", 5, "OrchestratorMetadata", false),
+        ],
+    );
+    check(
+        "OrchestratorOptions",
+        &[
+            ("enable_peer_review", 1, "bool", false),
+            ("deliberation_rounds", 2, "int32", false),
+            ("enable_architect_selection", 3, "bool", false),
+            ("custom_params", 4, "CustomParamsEntry", true),
+        ],
+    );
+    check(
+        "ContextOptions",
+        &[
+            ("include_timeline", 1, "bool", false),
+            ("include_decisions", 2, "bool", false),
+            ("include_summaries", 3, "bool", false),
+            ("max_events", 4, "int32", false),
+            ("scopes", 5, "string", true),
+        ],
+    );
+    check(
+        "PlanningEventRequest",
+        &[
+            ("event_type", 1, "string", false),
+            ("case_id", 2, "string", false),
+            ("plan_id", 3, "string", false),
+            ("from_state", 4, "string", false),
+            ("to_state", 5, "string", false),
+            ("timestamp_ms", 6, "int64", false),
+            ("metadata", 7, "MetadataEntry", true),
+        ],
+    );
+    check(
+        "PlanningEventResponse",
+        &[
+            ("processed", 1, "bool", false),
+            ("message", 2, "string", false),
+            ("derived_task_ids", 3, "string", true),
+        ],
+    );
+    check(
+        "DeriveSubtasksRequest",
+        &[
+            ("case_id", 1, "string", false),
+            ("plan_id", 2, "string", false),
+            ("roles", 3, "string", true),
+            ("strategy", 4, "DerivationStrategy", false),
+        ],
+    );
+    check(
+        "DeriveSubtasksResponse",
+        &[
+            ("tasks", 1, "AtomicTask", true),
+            ("derivation_id", 2, "string", false),
+            ("total_tasks", 3, "int32", false),
+        ],
+    );
+    check(
+        "DerivationStrategy",
+        &[
+            ("parallel_execution", 1, "bool", false),
+            ("dependency_order", 2, "string", true),
+            ("max_tasks_per_role", 3, "int32", false),
+            ("auto_publish_to_nats", 4, "bool", false),
+        ],
+    );
+    check(
+        "AtomicTask",
+        &[
+            ("task_id", 1, "string", false),
+            ("role", 2, "string", false),
+            ("description", 3, "string", false),
+            ("dependencies", 4, "string", true),
+            ("constraints", 5, "TaskConstraints", false),
+            ("case_id", 6, "string", false),
+            ("plan_id", 7, "string", false),
+            ("priority", 8, "int32", false),
+        ],
+    );
+    check(
+        "GetTaskContextRequest",
+        &[
+            ("task_id", 1, "string", false),
+            ("case_id", 2, "string", false),
+            ("story_id", 3, "string", false),
+            ("role", 4, "string", false),
+            ("phase", 5, "string", false),
+            ("options", 6, "ContextOptions", false),
+        ],
+    );
+    check(
+        "GetTaskContextResponse",
+        &[
+            ("context_text", 1, "string", false),
+            ("blocks", 2, "ContextBlocks", false),
+            ("token_count", 3, "int32", false),
+            ("version_hash", 4, "string", false),
+        ],
+    );
+    check(
+        "ContextBlocks",
+        &[
+            ("system", 1, "string", false),
+            ("context", 2, "string", false),
+            ("tools", 3, "string", false),
+            ("history", 4, "string", false),
+        ],
+    );
+}
+
 #[test]
 fn the_service_has_every_upstream_rpc() {
     let set =
@@ -413,6 +549,18 @@ fn the_service_has_every_upstream_rpc() {
             "GetDeliberationResultResponse",
             false,
         ),
+        (
+            "DeliberateForBacklogReview",
+            "DeliberateRequest",
+            "DeliberateResponse",
+            false,
+        ),
+        (
+            "ProcessPlanningEvent",
+            "PlanningEventRequest",
+            "PlanningEventResponse",
+            false,
+        ),
     ];
     for name in [
         "CreateCouncil",
@@ -422,6 +570,9 @@ fn the_service_has_every_upstream_rpc() {
         "UnregisterAgent",
         "GetStatus",
         "GetMetrics",
+        "Orchestrate",
+        "DeriveSubtasks",
+        "GetTaskContext",
     ] {
         expected.push((name, "", "", false));
     }

@@ -1355,3 +1355,123 @@ async fn a_body_that_does_not_decode_is_invalid_argument() {
     assert!(err.message().contains("does not decode"), "{err:?}");
     assert_eq!(s.engine.stats().steps, 0);
 }
+
+/// Orchestrate: the role's council deliberates, its best k go to an ARCHITECT agent whose own
+/// model call orders them; winner rank 1, candidates ranked after it, the architect's reasons
+/// and whether its ranking could be read in the tags; counted as an orchestration. The three
+/// RPCs that need upstream's planning and context services answer UNIMPLEMENTED saying so.
+/// (Before: every one of these RPCs was UNIMPLEMENTED with an empty message.)
+#[tokio::test]
+async fn orchestrate_has_an_architect_choose_and_the_rest_say_why_not() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    let finished_before = s.engine.stats().finished;
+    let response = c
+        .orchestrate(pb::OrchestrateRequest {
+            task_id: "orch-1".into(),
+            task_description: "Name one risk of retrying forever.".into(),
+            role: "DEV".into(),
+            options: Some(pb::OrchestratorOptions {
+                custom_params: std::collections::HashMap::from([(
+                    "architect_k".to_owned(),
+                    "2".to_owned(),
+                )]),
+                ..Default::default()
+            }),
+            story_id: "S-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("orchestrates")
+        .into_inner();
+    let winner = response.winner.expect("a winner");
+    assert_eq!(winner.rank, 1);
+    assert_eq!(response.candidates.len(), 1, "k = 2");
+    assert_eq!(response.candidates[0].rank, 2);
+    let tags = response.metadata.expect("metadata").tags;
+    assert_eq!(tags.get("candidates").map(String::as_str), Some("2"));
+    assert!(
+        tags.get("architect_id")
+            .is_some_and(|a| a.starts_with("architect")),
+        "{tags:?}"
+    );
+    let choice = tags.get("architect_choice").cloned().unwrap_or_default();
+    assert!(
+        choice == "parsed" || choice.starts_with("unparsed"),
+        "{tags:?}"
+    );
+    assert!(tags.contains_key("architect_reasons"), "{tags:?}");
+    assert!(s.engine.stats().finished > finished_before + 3);
+    // Again: the deliberation is answered from its record, so the only engine work is the
+    // architect's own call, and the same prompt and seed choose the same winner.
+    let before = s.engine.stats().finished;
+    let again = c
+        .orchestrate(pb::OrchestrateRequest {
+            task_id: "orch-1".into(),
+            task_description: "Name one risk of retrying forever.".into(),
+            role: "DEV".into(),
+            options: Some(pb::OrchestratorOptions {
+                custom_params: std::collections::HashMap::from([(
+                    "architect_k".to_owned(),
+                    "2".to_owned(),
+                )]),
+                ..Default::default()
+            }),
+            story_id: "S-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("orchestrates again")
+        .into_inner();
+    assert_eq!(s.engine.stats().finished - before, 1, "one architect call");
+    assert_eq!(again.winner, Some(winner));
+    let status = c
+        .get_status(pb::GetStatusRequest {
+            include_stats: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(status.total_orchestrations, 2);
+    assert!(status.total_deliberations >= 1);
+    let bad_k = c
+        .orchestrate(pb::OrchestrateRequest {
+            task_id: "orch-2".into(),
+            task_description: "x".into(),
+            role: "DEV".into(),
+            options: Some(pb::OrchestratorOptions {
+                custom_params: std::collections::HashMap::from([(
+                    "architect_k".to_owned(),
+                    "0".to_owned(),
+                )]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("k 0");
+    assert_eq!(bad_k.code(), Code::InvalidArgument);
+
+    let planning = c
+        .process_planning_event(pb::PlanningEventRequest::default())
+        .await
+        .expect_err("not here");
+    let derive = c
+        .derive_subtasks(pb::DeriveSubtasksRequest::default())
+        .await
+        .expect_err("not here");
+    let context = c
+        .get_task_context(pb::GetTaskContextRequest::default())
+        .await
+        .expect_err("not here");
+    for (err, service) in [
+        (planning, "planning service"),
+        (derive, "planning service"),
+        (context, "context service"),
+    ] {
+        assert_eq!(err.code(), Code::Unimplemented);
+        assert!(err.message().contains(service), "{err:?}");
+    }
+}

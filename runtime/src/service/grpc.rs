@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::metrics::{by_role, quantile};
+use super::orchestrate;
 use super::runs::{Runner, Started, UpdateStream, grpc_timeout};
 use super::status::{ServiceError, invalid};
 use crate::store::{Created, StoreError, effective, now_ms};
@@ -259,8 +260,7 @@ impl Orchestrator {
             let (finished, avg_ms) = self.runner.metrics().totals();
             pb::OrchestratorStats {
                 total_deliberations: finished as i64,
-                // Orchestrate is not served yet: none ran.
-                total_orchestrations: 0,
+                total_orchestrations: self.runner.metrics().orchestrations().0 as i64,
                 avg_deliberation_time_ms: avg_ms,
                 active_councils: councils.len() as i64,
                 // Deliberations per role since start, as upstream counts them.
@@ -312,8 +312,8 @@ impl Orchestrator {
             let avg = mean(&completed);
             pb::PerformanceMetrics {
                 avg_deliberation_ms: avg,
-                // Orchestrate is not served yet: no orchestration to average.
-                avg_orchestration_ms: 0.0,
+                // Since start (the window of recent runs holds deliberations only).
+                avg_orchestration_ms: self.runner.metrics().orchestrations().1,
                 p50_latency_ms: quantile(&mut completed, 0.50),
                 p95_latency_ms: quantile(&mut completed, 0.95),
                 p99_latency_ms: quantile(&mut completed, 0.99),
@@ -566,6 +566,61 @@ impl OrchestratorService for Orchestrator {
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
         Ok(Response::new(
             self.metrics_inner(request.into_inner()).await?,
+        ))
+    }
+
+    async fn orchestrate(
+        &self,
+        request: Request<pb::OrchestrateRequest>,
+    ) -> Result<Response<pb::OrchestrateResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        let started = Instant::now();
+        let (deliberation, k) = orchestrate::deliberation_request(&req)?;
+        let response = self.deliberate_inner(deliberation, deadline).await?;
+        Ok(Response::new(
+            orchestrate::choose(&self.runner, &req, response, k, started).await?,
+        ))
+    }
+
+    async fn deliberate_for_backlog_review(
+        &self,
+        _request: Request<pb::DeliberateRequest>,
+    ) -> Result<Response<pb::DeliberateResponse>, Status> {
+        Err(Status::unimplemented(
+            "DeliberateForBacklogReview is not served by council yet: call Deliberate (or \
+             StreamDeliberation), or publish the task to council.tasks.<role> for a result on \
+             JetStream",
+        ))
+    }
+
+    async fn process_planning_event(
+        &self,
+        _request: Request<pb::PlanningEventRequest>,
+    ) -> Result<Response<pb::PlanningEventResponse>, Status> {
+        Err(Status::unimplemented(
+            "ProcessPlanningEvent needs upstream's planning service, which council does not \
+             integrate: planning events go to the planning service",
+        ))
+    }
+
+    async fn derive_subtasks(
+        &self,
+        _request: Request<pb::DeriveSubtasksRequest>,
+    ) -> Result<Response<pb::DeriveSubtasksResponse>, Status> {
+        Err(Status::unimplemented(
+            "DeriveSubtasks needs upstream's planning service (cases, plans and their task \
+             graph), which council does not integrate",
+        ))
+    }
+
+    async fn get_task_context(
+        &self,
+        _request: Request<pb::GetTaskContextRequest>,
+    ) -> Result<Response<pb::GetTaskContextResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetTaskContext needs upstream's context service, which council does not \
+             integrate: ask the context service",
         ))
     }
 }

@@ -81,6 +81,8 @@ pub struct Metrics {
     totals: Mutex<(u64, u64, f64)>,
     /// Since start: finished deliberations per role.
     per_role: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Since start: (orchestrations, summed milliseconds).
+    orchestrations: Mutex<(u64, f64)>,
 }
 
 impl Default for Metrics {
@@ -168,6 +170,7 @@ impl Metrics {
             calls: Mutex::new((0, 0)),
             totals: Mutex::new((0, 0, 0.0)),
             per_role: Mutex::new(std::collections::BTreeMap::new()),
+            orchestrations: Mutex::new((0, 0.0)),
         }
     }
 
@@ -247,6 +250,21 @@ impl Metrics {
     pub fn totals(&self) -> (u64, f64) {
         self.totals.lock().map_or((0, 0.0), |t| {
             (t.0, if t.1 == 0 { 0.0 } else { t.2 / t.1 as f64 })
+        })
+    }
+
+    /// One `Orchestrate` answered (deliberation and architect together).
+    pub fn orchestrated(&self, took: std::time::Duration) {
+        if let Ok(mut o) = self.orchestrations.lock() {
+            o.0 += 1;
+            o.1 += took.as_secs_f64() * 1000.0;
+        }
+    }
+
+    /// (orchestrations, mean milliseconds) since start.
+    pub fn orchestrations(&self) -> (u64, f64) {
+        self.orchestrations.lock().map_or((0, 0.0), |o| {
+            (o.0, if o.0 == 0 { 0.0 } else { o.1 / o.0 as f64 })
         })
     }
 

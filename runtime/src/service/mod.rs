@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod grpc;
 pub mod metrics;
+pub mod orchestrate;
 pub mod runs;
 pub mod status;
 
