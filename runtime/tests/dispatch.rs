@@ -1603,3 +1603,40 @@ async fn an_unhealthy_replica_pulls_nothing() {
     );
     assert!(w.events_of("sick-second").await.is_empty());
 }
+
+/// DeliberateForBacklogReview on a replica with dispatch: answered at once over gRPC, and the
+/// background deliberation's completed event lands on the events stream as a dispatched
+/// task's does (one, under the task id).
+#[tokio::test]
+async fn backlog_review_results_are_published_to_jetstream() {
+    let w = World::new(NatsServer::start(), None).await;
+    let worker = w.worker("w", "", &[]);
+    let accepted = client(&worker.addr)
+        .await
+        .deliberate_for_backlog_review(pb::DeliberateRequest {
+            task_id: "backlog-1".into(),
+            task_description: "Review the backlog item: retries for the payment client.".into(),
+            role: "ARCHITECT".into(),
+            constraints: Some(pb::TaskConstraints {
+                metadata: [("story_id".to_owned(), "S-9".to_owned())].into(),
+                ..Default::default()
+            }),
+            rounds: 0,
+            num_agents: 2,
+            review_rounds: Some(0),
+        })
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(accepted.task_id, "backlog-1");
+    let event = w.wait_event("backlog-1", LONG).await;
+    assert_eq!(event["event_type"], "deliberation.completed");
+    assert_eq!(event["story_id"], "S-9");
+    assert_eq!(event["role"], "ARCHITECT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.events_of("backlog-1").await.len(), 1);
+    assert_eq!(
+        record_status(&worker.addr, "backlog-1").await,
+        Some(DeliberationStatus::Completed)
+    );
+}

@@ -1475,3 +1475,40 @@ async fn orchestrate_has_an_architect_choose_and_the_rest_say_why_not() {
         assert!(err.message().contains(service), "{err:?}");
     }
 }
+
+/// DeliberateForBacklogReview: accepted and answered at once with the deliberation id (made
+/// when empty), the council runs in the background, and GetDeliberationResult serves it.
+/// (Before: UNIMPLEMENTED.)
+#[tokio::test]
+async fn backlog_review_answers_at_once_and_runs_in_the_background() {
+    let s = start(Limits::default()).await;
+    let mut c = s.client.clone();
+    let accepted = c
+        .deliberate_for_backlog_review(pb::DeliberateRequest {
+            task_id: String::new(),
+            ..request("ignored", "QA", 1)
+        })
+        .await
+        .expect("accepted")
+        .into_inner();
+    let id = accepted.task_id.clone();
+    assert!(id.starts_with("task-"), "{id}");
+    assert!(
+        accepted.results.is_empty(),
+        "answered before the council ran"
+    );
+    let tags = accepted.metadata.expect("metadata").tags;
+    assert_eq!(tags.get("deliberation_id"), Some(&id));
+    assert_eq!(tags.get("status").map(String::as_str), Some("IN_PROGRESS"));
+    let done = s
+        .wait_record(&id, |r| r.status() == DeliberationStatus::Completed)
+        .await;
+    assert_eq!(done.results.len(), 3);
+    // Asked again once done: the stored result.
+    let again = c
+        .deliberate_for_backlog_review(request(&id, "QA", 1))
+        .await
+        .expect("done")
+        .into_inner();
+    assert_eq!(again.winner_id, done.winner_id);
+}

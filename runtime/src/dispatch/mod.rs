@@ -1221,6 +1221,52 @@ impl Dispatcher {
     }
 }
 
+#[tonic::async_trait]
+impl crate::service::grpc::ResultSink for Dispatcher {
+    /// A background deliberation's terminal event, published as a dispatched task's is
+    /// (`Nats-Msg-Id` = task id, on the completed or failed subject), and its record marked.
+    async fn publish_result(
+        &self,
+        request: &pb::DeliberateRequest,
+        result: &Result<pb::DeliberateResponse, ServiceError>,
+    ) {
+        let correlation: std::collections::BTreeMap<String, String> = request
+            .constraints
+            .as_ref()
+            .map(|c| {
+                c.metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ctx = EventContext {
+            task_id: request.task_id.clone(),
+            story_id: correlation.get("story_id").cloned().unwrap_or_default(),
+            role: request.role.clone(),
+            correlation,
+            delivery: 0,
+        };
+        let (event, subject) = match result {
+            Ok(response) => (ctx.completed(response), &self.config.completed_subject),
+            Err(e) => (
+                ctx.failed("failed", e.to_string(), 1),
+                &self.config.failed_subject,
+            ),
+        };
+        let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+        match self.publish(subject, &request.task_id, body).await {
+            Ok(ack) => {
+                self.mark_published(&request.task_id, &request.role, ack.sequence, 0)
+                    .await;
+            }
+            Err(e) => {
+                tracing::error!(task_id = %request.task_id, error = %e.reason, "could not publish a background deliberation's result; GetDeliberationResult still serves it");
+            }
+        }
+    }
+}
+
 /// Tries of marking a record published (0.25 s more wait after each: about 5 s in all).
 const MARK_ATTEMPTS: u32 = 6;
 

@@ -18,11 +18,25 @@ use super::runs::{Runner, Started, UpdateStream, grpc_timeout};
 use super::status::{ServiceError, invalid};
 use crate::store::{Created, StoreError, effective, now_ms};
 
+/// Where the result of a background deliberation (`DeliberateForBacklogReview`) is published:
+/// JetStream's events stream when dispatch runs. Implemented by the dispatcher, so the service
+/// does not depend on it.
+#[tonic::async_trait]
+pub trait ResultSink: Send + Sync + std::fmt::Debug {
+    /// Publishes the terminal event of `request`'s task (completed or failed).
+    async fn publish_result(
+        &self,
+        request: &pb::DeliberateRequest,
+        result: &Result<pb::DeliberateResponse, ServiceError>,
+    );
+}
+
 /// The service state shared by all handlers.
 #[derive(Debug)]
 pub struct Orchestrator {
     runner: Arc<Runner>,
     started: Instant,
+    results: Option<Arc<dyn ResultSink>>,
 }
 
 fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
@@ -40,10 +54,11 @@ fn agent_of(agent_id: &str, role_name: &str) -> Result<(AgentId, Role), ServiceE
 const CAS_ATTEMPTS: usize = 5;
 
 impl Orchestrator {
-    pub fn new(runner: Arc<Runner>) -> Self {
+    pub fn new(runner: Arc<Runner>, results: Option<Arc<dyn ResultSink>>) -> Self {
         Self {
             runner,
             started: Instant::now(),
+            results,
         }
     }
 
@@ -583,15 +598,47 @@ impl OrchestratorService for Orchestrator {
         ))
     }
 
+    /// Upstream's contract: accepted and answered at once with the deliberation's id (the
+    /// task id, made when empty); the council runs in the background, its record serves
+    /// `GetDeliberationResult`, and with dispatch on its terminal event goes to JetStream as a
+    /// dispatched task's does.
     async fn deliberate_for_backlog_review(
         &self,
-        _request: Request<pb::DeliberateRequest>,
+        request: Request<pb::DeliberateRequest>,
     ) -> Result<Response<pb::DeliberateResponse>, Status> {
-        Err(Status::unimplemented(
-            "DeliberateForBacklogReview is not served by council yet: call Deliberate (or \
-             StreamDeliberation), or publish the task to council.tasks.<role> for a result on \
-             JetStream",
-        ))
+        let mut req = request.into_inner();
+        if req.task_id.is_empty() {
+            req.task_id = format!("task-{}", uuid::Uuid::new_v4());
+        }
+        let accepted = |status: &str| pb::DeliberateResponse {
+            task_id: req.task_id.clone(),
+            metadata: Some(pb::OrchestratorMetadata {
+                orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
+                timestamp_ms: now_ms(),
+                execution_id: String::new(),
+                tags: HashMap::from([
+                    ("deliberation_id".to_owned(), req.task_id.clone()),
+                    ("status".to_owned(), status.to_owned()),
+                ]),
+            }),
+            ..Default::default()
+        };
+        match self.runner.start(req.clone(), None, None).await? {
+            // Completed before: its result is the answer.
+            Started::Done(response) => Ok(Response::new(*response)),
+            Started::Running(run) => {
+                let answer = accepted("IN_PROGRESS");
+                let results = self.results.clone();
+                tokio::spawn(async move {
+                    // Holding the handle keeps the run alive after this call returned.
+                    let result = run.result().await;
+                    if let Some(sink) = results {
+                        sink.publish_result(&req, &result).await;
+                    }
+                });
+                Ok(Response::new(answer))
+            }
+        }
     }
 
     async fn process_planning_event(

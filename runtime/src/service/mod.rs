@@ -168,7 +168,6 @@ pub async fn serve(
         options.limits,
         metrics.clone(),
     ));
-    let orchestrator = grpc::Orchestrator::new(runner.clone());
     let addr: SocketAddr = listener.local_addr()?;
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     runner.spawn_retention(
@@ -183,6 +182,10 @@ pub async fn serve(
     let pulling = dispatcher
         .clone()
         .map(|d| tokio::spawn(d.run(stopping_rx.clone())));
+    let orchestrator = grpc::Orchestrator::new(
+        runner.clone(),
+        dispatcher.clone().map(|d| d as Arc<dyn grpc::ResultSink>),
+    );
     let readiness = Readiness {
         backend: backend.clone(),
         store: store.clone(),
