@@ -140,12 +140,14 @@ struct Dims {
 }
 
 fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
+    // Tiny shapes use the generated tokenizer's vocabulary, padded as asked.
+    let tiny_vocab = spec
+        .padded_vocab
+        .unwrap_or(tokenizer_vocab)
+        .max(tokenizer_vocab);
     match (spec.shape, spec.arch) {
         (TinyShape::Tiny, TinyArch::Qwen2) => Dims {
-            vocab: spec
-                .padded_vocab
-                .unwrap_or(tokenizer_vocab)
-                .max(tokenizer_vocab),
+            vocab: tiny_vocab,
             hidden: 64,
             intermediate: 160,
             layers: 2,
@@ -157,10 +159,7 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             tied: true,
         },
         (TinyShape::Tiny, TinyArch::Qwen3) => Dims {
-            vocab: spec
-                .padded_vocab
-                .unwrap_or(tokenizer_vocab)
-                .max(tokenizer_vocab),
+            vocab: tiny_vocab,
             hidden: 64,
             intermediate: 160,
             layers: 2,
@@ -172,10 +171,7 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             tied: false,
         },
         (TinyShape::Tiny, TinyArch::Llama) => Dims {
-            vocab: spec
-                .padded_vocab
-                .unwrap_or(tokenizer_vocab)
-                .max(tokenizer_vocab),
+            vocab: tiny_vocab,
             hidden: 64,
             intermediate: 160,
             layers: 2,
@@ -187,10 +183,7 @@ fn dims(spec: &TinyModelSpec, tokenizer_vocab: usize) -> Dims {
             tied: true,
         },
         (TinyShape::Wide, arch) => Dims {
-            vocab: spec
-                .padded_vocab
-                .unwrap_or(tokenizer_vocab)
-                .max(tokenizer_vocab),
+            vocab: tiny_vocab,
             hidden: 256,
             intermediate: 512,
             layers: 2,

@@ -134,11 +134,10 @@ async fn answer_all(
 ) -> Result<Vec<Reply>, DriverError> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut replies = Vec::with_capacity(calls.len());
-    let mut callers = std::collections::HashMap::new();
     let mut waiting: std::collections::VecDeque<LlmCall> = std::collections::VecDeque::new();
+    // The calls still without a reply.
     let mut by_id = std::collections::HashMap::new();
     for call in calls {
-        callers.insert(call.id, (call.agent.clone(), call.phase, call.round));
         submit(backend, &call, &mut tasks);
         by_id.insert(call.id, call);
     }
@@ -159,15 +158,14 @@ async fn answer_all(
         if let Some(joined) = joined {
             match joined.map_err(|e| DriverError::Join(e.to_string()))? {
                 Answer::Done(reply) => {
-                    if let Some((agent, phase, round)) = callers.remove(&reply.call) {
+                    if let Some(call) = by_id.remove(&reply.call) {
                         on_event(Event::CallDone {
-                            agent,
-                            phase,
-                            round,
+                            agent: call.agent,
+                            phase: call.phase,
+                            round: call.round,
                             ok: reply.result.is_ok(),
                         });
                     }
-                    by_id.remove(&reply.call);
                     replies.push(reply);
                 }
                 Answer::Refused(id) => {

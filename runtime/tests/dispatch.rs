@@ -284,6 +284,35 @@ async fn wait_status(addr: &str, task: &str, status: DeliberationStatus, within:
     }
 }
 
+/// Whether the worker's readiness (`grpc.health.v1`, service "") turns NOT_SERVING within
+/// `within`.
+async fn not_serving_within(addr: &str, within: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects"),
+    );
+    let start = Instant::now();
+    while start.elapsed() < within {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn is_iso8601_utc(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 24
@@ -507,32 +536,10 @@ async fn nats_restart_mid_deliberation() {
     )
     .await;
     w.nats.stop();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", worker.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connects"),
+    assert!(
+        not_serving_within(&worker.addr, Duration::from_secs(20)).await,
+        "readiness did not drop with NATS away"
     );
-    let start = Instant::now();
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("health answers")
-            .into_inner()
-            .status();
-        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "readiness did not drop with NATS away"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.nats.restart();
 
@@ -1556,33 +1563,11 @@ async fn an_unhealthy_replica_pulls_nothing() {
     );
     w.publish_task(&task("sick-first", 0, 3)).await;
     // Its failures open the breaker; readiness follows.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", worker.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connects"),
+    assert!(
+        not_serving_within(&worker.addr, Duration::from_secs(60)).await,
+        "the breaker never opened\n{}",
+        w.log("w")
     );
-    let start = Instant::now();
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("health answers")
-            .into_inner()
-            .status();
-        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the breaker never opened\n{}",
-            w.log("w")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     w.publish_task(&task("sick-second", 0, 1)).await;
     // Well inside the breaker's 10 s: nothing is pulled.
     tokio::time::sleep(Duration::from_secs(4)).await;

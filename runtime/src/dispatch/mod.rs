@@ -345,15 +345,7 @@ impl Dispatcher {
                         // (a last delivery is handled: at worst it is dead-lettered) and ask
                         // for nothing more until healthy.
                         if self.cannot_run().is_some() {
-                            let last = message
-                                .info()
-                                .is_ok_and(|i| i.delivered >= self.config.max_deliver);
-                            if last {
-                                self.clone().handle(message).await;
-                            } else {
-                                let _ = message.ack_with(AckKind::Nak(None)).await;
-                                self.runner.metrics().dispatched("handed_over");
-                            }
+                            self.hand_back_one(message).await;
                             self.hand_back(batch).await;
                             break;
                         }
@@ -389,19 +381,22 @@ impl Dispatcher {
         let until = tokio::time::Instant::now() + Duration::from_secs(6);
         while let Ok(Some(m)) = tokio::time::timeout_at(until, batch.next()).await {
             match m {
-                Ok(m) => {
-                    let last = m
-                        .info()
-                        .is_ok_and(|i| i.delivered >= self.config.max_deliver);
-                    if last {
-                        self.clone().handle(m).await;
-                    } else {
-                        let _ = m.ack_with(AckKind::Nak(None)).await;
-                        self.runner.metrics().dispatched("handed_over");
-                    }
-                }
+                Ok(m) => self.hand_back_one(m).await,
                 Err(_) => break,
             }
+        }
+    }
+
+    /// Hands one message back (nak, no delay); one on its last delivery is handled instead.
+    async fn hand_back_one(self: &Arc<Self>, m: async_nats::jetstream::Message) {
+        let last = m
+            .info()
+            .is_ok_and(|i| i.delivered >= self.config.max_deliver);
+        if last {
+            self.clone().handle(m).await;
+        } else {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+            self.runner.metrics().dispatched("handed_over");
         }
     }
 

@@ -273,9 +273,10 @@ impl Orchestrator {
         let stats = include_stats.then(|| {
             // Since start, not only the window kept for percentiles.
             let (finished, avg_ms) = self.runner.metrics().totals();
+            let (orchestrations, _) = self.runner.metrics().orchestrations();
             pb::OrchestratorStats {
                 total_deliberations: finished as i64,
-                total_orchestrations: self.runner.metrics().orchestrations().0 as i64,
+                total_orchestrations: orchestrations as i64,
                 avg_deliberation_time_ms: avg_ms,
                 active_councils: councils.len() as i64,
                 // Deliberations per role since start, as upstream counts them.
@@ -592,9 +593,11 @@ impl OrchestratorService for Orchestrator {
         let req = request.into_inner();
         let started = Instant::now();
         let (deliberation, k) = orchestrate::deliberation_request(&req)?;
-        let response = self.deliberate_inner(deliberation, deadline).await?;
+        let response = self
+            .deliberate_inner(deliberation.clone(), deadline)
+            .await?;
         Ok(Response::new(
-            orchestrate::choose(&self.runner, &req, response, k, started).await?,
+            orchestrate::choose(&self.runner, &deliberation, response, k, started).await?,
         ))
     }
 
@@ -608,26 +611,26 @@ impl OrchestratorService for Orchestrator {
     ) -> Result<Response<pb::DeliberateResponse>, Status> {
         let mut req = request.into_inner();
         if req.task_id.is_empty() {
-            req.task_id = format!("task-{}", uuid::Uuid::new_v4());
+            // Made here, not by the runner: the background task publishes under it.
+            req.task_id = super::runs::new_task_id();
         }
-        let accepted = |status: &str| pb::DeliberateResponse {
-            task_id: req.task_id.clone(),
-            metadata: Some(pb::OrchestratorMetadata {
-                orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
-                timestamp_ms: now_ms(),
-                execution_id: String::new(),
-                tags: HashMap::from([
-                    ("deliberation_id".to_owned(), req.task_id.clone()),
-                    ("status".to_owned(), status.to_owned()),
-                ]),
-            }),
-            ..Default::default()
-        };
         match self.runner.start(req.clone(), None, None).await? {
             // Completed before: its result is the answer.
             Started::Done(response) => Ok(Response::new(*response)),
             Started::Running(run) => {
-                let answer = accepted("IN_PROGRESS");
+                let answer = pb::DeliberateResponse {
+                    task_id: req.task_id.clone(),
+                    metadata: Some(pb::OrchestratorMetadata {
+                        orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
+                        timestamp_ms: now_ms(),
+                        execution_id: String::new(),
+                        tags: HashMap::from([
+                            ("deliberation_id".to_owned(), req.task_id.clone()),
+                            ("status".to_owned(), "IN_PROGRESS".to_owned()),
+                        ]),
+                    }),
+                    ..Default::default()
+                };
                 let results = self.results.clone();
                 tokio::spawn(async move {
                     // Holding the handle keeps the run alive after this call returned.

@@ -68,10 +68,10 @@ pub fn deliberation_request(
     ))
 }
 
-/// Runs an orchestration: the deliberation's `response`, then the architect's choice.
+/// Runs an orchestration: the `response` to `deliberation`, then the architect's choice.
 pub async fn choose(
     runner: &Runner,
-    req: &pb::OrchestrateRequest,
+    deliberation: &pb::DeliberateRequest,
     response: pb::DeliberateResponse,
     k: usize,
     started: Instant,
@@ -99,14 +99,10 @@ pub async fn choose(
             .cloned()
             .zip(texts.iter().map(String::as_str))
             .collect();
+        // The task as the council saw it (its id made by the runner when none was given).
         let task = convert::task(&pb::DeliberateRequest {
             task_id: response.task_id.clone(),
-            task_description: req.task_description.clone(),
-            role: req.role.clone(),
-            constraints: req.constraints.clone(),
-            rounds: 0,
-            num_agents: 0,
-            review_rounds: None,
+            ..deliberation.clone()
         })?;
         let messages = prompts::select(&architect, &task, &quoted);
         let sampling = CallSampling {

@@ -143,6 +143,11 @@ fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
         .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
 }
 
+/// A task id of upstream's form, `task-<uuid v4>`, for a request that gave none.
+pub fn new_task_id() -> String {
+    format!("task-{}", uuid::Uuid::new_v4())
+}
+
 /// This process, for records: host, pid and start time.
 fn instance_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -229,9 +234,8 @@ impl Runner {
         updates: Option<Updates>,
     ) -> Result<Started, ServiceError> {
         if req.task_id.is_empty() {
-            // Optional upstream (required only for backlog review): one of upstream's form,
-            // returned in the response.
-            req.task_id = format!("task-{}", uuid::Uuid::new_v4());
+            // Optional upstream (required only for backlog review); returned in the response.
+            req.task_id = new_task_id();
         }
         if self.is_draining() {
             self.metrics.rejected("shutting_down");
