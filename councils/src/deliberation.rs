@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use crate::aggregate::{self, Ballot};
 use crate::checks::{AnswerFormatCheck, Check, CheckReport, pass_rate};
 use crate::outcome::{
-    CallRecord, FailedAgent, MethodScores, Outcome, OutcomeStatus, Phase, Progress, RankedProposal,
-    StopReason, Usage,
+    CallRecord, Decision, FailedAgent, Judging, MethodScores, Outcome, OutcomeStatus, Phase,
+    Progress, RankedProposal, StopReason, Usage,
 };
 use crate::parse::{extract_answer, parse_ranking, parse_scores};
 use crate::prompts::{self, Message, RANKING_MARKER};
@@ -150,6 +150,18 @@ enum CallMeta {
         author: usize,
         criterion: usize,
     },
+    /// One presentation order of a log-prob ranking: the i-th choice (label) is shown for
+    /// `authors[i]`.
+    Rank { authors: Vec<usize> },
+}
+
+impl CallMeta {
+    fn is_judgement(&self) -> bool {
+        matches!(
+            self,
+            CallMeta::Score { .. } | CallMeta::Choice { .. } | CallMeta::Rank { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +182,55 @@ struct Judgements {
     ballots: Vec<Ballot>,
     /// (author, criterion) -> scores in [0, 1] from each judge.
     rubric: BTreeMap<(usize, usize), Vec<f64>>,
+    /// Log-prob rankings by judge: for each presentation order, the log-probability (normalised
+    /// over the labels) that each author's proposal is the best; `None` once one of the judge's
+    /// orders could not be read.
+    listwise: BTreeMap<usize, Option<Vec<Vec<(usize, f64)>>>>,
+    /// Asked and read, ranking by log-probs aside (counted when the ballots are formed).
+    counts: Judging,
+}
+
+impl Judgements {
+    /// Every ballot: the parsed text rankings, then one per judge whose every presentation
+    /// order was read, ordering the peers by their mean normalised log-probability of being
+    /// the best. A judge whose means tie exactly gives no ballot (a tie is not an order).
+    fn ballots(&self) -> (Vec<Ballot>, Judging) {
+        let mut ballots = self.ballots.clone();
+        let mut counts = self.counts;
+        for (&judge, orders) in &self.listwise {
+            counts.rankings_asked += 1;
+            let Some(orders) = orders else { continue };
+            let mut mean: BTreeMap<usize, f64> = BTreeMap::new();
+            for order in orders {
+                for &(author, lp) in order {
+                    *mean.entry(author).or_default() += lp / orders.len() as f64;
+                }
+            }
+            let mut order: Vec<(usize, f64)> = mean.into_iter().collect();
+            order.sort_by(|a, b| b.1.total_cmp(&a.1));
+            if order.windows(2).any(|w| w[0].1 == w[1].1) {
+                continue;
+            }
+            counts.rankings_read += 1;
+            ballots.push(Ballot {
+                voter: Some(judge),
+                order: order.into_iter().map(|(a, _)| a).collect(),
+            });
+        }
+        (ballots, counts)
+    }
+}
+
+/// The log-probabilities of `logprobs` normalised over themselves (a log-softmax); `None`
+/// unless every one is finite.
+fn normalised(logprobs: &[f64]) -> Option<Vec<f64>> {
+    if logprobs.is_empty() || !logprobs.iter().all(|l| l.is_finite()) {
+        return None;
+    }
+    let top = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = logprobs.iter().map(|l| (l - top).exp()).sum();
+    let log_total = top + total.ln();
+    Some(logprobs.iter().map(|l| l - log_total).collect())
 }
 
 /// One deliberation in progress.
@@ -333,7 +394,7 @@ impl Deliberation {
             }
             Err(e) => {
                 self.usage.failed_calls += 1;
-                if matches!(p.meta, CallMeta::Score { .. } | CallMeta::Choice { .. }) {
+                if p.meta.is_judgement() {
                     self.usage.failed_judgements += 1;
                 }
                 (None, Err(e.message.clone()))
@@ -352,8 +413,10 @@ impl Deliberation {
             completion_tokens,
         });
         // An empty text reply is as useless as an error.
-        let usable =
-            text.filter(|c| !c.text.trim().is_empty() || matches!(p.meta, CallMeta::Choice { .. }));
+        let usable = text.filter(|c| {
+            !c.text.trim().is_empty()
+                || matches!(p.meta, CallMeta::Choice { .. } | CallMeta::Rank { .. })
+        });
         self.progress.push(Progress::AgentDone {
             agent: agent_id,
             phase: p.phase,
@@ -361,6 +424,7 @@ impl Deliberation {
             ok: usable.is_some(),
         });
         let Some(c) = usable else {
+            self.count_unread(p.agent, &p.meta);
             let (reason, backend) = match reply.result {
                 Err(e) => (e.message, e.transient),
                 Ok(_) => ("empty reply".to_owned(), false),
@@ -405,7 +469,9 @@ impl Deliberation {
                     .choice_logprobs
                     .as_deref()
                     .and_then(|lp| aggregate::expected_score(&values, lp));
+                self.judgements.counts.scores_asked += 1;
                 if let Some(e) = expected {
+                    self.judgements.counts.scores_read += 1;
                     self.judgements
                         .rubric
                         .entry((author, criterion))
@@ -413,11 +479,47 @@ impl Deliberation {
                         .push((e - 1.0) / 9.0);
                 }
             }
+            CallMeta::Rank { authors } => {
+                let read = c
+                    .choice_logprobs
+                    .as_deref()
+                    .filter(|lp| lp.len() == authors.len())
+                    .and_then(normalised);
+                let entry = self
+                    .judgements
+                    .listwise
+                    .entry(a)
+                    .or_insert_with(|| Some(Vec::new()));
+                match (read, entry.as_mut()) {
+                    (Some(lp), Some(orders)) => orders.push(authors.into_iter().zip(lp).collect()),
+                    _ => *entry = None,
+                }
+            }
+        }
+    }
+
+    /// Counts a judgement whose call failed or came back empty: asked, not read.
+    fn count_unread(&mut self, judge: usize, meta: &CallMeta) {
+        let counts = &mut self.judgements.counts;
+        match meta {
+            CallMeta::Score { labels, .. } => {
+                counts.rankings_asked += 1;
+                if self.config.judge == JudgeMode::Text {
+                    counts.scores_asked += (labels.len() * self.criteria.len()) as u64;
+                }
+            }
+            CallMeta::Choice { .. } => counts.scores_asked += 1,
+            CallMeta::Rank { .. } => {
+                self.judgements.listwise.insert(judge, None);
+            }
+            CallMeta::Propose | CallMeta::Critique { .. } | CallMeta::Revise => {}
         }
     }
 
     fn apply_score(&mut self, judge: usize, text: &str, labels: &[String], authors: &[usize]) {
+        self.judgements.counts.rankings_asked += 1;
         if let Some(order) = parse_ranking(text, labels) {
+            self.judgements.counts.rankings_read += 1;
             let order = order.into_iter().map(|i| authors[i]).collect();
             self.judgements.ballots.push(Ballot {
                 voter: Some(judge),
@@ -425,6 +527,7 @@ impl Deliberation {
             });
         }
         if self.config.judge == JudgeMode::Text {
+            self.judgements.counts.scores_asked += (labels.len() * self.criteria.len()) as u64;
             for (section, &author) in split_sections(text, labels).iter().zip(authors) {
                 let Some(section) = section else { continue };
                 for (criterion, score) in parse_scores(section, &self.criteria)
@@ -432,6 +535,7 @@ impl Deliberation {
                     .enumerate()
                 {
                     if let Some(s) = score {
+                        self.judgements.counts.scores_read += 1;
                         self.judgements
                             .rubric
                             .entry((author, criterion))
@@ -453,7 +557,7 @@ impl Deliberation {
         meta: &CallMeta,
     ) {
         // A judge that fails only loses its vote; its own proposal is finished and still ranks.
-        if matches!(meta, CallMeta::Score { .. } | CallMeta::Choice { .. }) {
+        if meta.is_judgement() {
             return;
         }
         if !self.agents[agent].failed {
@@ -771,6 +875,29 @@ impl Deliberation {
             let peers = self.labelled(&labels, &authors);
             let agent = &self.council.agents[judge];
             if self.config.judge == JudgeMode::LogProb {
+                // The ranking: which peer is best, asked in the shuffled order and in its
+                // reverse, so that neither the first place nor the first letter can decide.
+                if authors.len() >= 2 {
+                    let reversed: Vec<usize> = authors.iter().rev().copied().collect();
+                    for order in [authors.clone(), reversed] {
+                        let shown = self.labelled(&labels, &order);
+                        let messages = prompts::judge_rank(
+                            agent,
+                            &self.task,
+                            &shown,
+                            &self.criteria,
+                            self.round,
+                        );
+                        calls.push((
+                            judge,
+                            messages,
+                            CallMeta::Rank { authors: order },
+                            CallKind::ScoreChoices {
+                                choices: labels.clone(),
+                            },
+                        ));
+                    }
+                }
                 for (l, &author) in labels.iter().zip(&authors) {
                     let text = self.agents[author].proposal.as_deref().unwrap_or_default();
                     for (ci, criterion) in self.criteria.iter().enumerate() {
@@ -789,6 +916,7 @@ impl Deliberation {
                         ));
                     }
                 }
+                continue;
             }
             let messages = prompts::score(agent, &self.task, &peers, &self.criteria, self.round);
             calls.push((
@@ -815,6 +943,8 @@ impl Deliberation {
             status: OutcomeStatus::Completed,
             proposals: Vec::new(),
             winner: None,
+            decided_by: None,
+            judging: self.judgements.ballots().1,
             margin: None,
             stop_reason,
             rounds_run: self.rounds_run(),
@@ -850,9 +980,10 @@ impl Deliberation {
     fn ranked(&self, base: Outcome) -> Outcome {
         let working = self.working();
         let n = self.agents.len();
-        let has_ballots = !self.judgements.ballots.is_empty();
-        let borda = aggregate::borda(n, &self.judgements.ballots);
-        let copeland = aggregate::copeland(n, &self.judgements.ballots);
+        let (ballots, _) = self.judgements.ballots();
+        let has_ballots = !ballots.is_empty();
+        let borda = aggregate::borda(n, &ballots);
+        let copeland = aggregate::copeland(n, &ballots);
         let answers: Vec<Option<String>> = working
             .iter()
             .map(|&i| {
@@ -934,8 +1065,18 @@ impl Deliberation {
             [_] => Some(1.0),
             [a, b, ..] => Some(aggregate::win_probability(a.score, b.score, MARGIN_SCALE)),
         };
+        let decided_by = match ranked.as_slice() {
+            [] => None,
+            [_] => Some(Decision::Alone),
+            [a, b, ..] if a.score != b.score => Some(Decision::Score),
+            [a, b, ..] if a.scores.condorcet.unwrap_or(0.0) != b.scores.condorcet.unwrap_or(0.0) => {
+                Some(Decision::Condorcet)
+            }
+            _ => Some(Decision::TieBreak),
+        };
         Outcome {
             winner: ranked.first().map(|p| p.agent.clone()),
+            decided_by,
             margin,
             majority_answer: majority.and_then(|m| m.winner),
             proposals: ranked,

@@ -62,6 +62,56 @@ impl Usage {
     }
 }
 
+/// How many judgements the deliberation asked for and how many it could read. A judgement that
+/// cannot be read (a ranking line that does not parse, a score line missing, a choice without
+/// log-probabilities) is counted here and left out of the scores, never guessed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Judging {
+    /// Peer rankings asked for: one per judge that had at least two peers to order (with the
+    /// log-prob judge, one ranking is read from the choices of every presentation order).
+    pub rankings_asked: u64,
+    pub rankings_read: u64,
+    /// Rubric scores asked for: one per judge, peer and criterion.
+    pub scores_asked: u64,
+    pub scores_read: u64,
+}
+
+impl Judging {
+    pub fn asked(&self) -> u64 {
+        self.rankings_asked + self.scores_asked
+    }
+
+    pub fn read(&self) -> u64 {
+        self.rankings_read + self.scores_read
+    }
+}
+
+/// What put the winner first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Its combined score was strictly the highest.
+    Score,
+    /// It tied the runner-up on the combined score and won on the Copeland score of the
+    /// peers' rankings.
+    Condorcet,
+    /// Nothing the judges said separated it from the runner-up: the seeded hash of the agent
+    /// ids decided (deterministic, but not a judgement).
+    TieBreak,
+    /// It was the only proposal left.
+    Alone,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Score => "score",
+            Decision::Condorcet => "condorcet",
+            Decision::TieBreak => "tie_break",
+            Decision::Alone => "alone",
+        }
+    }
+}
+
 /// Scores of one proposal by method, each in [0, 1]; `None` where the method did not run.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MethodScores {
@@ -135,6 +185,10 @@ pub struct Outcome {
     /// Best first.
     pub proposals: Vec<RankedProposal>,
     pub winner: Option<AgentId>,
+    /// What put the winner first; `None` without a winner.
+    pub decided_by: Option<Decision>,
+    /// Judgements asked for and read.
+    pub judging: Judging,
     /// Probability that the winner beats the runner-up (Bradley-Terry on combined scores).
     pub margin: Option<f64>,
     pub stop_reason: StopReason,

@@ -241,6 +241,31 @@ pub fn judge_choice(
     )
 }
 
+/// A listwise judging prompt for log-prob ranking: the reply is the label of the best proposal.
+/// `peers` holds (label, text) in the order shown; the judge's ranking is read off the
+/// log-probabilities of the labels, over every order the deliberation shows them in.
+pub fn judge_rank(
+    agent: &AgentSpec,
+    task: &Task,
+    peers: &[(String, &str)],
+    criteria: &[String],
+    round: u32,
+) -> Vec<Message> {
+    let labels: Vec<&str> = peers.iter().map(|(l, _)| l.as_str()).collect();
+    let instructions = format!(
+        "Which of the proposals above is the best answer to the task, judged on {}? Reply with \
+         its letter only ({}).",
+        criteria.join(", "),
+        labels.join(", ")
+    );
+    messages(
+        agent,
+        task,
+        &peers_block("Final proposals of your peers", peers, round),
+        &instructions,
+    )
+}
+
 /// Self-refine: the agent reviews its own proposal (no peers; the baseline the council is
 /// measured against). The reply is fed back through [`revise`] as the only critique.
 pub fn self_critique(agent: &AgentSpec, task: &Task, own: &str, round: u32) -> Vec<Message> {

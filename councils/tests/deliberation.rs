@@ -1,7 +1,7 @@
 //! The deliberation state machine driven by a scripted test backend through every path.
 
 use council_councils::checkpoint::Checkpoint;
-use council_councils::outcome::{Outcome, OutcomeStatus, Phase, StopReason};
+use council_councils::outcome::{Decision, Outcome, OutcomeStatus, Phase, StopReason};
 use council_councils::parse::AnswerFormat;
 use council_councils::personas::council_of;
 use council_councils::prompts::MessageRole;
@@ -704,8 +704,41 @@ fn injected_instructions_do_not_change_other_prompts_or_parsing() {
     assert_eq!(a, b);
 }
 
-#[test]
-fn logprob_judging_uses_expected_scores_of_choice_calls() {
+/// The proposals a judging prompt shows, as (label, text), in order.
+fn shown_proposals(call: &LlmCall) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut inside = false;
+    for line in user_text(call).lines() {
+        if let Some(rest) = line.strip_prefix("«PEER TEXT» Proposal ") {
+            out.push((rest.split(' ').next().unwrap_or_default().to_owned(), String::new()));
+            inside = true;
+        } else if line.starts_with("«END PEER TEXT»") {
+            inside = false;
+        } else if let Some(last) = out.last_mut().filter(|_| inside) {
+            last.1.push_str(line);
+        }
+    }
+    out
+}
+
+fn choice_reply(call: &LlmCall, logprobs: Vec<f64>) -> Reply {
+    Reply {
+        call: call.id,
+        result: Ok(Completion {
+            text: String::new(),
+            prompt_tokens: 10,
+            completion_tokens: 0,
+            choice_logprobs: Some(logprobs),
+        }),
+    }
+}
+
+/// Runs a log-prob-judged deliberation; `choices` answers every choice call (rubric scores
+/// have ten choices, rankings one per label), `good` every generation.
+fn drive_logprob(
+    agents: usize,
+    choices: &dyn Fn(&LlmCall, &[String]) -> Result<Vec<f64>, String>,
+) -> (Outcome, Vec<Vec<LlmCall>>) {
     use council_councils::CallKind;
     use council_councils::spec::JudgeMode;
     let config = DeliberationConfig {
@@ -713,43 +746,55 @@ fn logprob_judging_uses_expected_scores_of_choice_calls() {
         judge: JudgeMode::LogProb,
         ..Default::default()
     };
-    let mut d = Deliberation::new(council(3, config), task(None), config, 2);
+    let mut d = Deliberation::new(council(agents, config), task(None), config, 2);
     let mut replies = Vec::new();
-    let mut choice_calls = 0;
-    let outcome = loop {
+    let mut batches = Vec::new();
+    loop {
         match d.step(replies).expect("protocol") {
-            Step::Done(o) => break *o,
+            Step::Done(o) => return (*o, batches),
             Step::Calls(calls) => {
                 replies = calls
                     .iter()
                     .map(|c| match &c.kind {
-                        CallKind::ScoreChoices { choices } => {
-                            choice_calls += 1;
-                            assert_eq!(choices.len(), 10);
-                            // dev-1's proposal always gets a sure 10, everyone else a sure 1.
-                            let best = user_text(c).contains("token1");
-                            let sure = if best { 10 } else { 1 };
-                            let lp: Vec<f64> = (1..=10)
-                                .map(|v| if v == sure { 0.0 } else { -50.0 })
-                                .collect();
-                            Reply {
+                        CallKind::ScoreChoices { choices: labels } => match choices(c, labels) {
+                            Ok(lp) => choice_reply(c, lp),
+                            Err(e) => Reply {
                                 call: c.id,
-                                result: Ok(Completion {
-                                    text: String::new(),
-                                    prompt_tokens: 10,
-                                    completion_tokens: 0,
-                                    choice_logprobs: Some(lp),
-                                }),
-                            }
-                        }
+                                result: Err(CallError::transient(e)),
+                            },
+                        },
                         CallKind::Generate => reply(c, &good),
                     })
                     .collect();
+                batches.push(calls);
             }
         }
-    };
+    }
+}
+
+/// A sure choice: log-prob 0 for `pick`, -50 for every other.
+fn sure(n: usize, pick: usize) -> Vec<f64> {
+    (0..n).map(|i| if i == pick { 0.0 } else { -50.0 }).collect()
+}
+
+#[test]
+fn logprob_judging_uses_expected_scores_of_choice_calls() {
+    // Changed with the log-prob ranking (issue 28): the judge's choice calls are now rubric
+    // scores (ten choices) and rankings (one choice per label); this test answers the rankings
+    // with no preference at all, so only the rubric separates the proposals.
+    let rubric_calls = std::cell::Cell::new(0);
+    let (outcome, _) = drive_logprob(3, &|c, labels| {
+        if labels.len() == 10 {
+            rubric_calls.set(rubric_calls.get() + 1);
+            // dev-1's proposal always gets a sure 10, everyone else a sure 1.
+            let best = user_text(c).contains("token1");
+            Ok(sure(10, if best { 9 } else { 0 }))
+        } else {
+            Ok(vec![-1.0; labels.len()])
+        }
+    });
     // 3 judges × 2 peers × 2 criteria.
-    assert_eq!(choice_calls, 12);
+    assert_eq!(rubric_calls.get(), 12);
     let score = |id: &str| {
         outcome
             .proposals
@@ -759,6 +804,156 @@ fn logprob_judging_uses_expected_scores_of_choice_calls() {
     };
     assert!((score("dev-1").expect("scored") - 1.0).abs() < 1e-9);
     assert!(score("dev-2").expect("scored").abs() < 1e-9);
+    // Rankings whose labels tie exactly are not orders: asked, not read, no ballot.
+    assert_eq!(outcome.judging.rankings_asked, 3);
+    assert_eq!(outcome.judging.rankings_read, 0);
+    assert!(outcome.proposals.iter().all(|p| p.scores.peer_ranking.is_none()));
+    assert_eq!((outcome.judging.scores_asked, outcome.judging.scores_read), (12, 12));
+    assert_eq!(outcome.winner.as_ref().map(|w| w.as_str()), Some("dev-1"));
+    assert_eq!(outcome.decided_by, Some(Decision::Score));
+}
+
+#[test]
+fn logprob_rankings_are_asked_in_two_opposite_orders_and_read_without_text() {
+    use council_councils::CallKind;
+    // Every judge prefers dev-3's proposal, then dev-2's, then dev-1's; the rubric says nothing.
+    let preference = |text: &str| ["token3", "token2", "token1"].iter().position(|t| text.contains(t));
+    let (outcome, batches) = drive_logprob(3, &|c, labels| {
+        if labels.len() == 10 {
+            return Ok(vec![-2.3; 10]);
+        }
+        let shown = shown_proposals(c);
+        assert_eq!(shown.len(), labels.len());
+        let best = (0..shown.len())
+            .min_by_key(|&i| preference(&shown[i].1))
+            .expect("proposals shown");
+        Ok(sure(labels.len(), best))
+    });
+    let score = batches.last().expect("score phase");
+    assert!(score.iter().all(|c| c.phase == Phase::Score));
+    // No written judgement at all: every score call is a choice (one prefill).
+    assert!(score.iter().all(|c| matches!(c.kind, CallKind::ScoreChoices { .. })));
+    let rankings: Vec<&LlmCall> = score
+        .iter()
+        .filter(|c| matches!(&c.kind, CallKind::ScoreChoices { choices } if choices.len() == 2))
+        .collect();
+    assert_eq!(rankings.len(), 6, "two orders per judge");
+    for judge in ["dev-1", "dev-2", "dev-3"] {
+        let orders: Vec<Vec<(String, String)>> = rankings
+            .iter()
+            .filter(|c| c.agent.as_str() == judge)
+            .map(|c| shown_proposals(c))
+            .collect();
+        assert_eq!(orders.len(), 2);
+        // Same labels in the same places, the proposals behind them reversed.
+        let texts = |o: &Vec<(String, String)>| o.iter().map(|p| p.1.clone()).collect::<Vec<_>>();
+        let mut reversed = texts(&orders[1]);
+        reversed.reverse();
+        assert_eq!(texts(&orders[0]), reversed);
+        assert_eq!(orders[0][0].0, "A");
+        assert_eq!(orders[1][0].0, "A");
+        // A judge never ranks its own proposal.
+        let own = judge.replace("dev-", "token");
+        assert!(orders.iter().flatten().all(|p| !p.1.contains(&own)));
+    }
+    assert_eq!(outcome.judging.rankings_asked, 3);
+    assert_eq!(outcome.judging.rankings_read, 3);
+    let order: Vec<&str> = outcome.proposals.iter().map(|p| p.agent.as_str()).collect();
+    assert_eq!(order, ["dev-3", "dev-2", "dev-1"]);
+    assert_eq!(outcome.decided_by, Some(Decision::Score));
+}
+
+#[test]
+fn a_position_biased_judge_cancels_out() {
+    // A judge that always picks the first label, whatever it shows: over the two opposite
+    // orders every peer is first once, so its means tie and it gives no ballot.
+    let (outcome, _) = drive_logprob(3, &|_, labels| {
+        if labels.len() == 10 {
+            return Ok(vec![-2.3; 10]);
+        }
+        Ok(sure(labels.len(), 0))
+    });
+    assert_eq!(outcome.judging.rankings_asked, 3);
+    assert_eq!(outcome.judging.rankings_read, 0);
+    assert!(outcome.proposals.iter().all(|p| p.scores.peer_ranking.is_none()));
+    // Nothing separates the proposals (equal rubric, no ranking): a tie-break, said so.
+    assert_eq!(outcome.decided_by, Some(Decision::TieBreak));
+}
+
+#[test]
+fn a_failed_or_unreadable_ranking_order_spoils_only_that_judges_ranking() {
+    let (outcome, _) = drive_logprob(3, &|c, labels| {
+        if labels.len() == 10 {
+            return Ok(vec![-2.3; 10]);
+        }
+        match c.agent.as_str() {
+            // One of dev-1's orders fails; dev-2's come back with a non-finite log-prob.
+            "dev-1" if shown_proposals(c)[0].1.contains("token2") => Err("503".into()),
+            "dev-2" => Ok(vec![f64::NAN, 0.0]),
+            _ => Ok(sure(labels.len(), usize::from(!shown_proposals(c)[0].1.contains("token1")))),
+        }
+    });
+    assert_eq!(outcome.judging.rankings_asked, 3);
+    assert_eq!(outcome.judging.rankings_read, 1, "{:?}", outcome.judging);
+    assert_eq!(outcome.usage.failed_judgements, 1);
+    assert!(outcome.failed_agents.is_empty(), "a judge that fails keeps its proposal");
+    // dev-3's ballot alone: dev-1 over dev-2.
+    let peer = |id: &str| {
+        outcome
+            .proposals
+            .iter()
+            .find(|p| p.agent.as_str() == id)
+            .and_then(|p| p.scores.peer_ranking)
+    };
+    assert_eq!(peer("dev-1"), Some(1.0));
+    assert_eq!(peer("dev-2"), Some(0.0));
+}
+
+#[test]
+fn text_judging_counts_what_it_could_read() {
+    // dev-1 writes no ranking line and no scores; the others follow the format.
+    let script = |c: &LlmCall| -> Result<String, String> {
+        if c.phase == Phase::Score && c.agent.as_str() == "dev-1" {
+            return Ok("Both are fine, I think.".into());
+        }
+        good(c)
+    };
+    let config = DeliberationConfig {
+        rounds: 0,
+        ..Default::default()
+    };
+    let (outcome, _) = drive(
+        Deliberation::new(council(3, config), task(None), config, 2),
+        &script,
+    );
+    let j = outcome.judging;
+    assert_eq!((j.rankings_asked, j.rankings_read), (3, 2));
+    // 3 judges × 2 peers × 2 criteria asked; dev-1's 4 missing.
+    assert_eq!((j.scores_asked, j.scores_read), (12, 8));
+    assert_eq!(j.asked(), 15);
+    assert_eq!(j.read(), 10);
+}
+
+#[test]
+fn unreadable_text_judgements_leave_the_winner_to_the_tie_break_and_say_so() {
+    let script = |c: &LlmCall| -> Result<String, String> {
+        if c.phase == Phase::Score {
+            return Ok("I like them all.".into());
+        }
+        good(c)
+    };
+    let config = DeliberationConfig {
+        rounds: 0,
+        ..Default::default()
+    };
+    let (outcome, _) = drive(
+        Deliberation::new(council(3, config), task(None), config, 2),
+        &script,
+    );
+    assert_eq!(outcome.judging.read(), 0);
+    assert_eq!(outcome.judging.asked(), 15);
+    assert_eq!(outcome.decided_by, Some(Decision::TieBreak));
+    assert!(outcome.winner.is_some());
 }
 
 #[test]

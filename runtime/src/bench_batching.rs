@@ -44,6 +44,9 @@ pub struct BenchBatchingArgs {
     /// Most tokens per call of the deliberation scenario.
     #[arg(long, default_value_t = 64)]
     pub max_tokens_per_call: u32,
+    /// How the deliberation scenario's peers judge (as `deliberate --judge`).
+    #[arg(long, value_enum, default_value_t = Judge::Logprob)]
+    pub judge: Judge,
 }
 
 /// A prompt of exactly `n` token ids inside the tokenizer's ordinary vocabulary.
@@ -286,17 +289,19 @@ fn deliberation(
             visibility: "all".into(),
             token_budget: None,
             max_tokens_per_call: args.max_tokens_per_call,
-            judge: Judge::Text,
+            judge: args.judge,
             seed,
             json: false,
         })
     };
     println!(
-        "deliberation, DEV council of 3, 1 review round, at most {} tokens per call:",
-        args.max_tokens_per_call
+        "deliberation, DEV council of 3, 1 review round, at most {} tokens per call, {:?} judge:",
+        args.max_tokens_per_call, args.judge
     );
-    println!("| calls | wall s | prompt tokens computed | served from cache | generated |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| calls | wall s | backend calls | prompt tokens computed | served from cache | generated | judgements read |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut walls = Vec::new();
     for one_at_a_time in [true, false] {
         let engine = start(&args.model, prefix_cache, runtime)?;
@@ -322,9 +327,12 @@ fn deliberation(
             outcome.status
         );
         println!(
-            "| {name} | {:.3} | {computed} | {cached} | {} |",
+            "| {name} | {:.3} | {} | {computed} | {cached} | {} | {} / {} |",
             wall.as_secs_f64(),
-            after.generated_tokens - before.generated_tokens
+            outcome.usage.calls,
+            after.generated_tokens - before.generated_tokens,
+            outcome.judging.read(),
+            outcome.judging.asked()
         );
         walls.push(wall);
     }

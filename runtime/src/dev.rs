@@ -207,9 +207,13 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
                 .all(|r| r.usage.completion_tokens == args.new_tokens),
             "a sequence stopped early; use a prompt that does not end in EOS"
         );
+        let generated = tokens + results.len();
         println!(
-            "decode batch {batch}: {tokens} tokens in {decode:.3}s -> {:.1} tok/s",
-            tokens as f64 / decode
+            "decode batch {batch}: {tokens} tokens in {decode:.3}s -> {:.1} tok/s; end to end \
+             {generated} tokens in {:.3}s -> {:.1} tok/s",
+            tokens as f64 / decode,
+            elapsed.as_secs_f64(),
+            generated as f64 / elapsed.as_secs_f64()
         );
     }
     println!(

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::item::EvalItem;
-use super::record::{Arm, Budget, BudgetKind, ResultRecord, RoundAnswer, RunStatus};
+use super::record::{Arm, Budget, BudgetKind, Pool, ResultRecord, RoundAnswer, RunStatus};
 use crate::driver;
 
 /// How every arm is set up for a run.
@@ -79,23 +79,25 @@ impl Plan {
     }
 
     /// Calls a council makes on an item when every round runs and every agent answers: a
-    /// proposal, a critique and a revision per round, a ranking per judge, and with the
-    /// log-prob judge one scoring call per judge, peer and criterion.
+    /// proposal, a critique and a revision per round, then the judging: with the text judge
+    /// one written ranking per judge; with the log-prob judge, per judge two ranking choices
+    /// (when it has two peers or more) and one scoring choice per peer and criterion.
     pub fn planned_council_calls(&self, item: &EvalItem) -> u64 {
         let agents = self.agents as u64;
         if agents < 2 {
             return agents;
         }
-        let choice_calls = match self.judge {
-            JudgeMode::Text => 0,
+        let judging = match self.judge {
+            JudgeMode::Text => agents,
             JudgeMode::LogProb => {
                 let criteria = self.task(item).map_or(0, |t| t.criteria().len());
                 // A task without a rubric is judged on the three default criteria.
                 let criteria = if criteria == 0 { 3 } else { criteria } as u64;
-                agents * (agents - 1) * criteria
+                let rankings = if agents >= 3 { 2 * agents } else { 0 };
+                rankings + agents * (agents - 1) * criteria
             }
         };
-        agents * (1 + 2 * u64::from(self.rounds)) + agents + choice_calls
+        agents * (1 + 2 * u64::from(self.rounds)) + judging
     }
 
     /// Sampling of `agent`'s call, exactly as the council seeds it.
@@ -306,6 +308,7 @@ fn blank(item: &EvalItem, arm: Arm) -> ResultRecord {
         correct: None,
         parse_failed: false,
         rounds: Vec::new(),
+        pool: None,
         consensus: None,
         calls: 0,
         failed_calls: 0,
@@ -540,6 +543,11 @@ pub async fn majority(meter: Metered, plan: &Plan, item: &EvalItem, target: Targ
     let outcome = if answers.is_empty() {
         Err(format!("all {} samples failed", replies.len()))
     } else {
+        let any = some_correct(item, answers.iter().map(Option::as_deref));
+        record.pool = any.map(|any| Pool {
+            first: any,
+            last: any,
+        });
         let vote = majority_vote(&answers);
         record.consensus = Some(answers.iter().all(|a| a.is_some() && *a == vote.winner));
         record.rounds = vec![round_answer(item, 0, vote.winner.clone())];
@@ -620,8 +628,28 @@ fn council_outcome(
         let answers: Vec<&Option<String>> = outcome.proposals.iter().map(|p| &p.answer).collect();
         record.consensus = Some(answers.iter().all(|a| a.is_some() && **a == *answers[0]));
         record.rounds = council_rounds(item, outcome);
+        let first = outcome
+            .transcript
+            .iter()
+            .filter(|r| r.phase == Phase::Propose)
+            .filter_map(usable)
+            .map(|text| answer_of(item, text));
+        let first = some_correct(item, first.collect::<Vec<_>>().iter().map(Option::as_deref));
+        let last = some_correct(item, answers.iter().map(|a| a.as_deref()));
+        if let (Some(first), Some(last)) = (first, last) {
+            record.pool = Some(Pool { first, last });
+        }
     }
     Ok(winner.answer.clone())
+}
+
+/// Whether one of `answers` is right; `None` when the item has no expected answer.
+fn some_correct<'a>(
+    item: &EvalItem,
+    mut answers: impl Iterator<Item = Option<&'a str>>,
+) -> Option<bool> {
+    let expected = item.expected.as_ref()?;
+    Some(answers.any(|a| a.is_some_and(|a| expected.is_correct(a))))
 }
 
 /// The plurality answer of the council's proposals after each round.

@@ -93,6 +93,13 @@ pub enum BudgetKind {
     Calls,
 }
 
+/// Whether some answer of a run's pool was right, before and after review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub first: bool,
+    pub last: bool,
+}
+
 /// One line of `results.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultRecord {
@@ -110,6 +117,13 @@ pub struct ResultRecord {
     pub parse_failed: bool,
     /// Answers after each round, from round 0.
     pub rounds: Vec<RoundAnswer>,
+    /// The pool oracle: some answer the run had in hand was right. Council: some agent's
+    /// first-round answer (`first`) and some agent's final answer (`last`); majority: some
+    /// sample's answer (both). `None` for one-answer arms, free-form items and failed runs.
+    /// Beside `correct`, it shows what picking lost (a wrong winner while a right answer was
+    /// there) and what revision lost (right first answers argued away).
+    #[serde(default)]
+    pub pool: Option<Pool>,
     /// Every final answer of the run was the same, parsed answer (council agents, majority
     /// samples); `None` for one-answer arms and free-form items.
     pub consensus: Option<bool>,

@@ -20,6 +20,7 @@ pub fn markdown(summary: &Summary) -> String {
         arms_table(&summary.arms),
         rounds_table(&summary.arms),
         budget_table(&summary.arms),
+        pool_table(&summary.arms),
         comparisons_table(&summary.comparisons),
         free_form_table(&summary.arms),
         plot_links(),
@@ -141,6 +142,47 @@ fn rounds_table(arms: &[ArmSummary]) -> String {
         return String::new();
     }
     section("Accuracy by round", &table(&HEADERS, rows))
+}
+
+/// The pool oracle beside each pooled arm's accuracy: what a perfect picker would have scored,
+/// and where right answers were lost.
+fn pool_table(arms: &[ArmSummary]) -> String {
+    const HEADERS: [&str; 7] = [
+        "arm",
+        "runs",
+        "some first answer right",
+        "some final answer right",
+        "picked right",
+        "lost by picking",
+        "lost in review",
+    ];
+    let rows: Vec<Vec<String>> = arms
+        .iter()
+        .filter_map(|a| {
+            let p = a.pool.as_ref()?;
+            let share = |n: u64| format!("{n} ({})", percent(Some(n as f64 / p.runs as f64)));
+            Some(vec![
+                a.arm.as_str().to_string(),
+                p.runs.to_string(),
+                share(p.first_correct),
+                share(p.last_correct),
+                share(p.picked_correct),
+                p.lost_by_picking.to_string(),
+                p.lost_in_review.to_string(),
+            ])
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let note = "\nThe pool oracle: a run counts when some answer it had in hand was right (the \
+council: some agent's first proposal, or some agent's final one; the majority: some sample). \
+*Lost by picking*: a right final answer was in the pool and the chosen one was wrong (a bad \
+judge, a wrong majority). *Lost in review*: some first answer was right and no final one was \
+(agents argued out of it).\n";
+    let mut out = section("Pool oracle", &table(&HEADERS, rows));
+    out.push_str(note);
+    out
 }
 
 fn budget_table(arms: &[ArmSummary]) -> String {
@@ -364,6 +406,7 @@ pub(crate) mod tests {
             budget: None,
             mean_score: None,
             mean_margin: None,
+            pool: None,
         }
     }
 
@@ -467,6 +510,7 @@ pub(crate) mod tests {
                 budget: None,
                 mean_score: None,
                 mean_margin: None,
+                pool: None,
                 ..arm.clone()
             };
         }
@@ -544,6 +588,32 @@ pub(crate) mod tests {
         let budget = "| majority | tokens | 120 | 118 | 48000 | 47250 | 2.95 |";
         assert!(md.contains(budget), "{md}");
         assert!(md.contains("| council | 7.250 | 1.500 |"), "{md}");
+    }
+
+    #[test]
+    fn the_pool_oracle_sits_beside_the_pooled_arms() {
+        let mut summary = summary();
+        assert!(!markdown(&summary).contains("## Pool oracle"), "no pool, no section");
+        let council = summary
+            .arms
+            .iter_mut()
+            .find(|a| a.arm == Arm::Council)
+            .expect("council");
+        council.pool = Some(crate::eval::summary::PoolSummary {
+            runs: 40,
+            first_correct: 30,
+            first_accuracy: 0.75,
+            last_correct: 28,
+            last_accuracy: 0.7,
+            picked_correct: 25,
+            lost_by_picking: 3,
+            lost_in_review: 4,
+        });
+        let md = markdown(&summary);
+        assert!(md.contains("## Pool oracle"), "{md}");
+        let row = "| council | 40 | 30 (75.0 %) | 28 (70.0 %) | 25 (62.5 %) | 3 | 4 |";
+        assert!(md.contains(row), "{md}");
+        assert!(md.contains("*Lost by picking*"), "{md}");
     }
 
     #[test]

@@ -11,8 +11,10 @@ use std::f64::consts::LN_2;
 
 use council_councils::rng::{SplitMix, mix};
 
-use super::record::{Arm, ResultRecord, RunStatus};
-use super::summary::{ArmSummary, BudgetSummary, Comparison, RoundSummary, RunInfo, Summary};
+use super::record::{Arm, Pool, ResultRecord, RunStatus};
+use super::summary::{
+    ArmSummary, BudgetSummary, Comparison, PoolSummary, RoundSummary, RunInfo, Summary,
+};
 
 /// Paired bootstrap resamples per comparison.
 pub const BOOTSTRAP_RESAMPLES: usize = 2000;
@@ -171,7 +173,30 @@ fn arm_summary(arm: Arm, runs: &[&ResultRecord]) -> ArmSummary {
         budget: budget_summary(runs),
         mean_score: mean(runs.iter().filter_map(|r| r.score)),
         mean_margin: mean(runs.iter().filter_map(|r| r.margin)),
+        pool: pool_summary(runs),
     }
+}
+
+/// The pool oracle over the scored runs that had a pool; `None` when none had.
+fn pool_summary(runs: &[&ResultRecord]) -> Option<PoolSummary> {
+    let pooled: Vec<(Pool, bool)> = runs
+        .iter()
+        .filter_map(|r| Some((r.pool?, r.correct?)))
+        .collect();
+    let n = pooled.len() as u64;
+    let count = |keep: fn(&(Pool, bool)) -> bool| pooled.iter().filter(|p| keep(p)).count() as u64;
+    let first_correct = count(|(p, _)| p.first);
+    let last_correct = count(|(p, _)| p.last);
+    (n > 0).then(|| PoolSummary {
+        runs: n,
+        first_correct,
+        first_accuracy: first_correct as f64 / n as f64,
+        last_correct,
+        last_accuracy: last_correct as f64 / n as f64,
+        picked_correct: count(|(_, c)| *c),
+        lost_by_picking: count(|(p, c)| p.last && !c),
+        lost_in_review: count(|(p, _)| p.first && !p.last),
+    })
 }
 
 /// Per-run figures over the runs that were not skipped (a skipped run spent nothing).
@@ -384,6 +409,7 @@ mod tests {
             correct,
             parse_failed: false,
             rounds: Vec::new(),
+            pool: None,
             consensus: None,
             calls: 1,
             failed_calls: 0,
@@ -595,6 +621,7 @@ mod tests {
                 budget: None,
                 mean_score: None,
                 mean_margin: None,
+                pool: None,
             },
             ArmSummary {
                 arm: Arm::SelfRefine,
@@ -629,6 +656,7 @@ mod tests {
                 budget: None,
                 mean_score: None,
                 mean_margin: None,
+                pool: None,
             },
             ArmSummary {
                 arm: Arm::Majority,
@@ -663,6 +691,7 @@ mod tests {
                 }),
                 mean_score: None,
                 mean_margin: None,
+                pool: None,
             },
             ArmSummary {
                 arm: Arm::Council,
@@ -697,6 +726,7 @@ mod tests {
                 budget: None,
                 mean_score: Some(0.77),  // (0.9 + 0.6 + 0.8 + 0.7 + 0.85) / 5
                 mean_margin: Some(0.21), // (0.3 + 0.05 + 0.2 + 0.1 + 0.4) / 5
+                pool: None,
             },
         ]
     }
@@ -980,6 +1010,44 @@ mod tests {
         let summary = summarize(&records, run_info(), 0);
         assert_eq!(summary.arms.len(), 2);
         assert!(summary.comparisons.is_empty(), "{:?}", summary.comparisons);
+    }
+
+    #[test]
+    fn the_pool_oracle_counts_what_picking_and_review_lost() {
+        let pooled = |item: &str, correct: bool, first: bool, last: bool| {
+            let mut r = record(item, Arm::Council, Some(correct));
+            r.pool = Some(Pool { first, last });
+            r
+        };
+        let mut failed = record("f", Arm::Council, Some(false));
+        failed.status = RunStatus::Failed {
+            reason: "quorum lost".into(),
+        };
+        let records = vec![
+            pooled("a", true, true, true),
+            // A right final answer was there; the judges picked another.
+            pooled("b", false, true, true),
+            // A right first answer was argued away in review.
+            pooled("c", false, true, false),
+            // Right only after review.
+            pooled("d", true, false, true),
+            pooled("e", false, false, false),
+            // A failed run has no pool: it is not in the oracle's denominator.
+            failed,
+            record("s", Arm::Single, Some(true)),
+        ];
+        let summary = summarize(&records, run_info(), 0);
+        let council = summary.arms.iter().find(|a| a.arm == Arm::Council).expect("council");
+        let pool = council.pool.as_ref().expect("pool");
+        assert_eq!(pool.runs, 5);
+        assert_eq!((pool.first_correct, pool.last_correct), (3, 3));
+        assert_close(pool.first_accuracy, 0.6, "first_accuracy");
+        assert_close(pool.last_accuracy, 0.6, "last_accuracy");
+        assert_eq!(pool.picked_correct, 2);
+        assert_eq!((pool.lost_by_picking, pool.lost_in_review), (1, 1));
+        // A one-answer arm has no pool.
+        let single = summary.arms.iter().find(|a| a.arm == Arm::Single).expect("single");
+        assert_eq!(single.pool, None);
     }
 
     #[test]

@@ -68,6 +68,28 @@ pub struct ArmSummary {
     /// Council: mean winner score and margin (the free-form measure).
     pub mean_score: Option<f64>,
     pub mean_margin: Option<f64>,
+    /// Council and majority: the pool oracle beside the arm's accuracy.
+    pub pool: Option<PoolSummary>,
+}
+
+/// How often a right answer was in a run's pool, and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// Scored runs that had a pool (council, majority; failed runs have none).
+    pub runs: u64,
+    /// Runs where some first answer was right, and their share of `runs`.
+    pub first_correct: u64,
+    pub first_accuracy: f64,
+    /// Runs where some final answer was right, and their share of `runs`.
+    pub last_correct: u64,
+    pub last_accuracy: f64,
+    /// Of these runs, those whose chosen answer was right.
+    pub picked_correct: u64,
+    /// Runs with a right final answer in the pool whose chosen answer was wrong: lost by
+    /// picking (a bad judge, a wrong majority).
+    pub lost_by_picking: u64,
+    /// Runs with a right first answer and no right final one: lost in review (conformity).
+    pub lost_in_review: u64,
 }
 
 /// Accuracy after one round.

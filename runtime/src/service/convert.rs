@@ -174,6 +174,11 @@ pub fn summary(o: &Outcome) -> pb::DeliberationSummary {
         calls: o.usage.calls as i64,
         failed_calls: o.usage.failed_calls as i64,
         failed_judgements: o.usage.failed_judgements as i64,
+        rankings_asked: o.judging.rankings_asked as i64,
+        rankings_read: o.judging.rankings_read as i64,
+        scores_asked: o.judging.scores_asked as i64,
+        scores_read: o.judging.scores_read as i64,
+        decided_by: o.decided_by.map(|d| d.as_str().to_owned()).unwrap_or_default(),
         prompt_tokens: o.usage.prompt_tokens as i64,
         completion_tokens: o.usage.completion_tokens as i64,
         failed_agents: o
