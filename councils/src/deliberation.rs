@@ -185,10 +185,14 @@ struct Judgements {
     /// Log-prob rankings by judge: for each presentation order, the log-probability (normalised
     /// over the labels) that each author's proposal is the best; `None` once one of the judge's
     /// orders could not be read.
-    listwise: BTreeMap<usize, Option<Vec<Vec<(usize, f64)>>>>,
+    listwise: BTreeMap<usize, Option<Vec<Order>>>,
     /// Asked and read, ranking by log-probs aside (counted when the ballots are formed).
     counts: Judging,
 }
+
+/// One presentation order of a log-prob ranking: (author, normalised log-probability that its
+/// proposal is the best) for each peer shown.
+type Order = Vec<(usize, f64)>;
 
 impl Judgements {
     /// Every ballot: the parsed text rankings, then one per judge whose every presentation

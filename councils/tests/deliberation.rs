@@ -733,11 +733,14 @@ fn choice_reply(call: &LlmCall, logprobs: Vec<f64>) -> Reply {
     }
 }
 
+/// Answers a choice call: one log-probability per choice, or why the call failed.
+type Choices = dyn Fn(&LlmCall, &[String]) -> Result<Vec<f64>, String>;
+
 /// Runs a log-prob-judged deliberation; `choices` answers every choice call (rubric scores
 /// have ten choices, rankings one per label), `good` every generation.
 fn drive_logprob(
     agents: usize,
-    choices: &dyn Fn(&LlmCall, &[String]) -> Result<Vec<f64>, String>,
+    choices: &Choices,
 ) -> (Outcome, Vec<Vec<LlmCall>>) {
     use council_councils::CallKind;
     use council_councils::spec::JudgeMode;
