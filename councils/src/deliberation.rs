@@ -152,7 +152,9 @@ enum CallMeta {
     },
     /// One presentation order of a log-prob ranking: the i-th choice (label) is shown for
     /// `authors[i]`.
-    Rank { authors: Vec<usize> },
+    Rank {
+        authors: Vec<usize>,
+    },
 }
 
 impl CallMeta {
@@ -1073,7 +1075,9 @@ impl Deliberation {
             [] => None,
             [_] => Some(Decision::Alone),
             [a, b, ..] if a.score != b.score => Some(Decision::Score),
-            [a, b, ..] if a.scores.condorcet.unwrap_or(0.0) != b.scores.condorcet.unwrap_or(0.0) => {
+            [a, b, ..]
+                if a.scores.condorcet.unwrap_or(0.0) != b.scores.condorcet.unwrap_or(0.0) =>
+            {
                 Some(Decision::Condorcet)
             }
             _ => Some(Decision::TieBreak),

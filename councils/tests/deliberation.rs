@@ -710,7 +710,10 @@ fn shown_proposals(call: &LlmCall) -> Vec<(String, String)> {
     let mut inside = false;
     for line in user_text(call).lines() {
         if let Some(rest) = line.strip_prefix("«PEER TEXT» Proposal ") {
-            out.push((rest.split(' ').next().unwrap_or_default().to_owned(), String::new()));
+            out.push((
+                rest.split(' ').next().unwrap_or_default().to_owned(),
+                String::new(),
+            ));
             inside = true;
         } else if line.starts_with("«END PEER TEXT»") {
             inside = false;
@@ -734,14 +737,11 @@ fn choice_reply(call: &LlmCall, logprobs: Vec<f64>) -> Reply {
 }
 
 /// Answers a choice call: one log-probability per choice, or why the call failed.
-type Choices = dyn Fn(&LlmCall, &[String]) -> Result<Vec<f64>, String>;
+type Choices<'a> = dyn Fn(&LlmCall, &[String]) -> Result<Vec<f64>, String> + 'a;
 
 /// Runs a log-prob-judged deliberation; `choices` answers every choice call (rubric scores
 /// have ten choices, rankings one per label), `good` every generation.
-fn drive_logprob(
-    agents: usize,
-    choices: &Choices,
-) -> (Outcome, Vec<Vec<LlmCall>>) {
+fn drive_logprob(agents: usize, choices: &Choices<'_>) -> (Outcome, Vec<Vec<LlmCall>>) {
     use council_councils::CallKind;
     use council_councils::spec::JudgeMode;
     let config = DeliberationConfig {
@@ -777,7 +777,9 @@ fn drive_logprob(
 
 /// A sure choice: log-prob 0 for `pick`, -50 for every other.
 fn sure(n: usize, pick: usize) -> Vec<f64> {
-    (0..n).map(|i| if i == pick { 0.0 } else { -50.0 }).collect()
+    (0..n)
+        .map(|i| if i == pick { 0.0 } else { -50.0 })
+        .collect()
 }
 
 #[test]
@@ -810,8 +812,16 @@ fn logprob_judging_uses_expected_scores_of_choice_calls() {
     // Rankings whose labels tie exactly are not orders: asked, not read, no ballot.
     assert_eq!(outcome.judging.rankings_asked, 3);
     assert_eq!(outcome.judging.rankings_read, 0);
-    assert!(outcome.proposals.iter().all(|p| p.scores.peer_ranking.is_none()));
-    assert_eq!((outcome.judging.scores_asked, outcome.judging.scores_read), (12, 12));
+    assert!(
+        outcome
+            .proposals
+            .iter()
+            .all(|p| p.scores.peer_ranking.is_none())
+    );
+    assert_eq!(
+        (outcome.judging.scores_asked, outcome.judging.scores_read),
+        (12, 12)
+    );
     assert_eq!(outcome.winner.as_ref().map(|w| w.as_str()), Some("dev-1"));
     assert_eq!(outcome.decided_by, Some(Decision::Score));
 }
@@ -820,7 +830,11 @@ fn logprob_judging_uses_expected_scores_of_choice_calls() {
 fn logprob_rankings_are_asked_in_two_opposite_orders_and_read_without_text() {
     use council_councils::CallKind;
     // Every judge prefers dev-3's proposal, then dev-2's, then dev-1's; the rubric says nothing.
-    let preference = |text: &str| ["token3", "token2", "token1"].iter().position(|t| text.contains(t));
+    let preference = |text: &str| {
+        ["token3", "token2", "token1"]
+            .iter()
+            .position(|t| text.contains(t))
+    };
     let (outcome, batches) = drive_logprob(3, &|c, labels| {
         if labels.len() == 10 {
             return Ok(vec![-2.3; 10]);
@@ -835,7 +849,11 @@ fn logprob_rankings_are_asked_in_two_opposite_orders_and_read_without_text() {
     let score = batches.last().expect("score phase");
     assert!(score.iter().all(|c| c.phase == Phase::Score));
     // No written judgement at all: every score call is a choice (one prefill).
-    assert!(score.iter().all(|c| matches!(c.kind, CallKind::ScoreChoices { .. })));
+    assert!(
+        score
+            .iter()
+            .all(|c| matches!(c.kind, CallKind::ScoreChoices { .. }))
+    );
     let rankings: Vec<&LlmCall> = score
         .iter()
         .filter(|c| matches!(&c.kind, CallKind::ScoreChoices { choices } if choices.len() == 2))
@@ -878,7 +896,12 @@ fn a_position_biased_judge_cancels_out() {
     });
     assert_eq!(outcome.judging.rankings_asked, 3);
     assert_eq!(outcome.judging.rankings_read, 0);
-    assert!(outcome.proposals.iter().all(|p| p.scores.peer_ranking.is_none()));
+    assert!(
+        outcome
+            .proposals
+            .iter()
+            .all(|p| p.scores.peer_ranking.is_none())
+    );
     // Nothing separates the proposals (equal rubric, no ranking): a tie-break, said so.
     assert_eq!(outcome.decided_by, Some(Decision::TieBreak));
 }
@@ -893,13 +916,19 @@ fn a_failed_or_unreadable_ranking_order_spoils_only_that_judges_ranking() {
             // One of dev-1's orders fails; dev-2's come back with a non-finite log-prob.
             "dev-1" if shown_proposals(c)[0].1.contains("token2") => Err("503".into()),
             "dev-2" => Ok(vec![f64::NAN, 0.0]),
-            _ => Ok(sure(labels.len(), usize::from(!shown_proposals(c)[0].1.contains("token1")))),
+            _ => Ok(sure(
+                labels.len(),
+                usize::from(!shown_proposals(c)[0].1.contains("token1")),
+            )),
         }
     });
     assert_eq!(outcome.judging.rankings_asked, 3);
     assert_eq!(outcome.judging.rankings_read, 1, "{:?}", outcome.judging);
     assert_eq!(outcome.usage.failed_judgements, 1);
-    assert!(outcome.failed_agents.is_empty(), "a judge that fails keeps its proposal");
+    assert!(
+        outcome.failed_agents.is_empty(),
+        "a judge that fails keeps its proposal"
+    );
     // dev-3's ballot alone: dev-1 over dev-2.
     let peer = |id: &str| {
         outcome

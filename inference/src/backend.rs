@@ -61,6 +61,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// log-probability, without sampling.
     fn score(&self, request: ScoreRequest) -> ScoreFuture;
 
+    /// Whether [`Backend::score`] can be served at all. A remote server found at start-up to
+    /// lack every form of choice scoring says no, and then `score` fails at once without a
+    /// request; callers use this to judge with text instead.
+    fn scores_choices(&self) -> bool {
+        true
+    }
+
     fn health(&self) -> Health;
 
     fn model_info(&self) -> &ModelInfo;

@@ -114,6 +114,10 @@ pub enum InferenceError {
     ConstraintViolated { endpoint: String, reason: String },
     #[error("backend {endpoint} broke the protocol: {reason}")]
     Protocol { endpoint: String, reason: String },
+    /// The server lacks what the request needs (found at start-up, or in its answer): the
+    /// request is refused without being sent, or fails without a guess.
+    #[error("backend {endpoint} cannot serve this request: {reason}")]
+    Unsupported { endpoint: String, reason: String },
 }
 
 impl InferenceError {
@@ -136,7 +140,8 @@ impl InferenceError {
             | InferenceError::Load(_)
             | InferenceError::Model(_)
             | InferenceError::Tokenizer(_)
-            | InferenceError::ConstraintViolated { .. } => false,
+            | InferenceError::ConstraintViolated { .. }
+            | InferenceError::Unsupported { .. } => false,
         }
     }
 }

@@ -26,7 +26,8 @@ impl Cli {
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) => "info",
-            _ => "warn,council_inference::fetch=info",
+            // What a remote server was found to serve is one line at start-up.
+            _ => "warn,council_inference::fetch=info,council_inference::vllm=info",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use council_councils::checks::CheckStatus;
+use council_councils::outcome::Decision;
 use council_councils::parse::AnswerFormat;
 use council_councils::personas::council_of;
 use council_councils::spec::{DeliberationConfig, JudgeMode, Visibility};
@@ -43,9 +44,13 @@ pub struct DeliberateArgs {
     pub token_budget: Option<u64>,
     #[arg(long, default_value_t = 256)]
     pub max_tokens_per_call: u32,
-    /// How rubric criteria are judged: scores written in the reply, or the expected value of
-    /// the log-probabilities of "1".."10".
-    #[arg(long, value_enum, default_value_t = Judge::Text)]
+    /// How the peers judge each other. `logprob`: each judge's ranking is read off the
+    /// log-probabilities of the proposals' letters (asked in two opposite orders) and each
+    /// rubric score is the expected value of the log-probabilities of "1".."10"; one prefill
+    /// per judgement, nothing to parse, so a small model's judgements are all usable. `text`:
+    /// scores and a ranking line written in the reply, with reasons; needs a model that
+    /// follows the format.
+    #[arg(long, value_enum, default_value_t = Judge::Logprob)]
     pub judge: Judge,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -126,6 +131,19 @@ pub fn run(args: DeliberateArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let (backend, _, _) = args.model.start_backend(&runtime)?;
+    // A server that cannot score choices judges with text (warned in `servable_judge`).
+    let (args, deliberation) =
+        match crate::model_source::servable_judge(backend.as_ref(), args.judge.into()) {
+            JudgeMode::Text if args.judge == Judge::Logprob => {
+                let args = DeliberateArgs {
+                    judge: Judge::Text,
+                    ..args
+                };
+                let deliberation = build(&args)?;
+                (args, deliberation)
+            }
+            _ => (args, deliberation),
+        };
     let outcome = runtime.block_on(crate::driver::run(backend.as_ref(), deliberation))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome_json(&outcome))?);
@@ -157,7 +175,14 @@ pub fn outcome_json(o: &Outcome) -> serde_json::Value {
         "council_id": o.council.as_str(),
         "status": status,
         "winner": o.winner.as_ref().map(|w| w.as_str()),
+        "decided_by": o.decided_by.map(|d| d.as_str()),
         "margin": o.margin,
+        "judging": {
+            "rankings_asked": o.judging.rankings_asked,
+            "rankings_read": o.judging.rankings_read,
+            "scores_asked": o.judging.scores_asked,
+            "scores_read": o.judging.scores_read,
+        },
         "stop_reason": format!("{:?}", o.stop_reason),
         "rounds_run": o.rounds_run,
         "majority_answer": o.majority_answer,
@@ -240,15 +265,16 @@ fn print_table(o: &Outcome) {
             f.reason
         );
     }
-    let unscored = o.proposals.iter().all(|p| {
-        let s = p.scores;
-        [s.peer_ranking, s.rubric, s.majority, s.checks]
-            .iter()
-            .all(Option::is_none)
-    });
-    if unscored && !o.proposals.is_empty() {
+    let j = o.judging;
+    if j.asked() > 0 {
         println!(
-            "note: no scoring method could score any proposal; the order is the deterministic tie-break"
+            "judging: {} of {} peer rankings and {} of {} rubric scores read",
+            j.rankings_read, j.rankings_asked, j.scores_read, j.scores_asked
+        );
+    }
+    if o.decided_by == Some(Decision::TieBreak) {
+        println!(
+            "note: the judges did not separate the first two proposals; the order between them is the deterministic tie-break"
         );
     }
     match (&o.winner, o.margin) {

@@ -234,3 +234,18 @@ impl ModelArgs {
         Ok(Engine::load(&files, &name, self.engine_config())?)
     }
 }
+
+/// The judge `backend` can serve: log-prob judging needs choice scoring, so on a backend that
+/// cannot score choices (a server found at start-up to lack every scoring form) a log-prob
+/// judge becomes a text judge, with a warning.
+pub fn servable_judge(
+    backend: &dyn Backend,
+    judge: council_councils::spec::JudgeMode,
+) -> council_councils::spec::JudgeMode {
+    use council_councils::spec::JudgeMode;
+    if judge == JudgeMode::LogProb && !backend.scores_choices() {
+        tracing::warn!("the server cannot score choices; judging with text");
+        return JudgeMode::Text;
+    }
+    judge
+}

@@ -12,7 +12,14 @@
 //!
 //! Faults apply to the two generation routes only; `/v1/models` and `/health` always behave.
 //! A request naming a model that is not configured gets vLLM's 404; one without `model` is
-//! served by the first configured model.
+//! served by the first configured model. A reply constraint sent as vLLM's
+//! `structured_outputs.choice` is honoured (the first option) unless a reply is scripted.
+//!
+//! The capability probes a backend sends at start-up (marked with the
+//! [`council_inference::vllm::PROBE_HEADER`] header) are answered like any request but take no
+//! fault and are not counted in [`OpenAiDouble::requests`] or recorded in
+//! [`OpenAiDouble::bodies`]: tests count the calls of the work they do
+//! ([`OpenAiDouble::probes`] counts the probes).
 //!
 //! Every request runs in its own task (one per connection, as hyper serves HTTP/1), so a hung
 //! request never blocks another. When a client drops the connection of a hung or stalled request,
@@ -36,6 +43,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use council_inference::vllm::PROBE_HEADER;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -108,6 +116,7 @@ impl OpenAiDouble {
                 ..Script::default()
             }),
             requests: AtomicUsize::new(0),
+            probes: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             shutdown: shutdown_rx.clone(),
@@ -167,9 +176,15 @@ impl OpenAiDouble {
         self.shared.script().chunk_delay = delay;
     }
 
-    /// Chat and completion requests received (not `/v1/models`), faulted ones included.
+    /// Chat and completion requests received (not `/v1/models`, not start-up probes),
+    /// faulted ones included.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Start-up probes received on the generation routes.
+    pub fn probes(&self) -> usize {
+        self.shared.probes.load(Ordering::SeqCst)
     }
 
     /// Generation requests being served: the handler has started and neither finished nor been
@@ -209,6 +224,7 @@ impl Drop for OpenAiDouble {
 struct Shared {
     state: Mutex<Script>,
     requests: AtomicUsize,
+    probes: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     shutdown: watch::Receiver<bool>,
@@ -232,13 +248,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a generation request and takes its fault.
+    /// Records a generation request and takes its fault (a probe is only counted).
     fn receive(
         &self,
         headers: &HeaderMap,
         body: &Bytes,
     ) -> (Result<Value, ApiError>, Option<Fault>) {
         let parsed = serde_json::from_slice::<Value>(body);
+        if headers.contains_key(PROBE_HEADER) {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            let parsed =
+                parsed.map_err(|error| bad_request(&format!("invalid JSON body: {error}")));
+            return (parsed, None);
+        }
         let recorded = match &parsed {
             Ok(value) => value.clone(),
             Err(_) => Value::String(String::from_utf8_lossy(body).into_owned()),
@@ -482,7 +504,12 @@ impl Generation {
             let script = shared.script();
             (script.reply.clone(), script.chunk_delay)
         };
-        let reply = reply.unwrap_or(generated);
+        // vLLM honours a choice constraint; a scripted reply stands for a server that does not.
+        let honoured = request
+            .pointer("/structured_outputs/choice/0")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let reply = reply.or(honoured).unwrap_or(generated);
         let pieces = pieces(&reply);
         let prefix = match route {
             Route::Chat => "chatcmpl",

@@ -2,7 +2,10 @@
 //! (`council_tests::openai_double`): the well-behaved path with usage, auth and thinking; the
 //! start-up model check; every fault mode with its error or retry, no leaked call slots and
 //! bounded time; the circuit breaker; several endpoints; cancellation; a council deliberation
-//! and `council eval` end to end over the backend.
+//! and `council eval` end to end over the backend. Then the same backend against a stand-in of
+//! llama.cpp's `llama-server` (`council_tests::llama_double`): what start-up detects, choice
+//! scoring from next-token log-probs, constraints in its grammar form, and the refusal (and
+//! the CLI's text judging) where a server has no scoring form at all.
 
 use std::time::{Duration, Instant};
 
@@ -543,4 +546,262 @@ async fn choices_are_scored_from_prompt_logprobs_and_the_log_prob_judge_works() 
             .expect("runs");
     assert_eq!(outcome.usage.failed_calls, 0);
     assert!(outcome.proposals.iter().all(|p| p.scores.rubric.is_some()));
+}
+
+/// A backend on one server at `url`.
+async fn connect_to(url: String) -> VllmBackend {
+    VllmBackend::connect(config(&[url]))
+        .await
+        .expect("connects")
+}
+
+/// The llama double's tokens of `chat` as llama-server tokenizes a chat prompt.
+fn llama_prompt(chat: &[ChatMessage]) -> Vec<u32> {
+    use council_tests::llama_double;
+    let messages: Vec<serde_json::Value> = chat
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+        .collect();
+    llama_double::tokenize(&llama_double::render(&messages, true), true)
+}
+
+/// The exact log-prob of `choice` after `prompt` under the llama double's model.
+fn llama_score(prompt: &[u32], choice: &str) -> f64 {
+    use council_tests::llama_double;
+    let mut context = prompt.to_vec();
+    let mut total = 0.0;
+    for t in llama_double::tokenize(choice, false) {
+        total += llama_double::logprob(&context, t);
+        context.push(t);
+    }
+    total
+}
+
+/// One printable choice among the top next tokens the backend asks for after `prompt`, and
+/// one outside them.
+fn inside_and_outside_the_top(prompt: &[u32]) -> (String, String) {
+    let n = council_inference::vllm::llama::TOP_LOGPROBS;
+    let top = council_tests::llama_double::top(prompt, n);
+    let printable = |t: &u32| (33..127).contains(t);
+    let inside = top
+        .iter()
+        .copied()
+        .find(printable)
+        .expect("a printable top token");
+    let outside = (33u32..127)
+        .find(|t| !top.contains(t))
+        .expect("a printable token outside the top");
+    let text = |t: u32| char::from(u8::try_from(t).expect("ascii")).to_string();
+    (text(inside), text(outside))
+}
+
+#[tokio::test]
+async fn llama_server_is_detected_and_choices_are_scored_exactly_from_next_token_log_probs() {
+    use council_inference::vllm::caps::{LogprobTokens, ScoringForm, StructuredForm};
+    use council_inference::{Constraint, Prompt, ScoreRequest};
+    use council_tests::llama_double::{Behaviour, LlamaDouble};
+    let double = LlamaDouble::start(MODEL, Behaviour::default()).await;
+    let backend = connect_to(double.url()).await;
+    let caps = backend.capabilities();
+    assert!(!caps.vllm_tokenize && !caps.prompt_logprobs, "{caps:?}");
+    assert!(
+        caps.llama_tokenize && caps.next_token_probs && caps.forced_logprob,
+        "{caps:?}"
+    );
+    assert_eq!(caps.logprob_tokens, LogprobTokens::IdField);
+    assert_eq!(caps.structured, StructuredForm::Grammar);
+    assert_eq!(caps.scoring(), ScoringForm::NextTokenProbs { forced: true });
+    assert!(backend.scores_choices());
+    assert!(
+        double.probes().iter().any(|p| p == "forced-token"),
+        "{:?}",
+        double.probes()
+    );
+    assert_eq!(double.work_requests(), 0, "start-up sent probes only");
+
+    let chat = vec![
+        ChatMessage::system("Judge."),
+        ChatMessage::user("Score it."),
+    ];
+    let prompt = llama_prompt(&chat);
+    let (inside, outside) = inside_and_outside_the_top(&prompt);
+    let choices = vec![inside, outside, "10".to_owned()];
+    let request = ScoreRequest::new(Prompt::Chat(chat), choices.clone());
+    let scored = backend.score(request.clone()).await.expect("scores");
+    for (choice, got) in choices.iter().zip(&scored.logprobs) {
+        let want = llama_score(&prompt, choice);
+        assert!((got - want).abs() < 1e-9, "{choice:?}: {got} vs {want}");
+    }
+    assert_eq!(scored.usage.prompt_tokens, prompt.len());
+    // One call per distinct prefix (the prompt, and the prompt + "1"), each forcing one of
+    // the choice tokens due there, and one more for each other token outside the top.
+    let completions = double.posts("/completion");
+    assert!(completions.iter().all(|b| b.get("logit_bias").is_some()));
+    let top =
+        council_tests::llama_double::top(&prompt, council_inference::vllm::llama::TOP_LOGPROBS);
+    let mut first: Vec<u32> = choices
+        .iter()
+        .map(|c| council_tests::llama_double::tokenize(c, false)[0])
+        .collect();
+    first.sort_unstable();
+    first.dedup();
+    let extra = first[1..].iter().filter(|t| !top.contains(t)).count();
+    assert!(
+        extra >= 1 || !top.contains(&first[0]),
+        "a token outside the top is scored"
+    );
+    assert_eq!(completions.len(), 2 + extra, "{completions:?}");
+    assert!(double.posts("/v1/completions").is_empty(), "no vLLM form");
+    // Choice tokens are asked once: a second scoring tokenizes only its prompt.
+    let tokenized = double.posts("/tokenize").len();
+    let again = backend.score(request).await.expect("scores again");
+    assert_eq!(again.logprobs, scored.logprobs);
+    assert_eq!(double.posts("/tokenize").len(), tokenized + 1);
+
+    // A choice constraint goes as a grammar; a regex has no form there and is not sent, and
+    // the reply is still checked.
+    let mut constrained = ask("accept or reject?");
+    constrained.constraint = Some(Constraint::Choice(vec!["accept".into(), "reject".into()]));
+    let honoured = backend.generate(constrained).await.expect("honoured");
+    assert_eq!(honoured.text, "accept");
+    let last_chat = || {
+        double
+            .posts("/v1/chat/completions")
+            .last()
+            .cloned()
+            .expect("a chat body")
+    };
+    let body = last_chat();
+    assert_eq!(body["grammar"], r#"root ::= "accept" | "reject""#);
+    assert!(body.get("structured_outputs").is_none());
+    // Sampling in llama-server's terms: its default top-k 40 and min-p 0.05 turned off.
+    assert_eq!(
+        (body["top_k"].as_u64(), body["min_p"].as_f64()),
+        (Some(0), Some(0.0))
+    );
+    assert_eq!(body["repeat_penalty"], 1.0);
+    let mut regex = ask("digits?");
+    regex.constraint = Some(Constraint::Regex("[0-9]+".into()));
+    let err = backend.generate(regex).await.expect_err("checked");
+    assert!(
+        matches!(err, InferenceError::ConstraintViolated { .. }),
+        "{err}"
+    );
+    let body = last_chat();
+    assert!(body.get("grammar").is_none() && body.get("structured_outputs").is_none());
+
+    // Log-probs carry the ids llama-server puts beside the token text.
+    let mut with_logprobs = ask("hi");
+    with_logprobs.top_logprobs = Some(2);
+    let result = backend.generate(with_logprobs).await.expect("log-probs");
+    let logprobs = result.logprobs.expect("log-probs");
+    assert!(!logprobs.is_empty() && logprobs.iter().all(|l| l.top.len() == 2));
+    assert_eq!(result.token_ids.len(), logprobs.len());
+    assert_eq!(backend.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn without_logit_bias_a_choice_outside_the_top_log_probs_fails_and_is_not_guessed() {
+    use council_inference::vllm::caps::ScoringForm;
+    use council_inference::{Prompt, ScoreRequest};
+    use council_tests::llama_double::{Behaviour, LlamaDouble};
+    let behaviour = Behaviour {
+        logit_bias: false,
+        ..Behaviour::default()
+    };
+    let double = LlamaDouble::start(MODEL, behaviour).await;
+    let backend = connect_to(double.url()).await;
+    assert_eq!(
+        backend.capabilities().scoring(),
+        ScoringForm::NextTokenProbs { forced: false }
+    );
+    assert!(backend.scores_choices());
+    let chat = vec![ChatMessage::user("Pick one.")];
+    let prompt = llama_prompt(&chat);
+    let (inside, outside) = inside_and_outside_the_top(&prompt);
+    let scored = backend
+        .score(ScoreRequest::new(
+            Prompt::Chat(chat.clone()),
+            vec![inside.clone()],
+        ))
+        .await
+        .expect("a top token is read");
+    assert!((scored.logprobs[0] - llama_score(&prompt, &inside)).abs() < 1e-9);
+    let err = backend
+        .score(ScoreRequest::new(Prompt::Chat(chat), vec![inside, outside]))
+        .await
+        .expect_err("not guessed");
+    assert!(
+        matches!(&err, InferenceError::Unsupported { reason, .. } if reason.contains("top 1024")),
+        "{err}"
+    );
+    assert!(!err.is_transient(), "a retry would fail the same way");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_scoring_form_is_refused_at_once_and_the_cli_judges_with_text() {
+    use council_inference::{Prompt, ScoreRequest};
+    use council_tests::llama_double::{Behaviour, LlamaDouble};
+    let behaviour = Behaviour {
+        native: false,
+        ..Behaviour::default()
+    };
+    let double = LlamaDouble::start(MODEL, behaviour).await;
+    let backend = connect_to(double.url()).await;
+    assert!(!backend.scores_choices(), "{:?}", backend.capabilities());
+    let before = double.work_requests();
+    let err = backend
+        .score(ScoreRequest::new(
+            Prompt::Chat(vec![ChatMessage::user("x")]),
+            vec!["A".into()],
+        ))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, InferenceError::Unsupported { reason, .. } if reason.contains("cannot score choices")),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(double.work_requests(), before, "nothing was sent");
+
+    // `council eval` (log-prob judging by default) judges with text instead, and its
+    // settings say so.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("run");
+    let args: Vec<String> = [
+        "council",
+        "eval",
+        "--model",
+        MODEL,
+        "--suite",
+        "arithmetic",
+        "--limit",
+        "1",
+        "--rounds",
+        "1",
+        "--arms",
+        "council",
+        "--vllm-url",
+        &double.url(),
+        "--out",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([out.display().to_string()])
+    .collect();
+    council(args)
+        .await
+        .expect("eval over a server without scoring");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).expect("run.json"))
+            .expect("JSON");
+    assert_eq!(settings["judge"], "text", "{settings}");
+    let results = std::fs::read_to_string(out.join("results.jsonl")).expect("results");
+    let line: serde_json::Value =
+        serde_json::from_str(results.lines().next().expect("a line")).expect("JSON");
+    assert_eq!(line["status"]["state"], "ok", "{line}");
+    assert!(
+        double.posts("/completion").is_empty(),
+        "no scoring call was sent"
+    );
 }

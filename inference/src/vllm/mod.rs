@@ -4,28 +4,36 @@
 //! breaker per endpoint, first-token and idle timeouts on streams, and cancellation: dropping a
 //! call's future drops its HTTP request.
 //!
+//! At start-up every endpoint is probed for what it serves beyond plain chat (`probe.rs`):
+//! vLLM's forms, or llama.cpp's `llama-server` native ones; choice scoring and reply
+//! constraints use the form found, and what no endpoint serves is refused before any request.
+//!
 //! There is no fallback anywhere: a call that cannot be answered is an error the caller sees.
 
+pub mod caps;
+pub mod llama;
 pub mod policy;
+mod probe;
+mod score;
 pub mod wire;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use self::caps::{Capabilities, ScoringForm};
 use self::policy::{Breaker, BreakerPolicy, RetryPolicy};
+pub use self::probe::PROBE_HEADER;
 use self::wire::Route;
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 use crate::constraint::Constraint;
 use crate::engine::tokenizer::strip_think;
 use crate::error::{InferenceError, error_chain};
-use crate::request::{
-    FinishReason, GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult, Timings,
-    Usage,
-};
+use crate::request::{FinishReason, GenerateRequest, GenerateResult, ScoreRequest, Timings, Usage};
 
 /// A bearer key; never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -172,6 +180,8 @@ pub enum VllmError {
 #[derive(Debug)]
 struct Endpoint {
     base: String,
+    /// Calls in flight at most: `max_in_flight`, or fewer where the server runs fewer at once.
+    capacity: usize,
     permits: Arc<Semaphore>,
     breaker: Mutex<Breaker>,
 }
@@ -208,6 +218,12 @@ struct Inner {
     config: VllmConfig,
     endpoints: Vec<Endpoint>,
     info: ModelInfo,
+    /// What every endpoint serves (found at start-up).
+    caps: Capabilities,
+    /// Tokens of choice texts already asked of the server.
+    choice_cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// Whether the warning for a constraint left out of a request was given.
+    warned_constraint: AtomicBool,
     counters: Counters,
     next: AtomicUsize,
     jitter: Mutex<crate::rng::Rng>,
@@ -220,27 +236,40 @@ pub struct VllmBackend {
 }
 
 impl VllmBackend {
-    /// Checks the configuration and that every endpoint serves the model.
+    /// Checks the configuration and that every endpoint serves the model, and finds out what
+    /// every endpoint can serve beyond plain chat (logged: one line of what was found, a
+    /// warning for each thing that cannot be served).
     pub async fn connect(config: VllmConfig) -> Result<Self, VllmError> {
         let bases = config.validate()?;
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Servers close idle keep-alive connections after 5 s (llama-server's cpp-httplib,
+            // uvicorn under vLLM); a request sent on one as it closes fails with "connection
+            // closed before message completed". Connections idle longer than this are not reused.
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| VllmError::Config {
                 field: "endpoints",
                 reason: format!("cannot build an HTTP client: {e}"),
             })?;
-        let mut context_window = 0;
-        for base in &bases {
-            let window = check_model(&client, base, &config).await?;
-            context_window = context_window.max(window.unwrap_or(0));
-        }
+        let probe::Found {
+            context_window,
+            slots,
+            caps,
+        } = probe::start_up(&client, &bases, &config).await?;
         let endpoints = bases
             .iter()
-            .map(|base| Endpoint {
-                base: base.clone(),
-                permits: Arc::new(Semaphore::new(config.max_in_flight)),
-                breaker: Mutex::new(Breaker::default()),
+            .zip(slots)
+            .map(|(base, slots)| {
+                // More calls than the server runs at once would only queue in the server,
+                // under our first-token timeout.
+                let capacity = slots.map_or(config.max_in_flight, |n| n.min(config.max_in_flight));
+                Endpoint {
+                    base: base.clone(),
+                    capacity,
+                    permits: Arc::new(Semaphore::new(capacity)),
+                    breaker: Mutex::new(Breaker::default()),
+                }
             })
             .collect();
         let info = ModelInfo {
@@ -259,6 +288,9 @@ impl VllmBackend {
                 config,
                 endpoints,
                 info,
+                caps,
+                choice_cache: Mutex::new(HashMap::new()),
+                warned_constraint: AtomicBool::new(false),
                 counters: Counters::default(),
                 next: AtomicUsize::new(0),
                 jitter: Mutex::new(crate::rng::Rng::new(seed)),
@@ -266,54 +298,18 @@ impl VllmBackend {
         })
     }
 
+    /// What the endpoints were found to serve at start-up.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
     /// Calls holding an endpoint permit now (for tests and metrics).
     pub fn in_flight(&self) -> usize {
         self.inner
             .endpoints
             .iter()
-            .map(|e| self.inner.config.max_in_flight - e.permits.available_permits())
+            .map(|e| e.capacity - e.permits.available_permits())
             .sum()
-    }
-}
-
-/// `GET /v1/models` on one endpoint; the model's context window when the server says.
-async fn check_model(
-    client: &reqwest::Client,
-    base: &str,
-    config: &VllmConfig,
-) -> Result<Option<usize>, VllmError> {
-    let url = format!("{base}/v1/models");
-    let mut request = client.get(&url).timeout(config.first_token_timeout);
-    if let Some(key) = &config.api_key {
-        request = request.bearer_auth(key.expose());
-    }
-    let response = request.send().await.map_err(|e| VllmError::Unreachable {
-        endpoint: base.to_owned(),
-        reason: error_chain(&e),
-    })?;
-    let status = response.status();
-    let body: Value = response.json().await.map_err(|e| VllmError::Protocol {
-        endpoint: base.to_owned(),
-        reason: format!("the model list is not JSON: {e}"),
-    })?;
-    if !status.is_success() {
-        return Err(VllmError::Refused {
-            endpoint: base.to_owned(),
-            status: status.as_u16(),
-            message: wire::error_message(&body),
-        });
-    }
-    let models = wire::models(&body).map_err(|e| VllmError::Protocol {
-        endpoint: base.to_owned(),
-        reason: e.0,
-    })?;
-    match models.iter().find(|(id, _)| *id == config.model) {
-        Some((_, window)) => Ok(*window),
-        None => Err(VllmError::ModelNotServed {
-            endpoint: base.to_owned(),
-            model: config.model.clone(),
-            served: models.into_iter().map(|(id, _)| id).collect(),
-        }),
     }
 }
 
@@ -335,7 +331,31 @@ enum AttemptError {
 impl Inner {
     async fn generate(&self, request: GenerateRequest) -> Result<GenerateResult, InferenceError> {
         let submitted = Instant::now();
-        let (route, body) = wire::body(&self.config.model, &request);
+        if request.top_logprobs.is_some() && !self.caps.logprob_tokens.usable() {
+            return Err(InferenceError::Unsupported {
+                endpoint: self.info.device.clone(),
+                reason: format!(
+                    "the request asks for log-probs, and the server's log-prob tokens carry no \
+                     ids ({})",
+                    self.caps.logprob_tokens.as_str()
+                ),
+            });
+        }
+        let (route, mut body) = wire::body(&self.config.model, &request, self.caps.structured);
+        if self.caps.llama_tokenize {
+            llama::sampling_fields(&mut body, &request.sampling);
+        }
+        if let Some(constraint) = &request.constraint
+            && wire::constraint_field(constraint, self.caps.structured).is_none()
+            && !self.warned_constraint.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                endpoints = %self.info.device,
+                "a reply constraint ({constraint:?}) has no form this server honours \
+                 ({}): it is not sent, and the reply is checked against it",
+                self.caps.structured.as_str()
+            );
+        }
         let constraint = request.constraint.as_ref();
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let result = self
@@ -445,6 +465,12 @@ impl Inner {
         what: &str,
     ) -> Result<reqwest::Response, AttemptError> {
         let mut request = self.client.post(format!("{base}{path}")).json(body);
+        if self.caps.llama_tokenize && body["stream"] == true {
+            // llama-server closes the connection after a streamed answer although it says
+            // keep-alive; a request sent on it meanwhile fails ("connection closed before
+            // message completed"), so such a connection is not offered for reuse.
+            request = request.header(reqwest::header::CONNECTION, "close");
+        }
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key.expose());
         }
@@ -474,46 +500,6 @@ impl Inner {
     ) -> Result<Value, InferenceError> {
         self.call(deadline, |endpoint| self.post_json(endpoint, path, body))
             .await
-    }
-
-    /// Scores choices: the prompt and each choice are tokenized by the server (`/tokenize`),
-    /// then each `prompt + choice` is sent to `/v1/completions` with `prompt_logprobs`, and
-    /// the log-probs of the choice's tokens are summed. The server's prefix cache computes the
-    /// shared prompt once.
-    async fn score(&self, request: ScoreRequest) -> Result<ScoreResult, InferenceError> {
-        request.validate()?;
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let prompt = match &request.prompt {
-            Prompt::Tokens(ids) => ids.clone(),
-            Prompt::Chat(_) => {
-                let body = wire::tokenize_prompt(&self.config.model, &request);
-                let answer = self.post("/tokenize", &body, deadline).await?;
-                wire::tokens(&answer).map_err(|e| protocol(&self.info.device, e.0))?
-            }
-        };
-        let mut scores = Vec::with_capacity(request.choices.len());
-        for choice in &request.choices {
-            let body = wire::tokenize_text(&self.config.model, choice);
-            let answer = self.post("/tokenize", &body, deadline).await?;
-            let ids = wire::tokens(&answer).map_err(|e| protocol(&self.info.device, e.0))?;
-            let mut sequence = prompt.clone();
-            sequence.extend_from_slice(&ids);
-            let body = wire::prompt_logprobs_body(&self.config.model, &sequence);
-            let answer = self
-                .post(Route::Completions.path(), &body, deadline)
-                .await?;
-            let logprobs = wire::prompt_logprobs(&answer, &sequence)
-                .map_err(|e| protocol(&self.info.device, e.0))?;
-            scores.push(logprobs[prompt.len()..].iter().sum());
-        }
-        Ok(ScoreResult {
-            logprobs: scores,
-            usage: Usage {
-                prompt_tokens: prompt.len(),
-                cached_prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-        })
     }
 
     /// The least busy endpoint whose breaker lets calls through (round robin among equals).
@@ -729,6 +715,10 @@ impl Backend for VllmBackend {
     fn score(&self, request: ScoreRequest) -> ScoreFuture {
         let inner = self.inner.clone();
         Box::pin(async move { inner.score(request).await })
+    }
+
+    fn scores_choices(&self) -> bool {
+        self.inner.caps.scoring() != ScoringForm::Unavailable
     }
 
     fn health(&self) -> Health {

@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use super::caps::{LogprobTokens, StructuredForm};
 use crate::constraint::Constraint;
 use crate::request::{GenerateRequest, Prompt, ScoreRequest, TokenLogprob, TopLogprob};
 
@@ -25,8 +26,9 @@ impl Route {
     }
 }
 
-/// The streamed request body for `request` on `model`.
-pub fn body(model: &str, request: &GenerateRequest) -> (Route, Value) {
+/// The streamed request body for `request` on `model`, its constraint in the server's
+/// `structured` form (or left out where that form has none: see [`constraint_field`]).
+pub fn body(model: &str, request: &GenerateRequest, structured: StructuredForm) -> (Route, Value) {
     let s = request.sampling;
     let mut body = json!({
         "model": model,
@@ -56,14 +58,12 @@ pub fn body(model: &str, request: &GenerateRequest) -> (Route, Value) {
     if !request.stop_token_ids.is_empty() {
         fields.insert("stop_token_ids".into(), json!(request.stop_token_ids));
     }
-    if let Some(constraint) = &request.constraint {
-        // vLLM's current key; the older `guided_*` keys are silently ignored by it now.
-        let spec = match constraint {
-            Constraint::Choice(options) => json!({ "choice": options }),
-            Constraint::JsonSchema(schema) => json!({ "json": schema }),
-            Constraint::Regex(pattern) => json!({ "regex": pattern }),
-        };
-        fields.insert("structured_outputs".into(), spec);
+    if let Some((key, spec)) = request
+        .constraint
+        .as_ref()
+        .and_then(|c| constraint_field(c, structured))
+    {
+        fields.insert(key.into(), spec);
     }
     let route = match &request.prompt {
         Prompt::Chat(messages) => {
@@ -92,6 +92,35 @@ pub fn body(model: &str, request: &GenerateRequest) -> (Route, Value) {
         }
     };
     (route, body)
+}
+
+/// The request field that carries `constraint` in the server's form: vLLM's
+/// `structured_outputs` (its current key; the older `guided_*` keys are silently ignored by it
+/// now), or llama-server's `grammar` / `json_schema`. `None` where the form has no way to say
+/// it: the constraint is then not sent (never a field the server would silently ignore), and
+/// the reply is still checked.
+pub fn constraint_field(
+    constraint: &Constraint,
+    structured: StructuredForm,
+) -> Option<(&'static str, Value)> {
+    match (structured, constraint) {
+        (StructuredForm::StructuredOutputs, Constraint::Choice(options)) => {
+            Some(("structured_outputs", json!({ "choice": options })))
+        }
+        (StructuredForm::StructuredOutputs, Constraint::JsonSchema(schema)) => {
+            Some(("structured_outputs", json!({ "json": schema })))
+        }
+        (StructuredForm::StructuredOutputs, Constraint::Regex(pattern)) => {
+            Some(("structured_outputs", json!({ "regex": pattern })))
+        }
+        (StructuredForm::Grammar, Constraint::Choice(options)) => {
+            Some(("grammar", json!(super::llama::choice_grammar(options))))
+        }
+        (StructuredForm::Grammar, Constraint::JsonSchema(schema)) => {
+            Some(("json_schema", schema.clone()))
+        }
+        (StructuredForm::Grammar, Constraint::Regex(_)) | (StructuredForm::Ignored, _) => None,
+    }
 }
 
 /// What the stream said so far.
@@ -225,16 +254,51 @@ fn chat_logprob(entry: &Value) -> Result<TokenLogprob, ProtocolError> {
         .as_array()
         .map(|alts| {
             alts.iter()
-                .map(|a| top_logprob(a["token"].as_str().unwrap_or_default(), &a["logprob"]))
+                .map(|a| {
+                    Ok(TopLogprob {
+                        token_id: entry_id(a)?,
+                        logprob: number(&a["logprob"])?,
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?
         .unwrap_or_default();
     Ok(TokenLogprob {
-        token_id: token_id(entry["token"].as_str().unwrap_or_default())?,
+        token_id: entry_id(entry)?,
         logprob: number(&entry["logprob"])?,
         top,
     })
+}
+
+/// The token id of a chat log-prob entry: its `token_id:N` token (vLLM), else its numeric
+/// `id` (llama-server names the token by text and adds the id).
+fn entry_id(entry: &Value) -> Result<u32, ProtocolError> {
+    let token = entry["token"].as_str().unwrap_or_default();
+    if token.starts_with("token_id:") {
+        return token_id(token);
+    }
+    match entry["id"].as_u64().and_then(|id| u32::try_from(id).ok()) {
+        Some(id) => Ok(id),
+        None => token_id(token),
+    }
+}
+
+/// How the first log-prob entry of a non-streamed chat answer names its token.
+pub fn logprob_tokens(answer: &Value) -> LogprobTokens {
+    let entry = &answer["choices"][0]["logprobs"]["content"][0];
+    match entry["token"].as_str() {
+        _ if entry.is_null() => LogprobTokens::Absent,
+        Some(token) if token.starts_with("token_id:") => LogprobTokens::TokenIds,
+        _ if entry["id"].is_u64() => LogprobTokens::IdField,
+        Some(_) => LogprobTokens::Text,
+        None => LogprobTokens::Absent,
+    }
+}
+
+/// The reply text of a non-streamed chat answer.
+pub fn chat_text(answer: &Value) -> Option<&str> {
+    answer["choices"][0]["message"]["content"].as_str()
 }
 
 fn top_logprob(token: &str, logprob: &Value) -> Result<TopLogprob, ProtocolError> {
@@ -391,7 +455,7 @@ mod tests {
                 });
         request.stop = vec!["END".into()];
         request.top_logprobs = Some(3);
-        let (route, body) = body("m", &request);
+        let (route, body) = body("m", &request, StructuredForm::StructuredOutputs);
         assert_eq!(route, Route::Chat);
         assert_eq!(body["model"], "m");
         assert_eq!(body["max_tokens"], 64);
@@ -404,7 +468,11 @@ mod tests {
         assert_eq!(body["top_logprobs"], 3);
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
-        let (route, body) = super::body("m", &GenerateRequest::tokens(vec![1, 2], 4));
+        let (route, body) = super::body(
+            "m",
+            &GenerateRequest::tokens(vec![1, 2], 4),
+            StructuredForm::StructuredOutputs,
+        );
         assert_eq!(route, Route::Completions);
         assert_eq!(body["prompt"], json!([1, 2]));
         assert!(body.get("messages").is_none() && body.get("top_k").is_none());
@@ -466,6 +534,68 @@ mod tests {
         assert_eq!((parsed[0].token_id, parsed[0].logprob), (7, -1.0));
         let strings = json!({"content": [{"token": "hello", "logprob": -1.0}]});
         assert!(parse_logprobs(&strings).is_err());
+    }
+
+    #[test]
+    fn llama_server_logprobs_are_read_by_their_numeric_ids() {
+        // llama-server names tokens by text and adds `id` (and `bytes`) to every entry.
+        let llama = json!({"content": [{"id": 9906, "token": "Hello", "bytes": [72], "logprob": -0.5,
+            "top_logprobs": [{"id": 9906, "token": "Hello", "bytes": [72], "logprob": -0.5},
+                             {"id": 13347, "token": "Hi", "bytes": [72, 105], "logprob": -1.25}]}]});
+        let parsed = parse_logprobs(&llama).expect("llama logprobs");
+        assert_eq!((parsed[0].token_id, parsed[0].logprob), (9906, -0.5));
+        assert_eq!(parsed[0].top[1].token_id, 13347);
+        let answer = |entry: Value| json!({"choices": [{"logprobs": {"content": [entry]}}]});
+        assert_eq!(
+            logprob_tokens(&answer(json!({"token": "token_id:5", "logprob": -1.0}))),
+            LogprobTokens::TokenIds
+        );
+        assert_eq!(
+            logprob_tokens(&answer(json!({"id": 5, "token": "a", "logprob": -1.0}))),
+            LogprobTokens::IdField
+        );
+        assert_eq!(
+            logprob_tokens(&answer(json!({"token": "a", "logprob": -1.0}))),
+            LogprobTokens::Text
+        );
+        assert_eq!(
+            logprob_tokens(&json!({"choices": [{"message": {"content": "a"}}]})),
+            LogprobTokens::Absent
+        );
+    }
+
+    #[test]
+    fn constraints_take_the_servers_form_or_are_left_out() {
+        let choice = Constraint::Choice(vec!["accept".into(), "reject".into()]);
+        let schema = Constraint::JsonSchema(json!({"type": "object"}));
+        let regex = Constraint::Regex("[0-9]+".into());
+        let vllm = StructuredForm::StructuredOutputs;
+        assert_eq!(
+            constraint_field(&choice, vllm),
+            Some((
+                "structured_outputs",
+                json!({"choice": ["accept", "reject"]})
+            ))
+        );
+        assert_eq!(
+            constraint_field(&regex, vllm),
+            Some(("structured_outputs", json!({"regex": "[0-9]+"})))
+        );
+        let llama = StructuredForm::Grammar;
+        assert_eq!(
+            constraint_field(&choice, llama),
+            Some(("grammar", json!(r#"root ::= "accept" | "reject""#)))
+        );
+        assert_eq!(
+            constraint_field(&schema, llama),
+            Some(("json_schema", json!({"type": "object"})))
+        );
+        assert_eq!(constraint_field(&regex, llama), None);
+        assert_eq!(constraint_field(&choice, StructuredForm::Ignored), None);
+        let mut request = GenerateRequest::chat(vec![ChatMessage::user("u")], 4);
+        request.constraint = Some(choice);
+        let (_, sent) = body("m", &request, StructuredForm::Ignored);
+        assert!(sent.get("structured_outputs").is_none() && sent.get("grammar").is_none());
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub struct EvalArgs {
     pub max_vote_samples: u64,
     #[arg(long, default_value_t = 256)]
     pub max_tokens_per_call: u32,
-    /// How the council judges rubric criteria: written scores, or log-prob expected scores.
-    #[arg(long, value_enum, default_value_t = crate::deliberate::Judge::Text)]
+    /// How the council's peers judge each other: `logprob` (rankings and rubric scores read off
+    /// log-probabilities) or `text` (written scores and ranking lines); see `deliberate --help`.
+    #[arg(long, value_enum, default_value_t = crate::deliberate::Judge::Logprob)]
     pub judge: crate::deliberate::Judge,
     /// Items in flight at once.
     #[arg(long, default_value_t = 8)]
@@ -187,6 +188,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // A server is connected before the output directory is opened: one that cannot score
+    // choices makes the run judge with text, and the settings must say so. (The engine always
+    // scores; it still loads after the directory check.)
+    let remote = match args.model.is_remote() {
+        true => Some(args.model.start_backend(&runtime)?),
+        false => None,
+    };
+    let mut prepared = prepared;
+    if let Some((backend, _, _)) = &remote {
+        prepared.plan.judge =
+            crate::model_source::servable_judge(backend.as_ref(), prepared.plan.judge);
+    }
     // The model's name (the settings of the output directory) is known before it loads.
     let model = match (&args.model.model_dir, args.model.is_remote()) {
         (Some(dir), false) => dir.display().to_string(),
@@ -213,7 +226,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         judge: format!("{:?}", prepared.plan.judge).to_lowercase(),
     };
     let (mut out, existing) = OutDir::open(&args.out, &settings, args.resume)?;
-    let (backend, _, _) = args.model.start_backend(&runtime)?;
+    let (backend, _, _) = match remote {
+        Some(started) => started,
+        None => args.model.start_backend(&runtime)?,
+    };
     let started = Instant::now();
     let shutdown = async {
         // Without a signal handler Ctrl-C would kill the process: never finish this branch then.

@@ -593,7 +593,10 @@ pub(crate) mod tests {
     #[test]
     fn the_pool_oracle_sits_beside_the_pooled_arms() {
         let mut summary = summary();
-        assert!(!markdown(&summary).contains("## Pool oracle"), "no pool, no section");
+        assert!(
+            !markdown(&summary).contains("## Pool oracle"),
+            "no pool, no section"
+        );
         let council = summary
             .arms
             .iter_mut()

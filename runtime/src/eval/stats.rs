@@ -1037,7 +1037,11 @@ mod tests {
             record("s", Arm::Single, Some(true)),
         ];
         let summary = summarize(&records, run_info(), 0);
-        let council = summary.arms.iter().find(|a| a.arm == Arm::Council).expect("council");
+        let council = summary
+            .arms
+            .iter()
+            .find(|a| a.arm == Arm::Council)
+            .expect("council");
         let pool = council.pool.as_ref().expect("pool");
         assert_eq!(pool.runs, 5);
         assert_eq!((pool.first_correct, pool.last_correct), (3, 3));
@@ -1046,7 +1050,11 @@ mod tests {
         assert_eq!(pool.picked_correct, 2);
         assert_eq!((pool.lost_by_picking, pool.lost_in_review), (1, 1));
         // A one-answer arm has no pool.
-        let single = summary.arms.iter().find(|a| a.arm == Arm::Single).expect("single");
+        let single = summary
+            .arms
+            .iter()
+            .find(|a| a.arm == Arm::Single)
+            .expect("single");
         assert_eq!(single.pool, None);
     }
 

@@ -178,7 +178,10 @@ pub fn summary(o: &Outcome) -> pb::DeliberationSummary {
         rankings_read: o.judging.rankings_read as i64,
         scores_asked: o.judging.scores_asked as i64,
         scores_read: o.judging.scores_read as i64,
-        decided_by: o.decided_by.map(|d| d.as_str().to_owned()).unwrap_or_default(),
+        decided_by: o
+            .decided_by
+            .map(|d| d.as_str().to_owned())
+            .unwrap_or_default(),
         prompt_tokens: o.usage.prompt_tokens as i64,
         completion_tokens: o.usage.completion_tokens as i64,
         failed_agents: o
