@@ -4,7 +4,6 @@
 //! a model. It hands out the LLM calls it needs and takes their replies (see ARCHITECTURE.md).
 
 pub mod aggregate;
-pub mod checkpoint;
 pub mod checks;
 pub mod deliberation;
 pub mod ids;
@@ -17,6 +16,7 @@ pub mod role;
 pub mod sanitize;
 pub mod spec;
 
+pub use deliberation::checkpoint;
 pub use deliberation::{
     CallError, CallKind, CallSampling, Completion, Deliberation, LlmCall, Reply, Step, StepError,
 };

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use council_inference::engine::quant::compare_with_f32;
+use council_inference::engine::diagnostics::compare_with_f32;
 use council_inference::tiny::{self, TinyArch, TinyModelSpec, TinyShape};
 use council_inference::{Backend, GenerateRequest, Quantization};
 

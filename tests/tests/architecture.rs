@@ -133,3 +133,334 @@ fn only_runtime_wires_things_together() {
         );
     }
 }
+
+/// Module imports inside each crate, read from its sources: which sibling modules reach each
+/// other (`crate::`, `super::` and `self::` paths, grouped `use` trees included; comments and
+/// `#[cfg(test)]` items left out).
+mod imports {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::{Path, PathBuf};
+
+    /// A module path inside a crate (`[]` is the crate root).
+    pub type Module = Vec<String>;
+
+    /// Every module of the library rooted at `src/lib.rs` that has a file of its own.
+    pub fn modules(src: &Path) -> BTreeMap<Module, PathBuf> {
+        let mut found = BTreeMap::new();
+        let mut dirs = vec![src.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("source folder reads") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(src)
+                    .expect("under src")
+                    .with_extension("");
+                let mut parts: Module = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                match parts.last().map(String::as_str) {
+                    Some("main") if parts.len() == 1 => continue,
+                    Some("lib") if parts.len() == 1 => parts.clear(),
+                    Some("mod") => {
+                        parts.pop();
+                    }
+                    _ => {}
+                }
+                found.insert(parts, path);
+            }
+        }
+        found
+    }
+
+    /// `text` without comments and without the items marked `#[cfg(test)]`.
+    pub fn production_code(text: &str) -> String {
+        let mut code = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("#[cfg(test)]") {
+            code.push_str(&rest[..at]);
+            let item = &rest[at..];
+            let open = item.find('{');
+            let semi = item.find(';');
+            let end = match (open, semi) {
+                (_, Some(s)) if open.is_none_or(|o| s < o) => s + 1,
+                (Some(o), _) => matching_brace(item, o).map_or(item.len(), |c| c + 1),
+                _ => item.len(),
+            };
+            rest = &item[end..];
+        }
+        code.push_str(rest);
+        code.lines()
+            .map(|line| line.find("//").map_or(line, |c| &line[..c]))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The index of the brace closing the one at `open`.
+    fn matching_brace(text: &str, open: usize) -> Option<usize> {
+        let mut depth = 0usize;
+        for (i, c) in text[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(open + i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Every path that starts with `crate::`, `super::` or `self::`, grouped `use` trees
+    /// expanded (`crate::a::{b, c::d}` gives `crate::a::b` and `crate::a::c::d`).
+    pub fn paths(code: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for head in ["crate::", "super::", "self::"] {
+            for (at, _) in code.match_indices(head) {
+                let before = code[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                    continue;
+                }
+                found.extend(tree(&code[at..]));
+            }
+        }
+        found
+    }
+
+    /// The paths of the use tree (or plain path) at the start of `text`.
+    fn tree(text: &str) -> Vec<String> {
+        let len = text
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(text.len());
+        let path = &text[..len];
+        if !(path.ends_with("::") && text[len..].starts_with('{')) {
+            return vec![path.trim_end_matches(':').to_owned()];
+        }
+        let Some(close) = matching_brace(text, len) else {
+            return Vec::new();
+        };
+        let mut items = Vec::new();
+        let (mut depth, mut from) = (0usize, len + 1);
+        for (i, c) in text[len + 1..close].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    items.push(&text[from..len + 1 + i]);
+                    from = len + 2 + i;
+                }
+                _ => {}
+            }
+        }
+        items.push(&text[from..close]);
+        items
+            .into_iter()
+            .map(str::trim)
+            .filter(|item| item.starts_with(|c: char| c.is_alphabetic() || c == '_'))
+            .flat_map(tree)
+            .map(|sub| format!("{path}{sub}"))
+            .collect()
+    }
+
+    /// The module with a file of its own that `path`, written in `from`, names or lies in.
+    pub fn resolve(from: &Module, path: &str, known: &BTreeMap<Module, PathBuf>) -> Module {
+        let mut segments = path.split("::").peekable();
+        let mut base = from.clone();
+        match segments.peek().copied() {
+            Some("crate") => {
+                base.clear();
+                segments.next();
+            }
+            Some("self") => {
+                segments.next();
+            }
+            _ => {
+                while segments.peek() == Some(&"super") {
+                    base.pop();
+                    segments.next();
+                }
+            }
+        }
+        let mut named = base;
+        for segment in segments {
+            named.push(segment.to_owned());
+            if !known.contains_key(&named) {
+                named.pop();
+                break;
+            }
+        }
+        named
+    }
+
+    /// Edges between sibling subtrees: `a -> b` when something inside `a` names something inside
+    /// `b` and neither contains the other (both are children of their closest common parent).
+    pub fn sibling_edges(src: &Path) -> BTreeSet<(Module, Module)> {
+        let known = modules(src);
+        let mut edges = BTreeSet::new();
+        for (module, file) in &known {
+            let text = std::fs::read_to_string(file).expect("source reads");
+            for path in paths(&production_code(&text)) {
+                let target = resolve(module, &path, &known);
+                let common = module
+                    .iter()
+                    .zip(&target)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if common == module.len() || common == target.len() {
+                    continue;
+                }
+                edges.insert((module[..=common].to_vec(), target[..=common].to_vec()));
+            }
+        }
+        edges
+    }
+
+    /// The sets of sibling modules that import each other, directly or around a longer loop,
+    /// each as sorted `a::b` names.
+    pub fn cycles(edges: &BTreeSet<(Module, Module)>) -> BTreeSet<Vec<String>> {
+        let mut next: BTreeMap<&Module, Vec<&Module>> = BTreeMap::new();
+        for (a, b) in edges {
+            next.entry(a).or_default().push(b);
+        }
+        let reach = |from: &Module| {
+            let mut seen = BTreeSet::new();
+            let mut stack = vec![from];
+            while let Some(m) = stack.pop() {
+                for &n in next.get(m).into_iter().flatten() {
+                    if seen.insert(n) {
+                        stack.push(n);
+                    }
+                }
+            }
+            seen
+        };
+        let reached: BTreeMap<&Module, BTreeSet<&Module>> =
+            next.keys().map(|&m| (m, reach(m))).collect();
+        let mut found = BTreeSet::new();
+        for (&m, from_m) in &reached {
+            if !from_m.contains(m) {
+                continue;
+            }
+            let mut group: Vec<String> = from_m
+                .iter()
+                .filter(|&&n| reached.get(n).is_some_and(|r| r.contains(m)))
+                .map(|n| n.join("::"))
+                .collect();
+            group.sort();
+            found.insert(group);
+        }
+        found
+    }
+}
+
+fn crate_src(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .join(name)
+        .join("src")
+}
+
+/// Import cycles that are known and being taken apart (issue 29); each one listed must still
+/// exist, so the list shrinks as they go and never hides a new one.
+const KNOWN_CYCLES: &[(&str, &[&str])] = &[
+    // The two doors (issue 29, part 1: a transport-neutral run core).
+    ("runtime", &["dispatch", "service"]),
+];
+
+#[test]
+fn no_import_cycle_between_modules_inside_a_crate() {
+    let mut unexpected = Vec::new();
+    let mut found_known = BTreeSet::new();
+    for name in ["councils", "inference", "proto", "runtime", "tests"] {
+        for cycle in imports::cycles(&imports::sibling_edges(&crate_src(name))) {
+            let known = KNOWN_CYCLES
+                .iter()
+                .position(|(c, members)| *c == name && members.iter().eq(cycle.iter()));
+            match known {
+                Some(i) => {
+                    found_known.insert(i);
+                }
+                None => unexpected.push(format!("{name}: {}", cycle.join(" <-> "))),
+            }
+        }
+    }
+    assert!(
+        unexpected.is_empty(),
+        "modules that import each other: {unexpected:#?}"
+    );
+    let gone: Vec<_> = (0..KNOWN_CYCLES.len())
+        .filter(|i| !found_known.contains(i))
+        .map(|i| KNOWN_CYCLES[i])
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "cycles listed as known are gone; take them off KNOWN_CYCLES: {gone:?}"
+    );
+}
+
+/// Known imports between the two doors (issue 29's run core removes them).
+const KNOWN_DOOR_IMPORTS: &[(&str, &str)] = &[("dispatch", "service"), ("service", "dispatch")];
+
+#[test]
+fn dispatch_and_service_do_not_import_each_other() {
+    let edges = imports::sibling_edges(&crate_src("runtime"));
+    let doors: BTreeSet<(String, String)> = edges
+        .iter()
+        .map(|(a, b)| (a.join("::"), b.join("::")))
+        .filter(|(a, b)| (a == "dispatch" && b == "service") || (a == "service" && b == "dispatch"))
+        .collect();
+    let known: BTreeSet<(String, String)> = KNOWN_DOOR_IMPORTS
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(
+        doors, known,
+        "imports between dispatch and service (left) differ from the known ones (right)"
+    );
+}
+
+#[test]
+fn the_import_reader_sees_what_it_must() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path();
+    std::fs::create_dir_all(src.join("a")).expect("mkdir");
+    let files = [
+        ("lib.rs", "mod a; mod b; mod c;\n"),
+        (
+            "a/mod.rs",
+            "mod x;\nuse crate::{c::Thing, b::{self}};\n// use crate::d::Hidden;\n",
+        ),
+        ("a/x.rs", "use super::super::b::Other;\n"),
+        (
+            "b.rs",
+            "fn f() { crate::a::x::call(); }\n#[cfg(test)]\nmod tests { use crate::c::T; }\n",
+        ),
+        ("c.rs", "/// [`crate::a`]\nfn g() {}\n"),
+    ];
+    for (path, text) in files {
+        std::fs::write(src.join(path), text).expect("write");
+    }
+    let edges: BTreeSet<(String, String)> = imports::sibling_edges(src)
+        .iter()
+        .map(|(a, b)| (a.join("::"), b.join("::")))
+        .collect();
+    let expected: BTreeSet<(String, String)> = [("a", "b"), ("a", "c"), ("b", "a")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(edges, expected);
+    let cycles = imports::cycles(&imports::sibling_edges(src));
+    assert_eq!(
+        cycles,
+        BTreeSet::from([vec!["a".to_owned(), "b".to_owned()]])
+    );
+}

@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 
 use candle_core::{DType, Device};
+use council_inference::engine::diagnostics::logit_drift;
 use council_inference::engine::loader::{self, ModelFiles};
-use council_inference::engine::quant::logit_drift;
 use council_inference::engine::sequence_logits;
 use council_inference::tiny::TinyArch;
 use council_inference::{

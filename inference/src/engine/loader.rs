@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{Config, token_id_list};
 use super::gguf::{GgufFile, is_gguf};
+pub use super::model::LoadedModel;
 use super::model::{QuantizedWeights, QwenModel};
 use super::quant::{Quantization, quantize_weight};
 use super::tokenizer::{ChatTokenizer, TemplateSource};
@@ -216,14 +217,6 @@ impl HfFiles {
             chat_template: optional(dir, "chat_template.jinja"),
         })
     }
-}
-
-/// A model ready to run: weights on the device and its tokenizer.
-#[derive(Debug)]
-pub struct LoadedModel {
-    pub model: QwenModel,
-    pub tokenizer: ChatTokenizer,
-    pub name: String,
 }
 
 /// Loads `files` onto `device` in `dtype`.

@@ -11,14 +11,18 @@ mod attention;
 pub mod cache;
 pub mod chat_template;
 pub mod config;
+pub mod diagnostics;
 pub mod gguf;
 mod kernel;
 pub mod loader;
 pub mod model;
 pub mod quant;
+mod queue;
 pub mod sampler;
+mod scheduler;
+mod scoring;
+mod step;
 pub mod tokenizer;
-pub mod vocab;
 mod worker;
 
 use std::path::Path;
@@ -30,11 +34,13 @@ use candle_core::DType;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use self::cache::KvPool;
+pub use self::diagnostics::sequence_logits;
 use self::loader::{DeviceChoice, LoadedModel, ModelFiles};
-use self::model::{Logits, QwenModel, SeqChunk};
 pub use self::quant::Quantization;
+use self::queue::{Command, Job, ScoreJob};
+use self::scheduler::Limits;
 use self::tokenizer::ChatTokenizer;
-use self::worker::{Limits, Worker};
+use self::worker::Worker;
 use crate::backend::{Backend, BackendFuture, BackendLoad, Health, ModelInfo, ScoreFuture};
 use crate::error::{InferenceError, LoadError};
 use crate::request::{GenerateRequest, GenerateResult, Prompt, ScoreRequest, ScoreResult};
@@ -233,37 +239,6 @@ pub struct EngineStats {
     pub preempted: u64,
     /// Cached blocks dropped to make room.
     pub prefix_evictions: u64,
-}
-
-/// A request on its way to, or inside, the engine thread.
-#[derive(Debug)]
-struct Job {
-    prompt: Vec<u32>,
-    request: GenerateRequest,
-    reply: oneshot::Sender<Result<GenerateResult, InferenceError>>,
-    submitted: Instant,
-    _permit: OwnedSemaphorePermit,
-}
-
-/// Choices to score after one prompt, on their way to the engine thread.
-#[derive(Debug)]
-struct ScoreJob {
-    prompt: Vec<u32>,
-    /// Token ids of each choice.
-    choices: Vec<Vec<u32>>,
-    /// Log-probabilities found so far, one per scored choice.
-    scores: Vec<f64>,
-    /// Prompt tokens the first pass took from the prefix cache.
-    cached_prompt: Option<usize>,
-    reply: oneshot::Sender<Result<ScoreResult, InferenceError>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-/// What the engine thread is asked to do.
-#[derive(Debug)]
-enum Command {
-    Generate(Job),
-    Score(ScoreJob),
 }
 
 /// The in-process engine.
@@ -575,30 +550,4 @@ impl Backend for EngineHandle {
             prefix_cache: Some((get(&c.prefix_hits), get(&c.prefix_lookups))),
         }
     }
-}
-
-/// Full-sequence logits `[tokens, vocab]` of one token sequence, computed directly on a model
-/// with a private cache (no engine thread). For parity checks and scoring tools.
-pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
-    let block_size = 16;
-    let mut pool = KvPool::new(
-        model.kv_shape(),
-        tokens.len().div_ceil(block_size).max(1),
-        block_size,
-        model.dtype(),
-        model.device().clone(),
-        false,
-    )?;
-    let table: Vec<_> = (0..pool.total_blocks())
-        .filter_map(|_| pool.allocate())
-        .collect();
-    let chunk = SeqChunk {
-        table: &table,
-        start: 0,
-        len: tokens.len(),
-        decode: false,
-    };
-    model
-        .forward(tokens, &[chunk], Logits::All, &pool)?
-        .to_vec2::<f32>()
 }

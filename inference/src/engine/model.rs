@@ -14,6 +14,7 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use super::cache::{BlockId, KvPool, KvShape, KvView};
 use super::config::{Arch, Config};
 use super::quant::Quantization;
+use super::tokenizer::ChatTokenizer;
 
 /// New tokens of one sequence in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,6 +452,14 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+/// A model ready to run: weights on the device and its tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: QwenModel,
+    pub tokenizer: ChatTokenizer,
+    pub name: String,
 }
 
 /// A Qwen causal language model: weights and rotary tables, no KV state.

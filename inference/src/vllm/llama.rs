@@ -10,7 +10,7 @@
 
 use serde_json::{Value, json};
 
-use super::wire::ProtocolError;
+use super::ProtocolError;
 use crate::request::{Prompt, Sampling, ScoreRequest};
 
 /// Top log-probs asked per position when scoring. A small model's next-token distribution

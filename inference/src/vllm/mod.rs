@@ -35,6 +35,11 @@ use crate::engine::tokenizer::strip_think;
 use crate::error::{InferenceError, error_chain};
 use crate::request::{FinishReason, GenerateRequest, GenerateResult, ScoreRequest, Timings, Usage};
 
+/// A reply that broke the protocol (of a stream, or of one of the servers' own routes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ProtocolError(pub String);
+
 /// A bearer key; never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);

@@ -346,7 +346,7 @@ async fn structured(p: &Prober<'_>, gaps: &mut Vec<String>) -> Result<Structured
     Ok(StructuredForm::Ignored)
 }
 
-fn some_tokens(tokens: Result<Vec<u32>, wire::ProtocolError>) -> Result<Vec<u32>, String> {
+fn some_tokens(tokens: Result<Vec<u32>, super::ProtocolError>) -> Result<Vec<u32>, String> {
     match tokens {
         Ok(tokens) if !tokens.is_empty() => Ok(tokens),
         Ok(_) => Err("answered no tokens".into()),

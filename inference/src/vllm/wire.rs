@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use super::ProtocolError;
 use super::caps::{LogprobTokens, StructuredForm};
 use crate::constraint::Constraint;
 use crate::request::{GenerateRequest, Prompt, ScoreRequest, TokenLogprob, TopLogprob};
@@ -143,11 +144,6 @@ pub struct WireUsage {
     pub completion_tokens: usize,
     pub cached_tokens: usize,
 }
-
-/// A stream that broke the protocol.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ProtocolError(pub String);
 
 /// Splits Server-Sent Events out of `buffer`, leaving an incomplete event in it, and folds the
 /// `data:` payloads into `reply`.

@@ -5,6 +5,8 @@
 //! Phases: propose → (critique → revise) × rounds → score. An agent whose call fails drops
 //! out (recorded); the deliberation goes on while a quorum of agents is still working.
 
+pub mod checkpoint;
+
 use std::collections::BTreeMap;
 
 use crate::aggregate::{self, Ballot};
@@ -264,7 +266,7 @@ pub struct Deliberation {
     transcript: Vec<CallRecord>,
     progress: Vec<Progress>,
     /// Replies taken by each step after the first: the whole state, for checkpoints.
-    history: Vec<Vec<crate::checkpoint::ReplyDto>>,
+    history: Vec<Vec<checkpoint::ReplyDto>>,
     fingerprint: u64,
     /// The absolute-majority answer at the previous round boundary, if there was one.
     last_majority: Option<String>,
@@ -282,7 +284,7 @@ impl Deliberation {
             criteria = DEFAULT_CRITERIA.iter().map(|c| (*c).to_owned()).collect();
         }
         let n = council.agents.len();
-        let fingerprint = crate::checkpoint::fingerprint(&council, &task, &config, seed);
+        let fingerprint = checkpoint::fingerprint(&council, &task, &config, seed);
         Self {
             history: Vec::new(),
             fingerprint,
@@ -325,9 +327,9 @@ impl Deliberation {
     }
 
     /// The state between steps, for persisting and resuming later.
-    pub fn checkpoint(&self) -> crate::checkpoint::Checkpoint {
-        crate::checkpoint::Checkpoint {
-            version: crate::checkpoint::CHECKPOINT_VERSION,
+    pub fn checkpoint(&self) -> checkpoint::Checkpoint {
+        checkpoint::Checkpoint {
+            version: checkpoint::CHECKPOINT_VERSION,
             fingerprint: self.fingerprint,
             seed: self.seed,
             steps: self.history.clone(),
@@ -349,7 +351,7 @@ impl Deliberation {
         if self.done {
             return Err(StepError::Finished);
         }
-        let recorded: Vec<crate::checkpoint::ReplyDto> = replies.iter().map(Into::into).collect();
+        let recorded: Vec<checkpoint::ReplyDto> = replies.iter().map(Into::into).collect();
         self.accept(replies)?;
         if self.started {
             self.history.push(recorded);

@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp's format, what Ollama and LM Studio run): the decoder's configuration
 //! from the metadata, the weights renamed to the checkpoint names the model takes, and the
-//! tokenizer and chat template (built by [`super::vocab`]).
+//! tokenizer and chat template (built by [`vocab`]).
 //!
 //! Reading goes through candle's GGUF reader (v2 and v3), which bounds every length it reads by
 //! the file's size, so a truncated or corrupt file is an error, never a panic or a huge
@@ -28,9 +28,10 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+pub mod vocab;
+
 use super::config::{Arch, Config, RopeScaling};
-use super::loader::LoadedModel;
-use super::model::{QuantizedWeights, QwenModel};
+use super::model::{LoadedModel, QuantizedWeights, QwenModel};
 use super::quant::{Quantization, quantize_weight};
 use crate::error::LoadError;
 
@@ -424,7 +425,7 @@ pub fn load(
     quantization: Quantization,
 ) -> Result<LoadedModel, LoadError> {
     let config = gguf.config()?;
-    let tokenizer = super::vocab::chat_tokenizer(gguf, &config)?;
+    let tokenizer = vocab::chat_tokenizer(gguf, &config)?;
     if quantization != Quantization::None && !device.is_cpu() {
         return Err(LoadError::InvalidConfig {
             field: "quantization",

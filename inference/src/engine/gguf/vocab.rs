@@ -16,9 +16,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use super::config::Config;
-use super::gguf::GgufFile;
-use super::tokenizer::{ChatTokenizer, TemplateSource};
+use super::GgufFile;
+use crate::engine::config::Config;
+use crate::engine::tokenizer::{ChatTokenizer, TemplateSource};
 use crate::error::LoadError;
 
 /// GPT-2's split: contractions, letter runs, digit runs, punctuation runs, whitespace.

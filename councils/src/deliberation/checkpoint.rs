@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::deliberation::{CallError, Completion, Deliberation, LlmCall, Reply, Step, StepError};
+use super::{CallError, Completion, Deliberation, LlmCall, Reply, Step, StepError};
 use crate::rng::hash_str;
 use crate::spec::{CouncilSpec, DeliberationConfig, Task};
 
