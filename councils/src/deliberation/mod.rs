@@ -6,19 +6,22 @@
 //! out (recorded); the deliberation goes on while a quorum of agents is still working.
 
 pub mod checkpoint;
+mod judging;
+mod labels;
 
 use std::collections::BTreeMap;
 
-use crate::aggregate::{self, Ballot};
-use crate::checks::{AnswerFormatCheck, Check, CheckReport, pass_rate};
+use self::judging::Judgements;
+use self::labels::{label, split_sections};
+use crate::aggregate;
+use crate::checks::{AnswerFormatCheck, Check};
 use crate::outcome::{
-    CallRecord, Decision, FailedAgent, Judging, MethodScores, Outcome, OutcomeStatus, Phase,
-    Progress, RankedProposal, StopReason, Usage,
+    CallRecord, FailedAgent, Outcome, OutcomeStatus, Phase, Progress, StopReason, Usage,
 };
-use crate::parse::{extract_answer, parse_ranking, parse_scores};
-use crate::prompts::{self, Message, RANKING_MARKER};
+use crate::parse::extract_answer;
+use crate::prompts::{self, Message};
 use crate::rng::{SplitMix, mix};
-use crate::spec::{CouncilSpec, DeliberationConfig, JudgeMode, Task, Visibility};
+use crate::spec::{CouncilSpec, DeliberationConfig, Task, Visibility};
 
 /// Sampling of one call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -180,67 +183,6 @@ struct Pending {
 /// A call about to be emitted: agent index, messages, what it is for, what it wants back.
 type NewCall = (usize, Vec<Message>, CallMeta, CallKind);
 
-/// Scores gathered in the score phase.
-#[derive(Debug, Clone, Default)]
-struct Judgements {
-    ballots: Vec<Ballot>,
-    /// (author, criterion) -> scores in [0, 1] from each judge.
-    rubric: BTreeMap<(usize, usize), Vec<f64>>,
-    /// Log-prob rankings by judge: for each presentation order, the log-probability (normalised
-    /// over the labels) that each author's proposal is the best; `None` once one of the judge's
-    /// orders could not be read.
-    listwise: BTreeMap<usize, Option<Vec<Order>>>,
-    /// Asked and read, ranking by log-probs aside (counted when the ballots are formed).
-    counts: Judging,
-}
-
-/// One presentation order of a log-prob ranking: (author, normalised log-probability that its
-/// proposal is the best) for each peer shown.
-type Order = Vec<(usize, f64)>;
-
-impl Judgements {
-    /// Every ballot: the parsed text rankings, then one per judge whose every presentation
-    /// order was read, ordering the peers by their mean normalised log-probability of being
-    /// the best. A judge whose means tie exactly gives no ballot (a tie is not an order).
-    fn ballots(&self) -> (Vec<Ballot>, Judging) {
-        let mut ballots = self.ballots.clone();
-        let mut counts = self.counts;
-        for (&judge, orders) in &self.listwise {
-            counts.rankings_asked += 1;
-            let Some(orders) = orders else { continue };
-            let mut mean: BTreeMap<usize, f64> = BTreeMap::new();
-            for order in orders {
-                for &(author, lp) in order {
-                    *mean.entry(author).or_default() += lp / orders.len() as f64;
-                }
-            }
-            let mut order: Vec<(usize, f64)> = mean.into_iter().collect();
-            order.sort_by(|a, b| b.1.total_cmp(&a.1));
-            if order.windows(2).any(|w| w[0].1 == w[1].1) {
-                continue;
-            }
-            counts.rankings_read += 1;
-            ballots.push(Ballot {
-                voter: Some(judge),
-                order: order.into_iter().map(|(a, _)| a).collect(),
-            });
-        }
-        (ballots, counts)
-    }
-}
-
-/// The log-probabilities of `logprobs` normalised over themselves (a log-softmax); `None`
-/// unless every one is finite.
-fn normalised(logprobs: &[f64]) -> Option<Vec<f64>> {
-    if logprobs.is_empty() || !logprobs.iter().all(|l| l.is_finite()) {
-        return None;
-    }
-    let top = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let total: f64 = logprobs.iter().map(|l| (l - top).exp()).sum();
-    let log_total = top + total.ln();
-    Some(logprobs.iter().map(|l| l - log_total).collect())
-}
-
 /// One deliberation in progress.
 #[derive(Debug)]
 pub struct Deliberation {
@@ -273,9 +215,6 @@ pub struct Deliberation {
 }
 
 const DEFAULT_CRITERIA: [&str; 3] = ["correctness", "completeness", "clarity"];
-/// Steepness of the Bradley-Terry margin on combined scores in [0, 1].
-const MARGIN_SCALE: f64 = 10.0;
-
 impl Deliberation {
     /// A deliberation of `task` by `council` under `config`; `seed` fixes every shuffle.
     pub fn new(council: CouncilSpec, task: Task, config: DeliberationConfig, seed: u64) -> Self {
@@ -472,86 +411,9 @@ impl Deliberation {
             }
             CallMeta::Score { labels, authors } => self.apply_score(a, &c.text, &labels, &authors),
             CallMeta::Choice { author, criterion } => {
-                let values: Vec<f64> = (1..=10).map(f64::from).collect();
-                let expected = c
-                    .choice_logprobs
-                    .as_deref()
-                    .and_then(|lp| aggregate::expected_score(&values, lp));
-                self.judgements.counts.scores_asked += 1;
-                if let Some(e) = expected {
-                    self.judgements.counts.scores_read += 1;
-                    self.judgements
-                        .rubric
-                        .entry((author, criterion))
-                        .or_default()
-                        .push((e - 1.0) / 9.0);
-                }
+                self.apply_choice(author, criterion, c.choice_logprobs.as_deref());
             }
-            CallMeta::Rank { authors } => {
-                let read = c
-                    .choice_logprobs
-                    .as_deref()
-                    .filter(|lp| lp.len() == authors.len())
-                    .and_then(normalised);
-                let entry = self
-                    .judgements
-                    .listwise
-                    .entry(a)
-                    .or_insert_with(|| Some(Vec::new()));
-                match (read, entry.as_mut()) {
-                    (Some(lp), Some(orders)) => orders.push(authors.into_iter().zip(lp).collect()),
-                    _ => *entry = None,
-                }
-            }
-        }
-    }
-
-    /// Counts a judgement whose call failed or came back empty: asked, not read.
-    fn count_unread(&mut self, judge: usize, meta: &CallMeta) {
-        let counts = &mut self.judgements.counts;
-        match meta {
-            CallMeta::Score { labels, .. } => {
-                counts.rankings_asked += 1;
-                if self.config.judge == JudgeMode::Text {
-                    counts.scores_asked += (labels.len() * self.criteria.len()) as u64;
-                }
-            }
-            CallMeta::Choice { .. } => counts.scores_asked += 1,
-            CallMeta::Rank { .. } => {
-                self.judgements.listwise.insert(judge, None);
-            }
-            CallMeta::Propose | CallMeta::Critique { .. } | CallMeta::Revise => {}
-        }
-    }
-
-    fn apply_score(&mut self, judge: usize, text: &str, labels: &[String], authors: &[usize]) {
-        self.judgements.counts.rankings_asked += 1;
-        if let Some(order) = parse_ranking(text, labels) {
-            self.judgements.counts.rankings_read += 1;
-            let order = order.into_iter().map(|i| authors[i]).collect();
-            self.judgements.ballots.push(Ballot {
-                voter: Some(judge),
-                order,
-            });
-        }
-        if self.config.judge == JudgeMode::Text {
-            self.judgements.counts.scores_asked += (labels.len() * self.criteria.len()) as u64;
-            for (section, &author) in split_sections(text, labels).iter().zip(authors) {
-                let Some(section) = section else { continue };
-                for (criterion, score) in parse_scores(section, &self.criteria)
-                    .into_iter()
-                    .enumerate()
-                {
-                    if let Some(s) = score {
-                        self.judgements.counts.scores_read += 1;
-                        self.judgements
-                            .rubric
-                            .entry((author, criterion))
-                            .or_default()
-                            .push((s - 1.0) / 9.0);
-                    }
-                }
-            }
+            CallMeta::Rank { authors } => self.apply_rank(a, authors, c.choice_logprobs.as_deref()),
         }
     }
 
@@ -868,75 +730,6 @@ impl Deliberation {
         calls
     }
 
-    fn score_calls(&self) -> Vec<NewCall> {
-        let working = self.working();
-        if working.len() < 2 {
-            return Vec::new();
-        }
-        let mut calls = Vec::new();
-        for &judge in &working {
-            let others: Vec<usize> = working.iter().copied().filter(|&a| a != judge).collect();
-            let mut authors = others;
-            SplitMix::new(mix(&[self.seed, 3, u64::from(self.round), judge as u64]))
-                .shuffle(&mut authors);
-            let labels: Vec<String> = (0..authors.len()).map(label).collect();
-            let peers = self.labelled(&labels, &authors);
-            let agent = &self.council.agents[judge];
-            if self.config.judge == JudgeMode::LogProb {
-                // The ranking: which peer is best, asked in the shuffled order and in its
-                // reverse, so that neither the first place nor the first letter can decide.
-                if authors.len() >= 2 {
-                    let reversed: Vec<usize> = authors.iter().rev().copied().collect();
-                    for order in [authors.clone(), reversed] {
-                        let shown = self.labelled(&labels, &order);
-                        let messages = prompts::judge_rank(
-                            agent,
-                            &self.task,
-                            &shown,
-                            &self.criteria,
-                            self.round,
-                        );
-                        calls.push((
-                            judge,
-                            messages,
-                            CallMeta::Rank { authors: order },
-                            CallKind::ScoreChoices {
-                                choices: labels.clone(),
-                            },
-                        ));
-                    }
-                }
-                for (l, &author) in labels.iter().zip(&authors) {
-                    let text = self.agents[author].proposal.as_deref().unwrap_or_default();
-                    for (ci, criterion) in self.criteria.iter().enumerate() {
-                        let messages = prompts::judge_choice(
-                            agent, &self.task, l, text, criterion, self.round,
-                        );
-                        let choices = (1..=10).map(|v| v.to_string()).collect();
-                        calls.push((
-                            judge,
-                            messages,
-                            CallMeta::Choice {
-                                author,
-                                criterion: ci,
-                            },
-                            CallKind::ScoreChoices { choices },
-                        ));
-                    }
-                }
-                continue;
-            }
-            let messages = prompts::score(agent, &self.task, &peers, &self.criteria, self.round);
-            calls.push((
-                judge,
-                messages,
-                CallMeta::Score { labels, authors },
-                CallKind::Generate,
-            ));
-        }
-        calls
-    }
-
     fn finish(&mut self) -> Step {
         self.done = true;
         self.progress.push(Progress::ScoresReady);
@@ -983,203 +776,5 @@ impl Deliberation {
             .map(|r| r.round)
             .max()
             .unwrap_or(0)
-    }
-
-    fn ranked(&self, base: Outcome) -> Outcome {
-        let working = self.working();
-        let n = self.agents.len();
-        let (ballots, _) = self.judgements.ballots();
-        let has_ballots = !ballots.is_empty();
-        let borda = aggregate::borda(n, &ballots);
-        let copeland = aggregate::copeland(n, &ballots);
-        let answers: Vec<Option<String>> = working
-            .iter()
-            .map(|&i| {
-                let format = self.task.answer_format.as_ref()?;
-                extract_answer(self.agents[i].proposal.as_deref()?, format)
-            })
-            .collect();
-        let majority = self
-            .task
-            .answer_format
-            .as_ref()
-            .map(|_| aggregate::majority_vote(&answers));
-        let w = self.config.weights;
-        let mut proposals = Vec::with_capacity(working.len());
-        for (k, &i) in working.iter().enumerate() {
-            let content = self.agents[i].proposal.clone().unwrap_or_default();
-            let checks: Vec<CheckReport> = self
-                .checks
-                .iter()
-                .map(|c| CheckReport {
-                    name: c.name().to_owned(),
-                    status: c.run(&self.task, &content),
-                })
-                .collect();
-            let rubric: Vec<f64> = (0..self.criteria.len())
-                .filter_map(|c| self.judgements.rubric.get(&(i, c)))
-                .flatten()
-                .copied()
-                .collect();
-            let scores = MethodScores {
-                peer_ranking: has_ballots.then(|| borda[i]),
-                condorcet: has_ballots.then(|| copeland[i]),
-                rubric: (!rubric.is_empty())
-                    .then(|| rubric.iter().sum::<f64>() / rubric.len() as f64),
-                majority: majority
-                    .as_ref()
-                    .filter(|m| m.winner.is_some())
-                    .map(|m| f64::from(u8::from(m.agrees[k]))),
-                checks: pass_rate(&checks),
-            };
-            let score = aggregate::combine(&[
-                (w.peer_ranking, scores.peer_ranking),
-                (w.rubric, scores.rubric),
-                (w.majority, scores.majority),
-                (w.checks, scores.checks),
-            ])
-            .unwrap_or(0.0);
-            let spec = &self.council.agents[i];
-            proposals.push(RankedProposal {
-                agent: spec.id.clone(),
-                role: spec.role.clone(),
-                content,
-                revisions: self.agents[i].revisions.clone(),
-                rank: 0,
-                score,
-                scores,
-                answer: answers[k].clone(),
-                checks,
-                round: self.agents[i].round,
-            });
-        }
-        // Ties: Condorcet (Copeland) score, then a seeded hash of the agent id.
-        let primary: Vec<f64> = proposals.iter().map(|p| p.score).collect();
-        let secondary: Vec<f64> = proposals
-            .iter()
-            .map(|p| p.scores.condorcet.unwrap_or(0.0))
-            .collect();
-        let keys: Vec<u64> = proposals
-            .iter()
-            .map(|p| mix(&[self.seed, crate::rng::hash_str(p.agent.as_str())]))
-            .collect();
-        let order = aggregate::rank_order(&primary, &secondary, &keys);
-        let mut ranked: Vec<RankedProposal> = order.iter().map(|&j| proposals[j].clone()).collect();
-        for (r, p) in ranked.iter_mut().enumerate() {
-            p.rank = r as u32 + 1;
-        }
-        let margin = match ranked.as_slice() {
-            [] => None,
-            [_] => Some(1.0),
-            [a, b, ..] => Some(aggregate::win_probability(a.score, b.score, MARGIN_SCALE)),
-        };
-        let decided_by = match ranked.as_slice() {
-            [] => None,
-            [_] => Some(Decision::Alone),
-            [a, b, ..] if a.score != b.score => Some(Decision::Score),
-            [a, b, ..]
-                if a.scores.condorcet.unwrap_or(0.0) != b.scores.condorcet.unwrap_or(0.0) =>
-            {
-                Some(Decision::Condorcet)
-            }
-            _ => Some(Decision::TieBreak),
-        };
-        Outcome {
-            winner: ranked.first().map(|p| p.agent.clone()),
-            decided_by,
-            margin,
-            majority_answer: majority.and_then(|m| m.winner),
-            proposals: ranked,
-            ..base
-        }
-    }
-}
-
-/// "A", "B", … "Z", "AA", …
-fn label(i: usize) -> String {
-    let mut i = i;
-    let mut out = Vec::new();
-    loop {
-        out.push(b'A' + (i % 26) as u8);
-        if i < 26 {
-            break;
-        }
-        i = i / 26 - 1;
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// Splits a reply into the sections headed `Proposal X` for each label (text up to the next
-/// heading or the ranking line). `None` for a label without a section.
-fn split_sections(reply: &str, labels: &[String]) -> Vec<Option<String>> {
-    let mut sections: Vec<Option<String>> = vec![None; labels.len()];
-    let mut current: Option<usize> = None;
-    for line in reply.lines() {
-        let bare = line
-            .trim()
-            .trim_matches(|c: char| matches!(c, '#' | '*' | '-' | ' ' | '_'));
-        if bare.to_ascii_uppercase().starts_with(RANKING_MARKER) {
-            current = None;
-            continue;
-        }
-        if let Some(rest) = bare
-            .strip_prefix("Proposal ")
-            .or_else(|| bare.strip_prefix("proposal "))
-        {
-            let head: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphabetic())
-                .collect();
-            let tail = &rest[head.len()..];
-            let is_heading = tail.is_empty() || tail.starts_with([':', ')', ' ', '*', '.', '-']);
-            if let Some(idx) = labels
-                .iter()
-                .position(|l| *l == head)
-                .filter(|_| is_heading)
-            {
-                current = Some(idx);
-                let after = tail.trim_start_matches([':', ')', '*', '.', '-', ' ']);
-                let entry = sections[idx].get_or_insert_with(String::new);
-                if !after.is_empty() {
-                    entry.push_str(after);
-                    entry.push('\n');
-                }
-                continue;
-            }
-        }
-        if let Some(idx) = current
-            && let Some(entry) = sections[idx].as_mut()
-        {
-            entry.push_str(line);
-            entry.push('\n');
-        }
-    }
-    sections
-        .into_iter()
-        .map(|s| s.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_go_past_z() {
-        assert_eq!(label(0), "A");
-        assert_eq!(label(25), "Z");
-        assert_eq!(label(26), "AA");
-        assert_eq!(label(27), "AB");
-    }
-
-    #[test]
-    fn sections_are_split_by_proposal_headings() {
-        let labels = vec!["A".to_owned(), "B".to_owned()];
-        let reply = "Intro.\n**Proposal B:** too slow\nmore on B\n## Proposal A\nmissing tests\nFINAL RANKING: Proposal A > Proposal B";
-        let s = split_sections(reply, &labels);
-        assert_eq!(s[0].as_deref(), Some("missing tests"));
-        assert_eq!(s[1].as_deref(), Some("too slow\nmore on B"));
-        assert_eq!(split_sections("nothing here", &labels), vec![None, None]);
     }
 }
