@@ -1,5 +1,6 @@
 //! Shared helpers of the end-to-end tests: tiny generated models and engines on them.
 
+pub mod deploy;
 pub mod llama_double;
 pub mod openai_double;
 
