@@ -25,12 +25,12 @@ use council_inference::{
     Backend, BackendFuture, BackendLoad, EngineConfig, EngineHandle, GenerateRequest, Health,
     ModelInfo,
 };
+use council_runtime::cli::health::{self, HealthArgs};
 use council_runtime::cli::{Cli, Command};
 use council_runtime::config::{
     DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, RawConfig, ServeConfig, StoreChoice,
 };
 use council_runtime::dispatch::DispatchConfig;
-use council_runtime::health::{self, HealthArgs};
 use council_runtime::model_source::VLLM_API_KEY_ENV;
 use council_runtime::nats::NatsAuth;
 use council_runtime::service::{

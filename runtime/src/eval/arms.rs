@@ -600,7 +600,7 @@ pub async fn council(meter: Metered, plan: &Plan, item: &EvalItem) -> ArmRun {
     let mut record = blank(item, Arm::Council);
     let (outcome, transcript) = match driver::run(&meter, deliberation).await {
         Ok(outcome) => {
-            let transcript = crate::deliberate::outcome_json(&outcome);
+            let transcript = crate::outcome_json::outcome_json(&outcome);
             (council_outcome(item, &outcome, &mut record), transcript)
         }
         Err(e) => (Err(e.to_string()), json!({ "error": e.to_string() })),

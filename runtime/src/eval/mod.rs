@@ -82,8 +82,8 @@ pub struct EvalArgs {
     pub max_tokens_per_call: u32,
     /// How the council's peers judge each other: `logprob` (rankings and rubric scores read off
     /// log-probabilities) or `text` (written scores and ranking lines); see `deliberate --help`.
-    #[arg(long, value_enum, default_value_t = crate::deliberate::Judge::Logprob)]
-    pub judge: crate::deliberate::Judge,
+    #[arg(long, value_enum, default_value_t = crate::judge::Judge::Logprob)]
+    pub judge: crate::judge::Judge,
     /// Items in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use super::manifests::name;
+use super::manifests::{name, strings};
 
 pub const KUSTOMIZATION_KEYS: &[&str] = &[
     "apiVersion",
@@ -30,16 +30,6 @@ pub fn yaml_docs(path: &Path, read: &mut BTreeSet<PathBuf>) -> Result<Vec<Json>,
         }
     }
     Ok(docs)
-}
-
-pub fn strings(v: Option<&Json>) -> Vec<String> {
-    v.and_then(Json::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Resolves the kustomization in `dir` (recursively), recording every file it reads.

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value as Json, json};
 
-use super::kustomize::strings;
-
 pub fn name(o: &Json) -> &str {
     o["metadata"]["name"].as_str().unwrap_or("")
 }
@@ -152,4 +150,15 @@ pub fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
         Some((h, p)) => Some((h.to_owned(), p.parse().ok()?)),
         None => Some((authority.to_owned(), default_port)),
     }
+}
+
+/// The strings of a JSON array (`[]` for anything else).
+pub fn strings(v: Option<&Json>) -> Vec<String> {
+    v.and_then(Json::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -18,7 +18,8 @@ use council_inference::{
 };
 use tokio::sync::Semaphore;
 
-use crate::deliberate::{DeliberateArgs, Judge};
+use super::deliberate::DeliberateArgs;
+use crate::judge::Judge;
 use crate::model_source::ModelArgs;
 
 #[derive(Debug, clap::Args)]
@@ -277,7 +278,7 @@ fn deliberation(
     prefix_cache: bool,
 ) -> anyhow::Result<()> {
     let build = |seed: u64| {
-        crate::deliberate::build(&DeliberateArgs {
+        super::deliberate::build(&DeliberateArgs {
             model: args.model.clone(),
             task: "Design a retry policy for a flaky upstream payment service.".into(),
             role: "DEV".into(),

@@ -17,12 +17,12 @@ pub enum DevCommand {
     /// Measure prefill and decode throughput and peak memory of the engine.
     Bench(BenchArgs),
     /// Measure Deliberate throughput and latency through the service against direct runs.
-    BenchService(crate::bench_service::BenchServiceArgs),
+    BenchService(super::bench_service::BenchServiceArgs),
     /// Measure tasks per second and latency through NATS JetStream with 1, 2, … workers.
-    BenchDispatch(crate::bench_dispatch::BenchDispatchArgs),
+    BenchDispatch(super::bench_dispatch::BenchDispatchArgs),
     /// Measure what continuous batching and prefix reuse buy: shared prefixes, a council
     /// round, a whole deliberation, each against its baseline in the same run.
-    BenchBatching(crate::bench_batching::BenchBatchingArgs),
+    BenchBatching(super::bench_batching::BenchBatchingArgs),
     /// Measure how far a quantized model's logits are from f32's over one prompt, and the
     /// memory its weights take.
     QuantError(QuantErrorArgs),
@@ -87,9 +87,9 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
         DevCommand::TinyModel(args) => tiny_model(args),
         DevCommand::Bench(args) => bench(args),
-        DevCommand::BenchService(args) => crate::bench_service::run(args),
-        DevCommand::BenchDispatch(args) => crate::bench_dispatch::run(args),
-        DevCommand::BenchBatching(args) => crate::bench_batching::run(args),
+        DevCommand::BenchService(args) => super::bench_service::run(args),
+        DevCommand::BenchDispatch(args) => super::bench_dispatch::run(args),
+        DevCommand::BenchBatching(args) => super::bench_batching::run(args),
         DevCommand::QuantError(args) => quant_error(args),
     }
 }

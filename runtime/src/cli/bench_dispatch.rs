@@ -14,7 +14,7 @@ use council_councils::Role;
 use council_councils::personas::default_council;
 use tokio_stream::StreamExt;
 
-use crate::bench_service::{drive, summary};
+use super::bench_service::{drive, summary};
 use crate::model_source::ModelArgs;
 use crate::service::{convert, metrics::quantile};
 

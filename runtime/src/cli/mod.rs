@@ -1,6 +1,15 @@
 //! Command-line grammar of the `council` binary and its dispatch.
 
-use crate::{deliberate, dev, eval, generate, health, serve};
+pub mod bench_batching;
+pub mod bench_dispatch;
+pub mod bench_service;
+pub mod deliberate;
+pub mod dev;
+pub mod generate;
+pub mod health;
+pub mod serve;
+
+use crate::eval;
 
 /// Councils of role agents that deliberate, score and rank, on one batched inference engine.
 #[derive(Debug, clap::Parser)]
