@@ -13,7 +13,8 @@ use crate::dispatch::DispatchConfig;
 use crate::dispatch::setup::covers;
 use crate::model_source::{DEFAULT_MAX_PENDING, DEFAULT_MODEL, ModelArgs};
 use crate::nats::{NatsAuth, NatsConfig, NatsTls, Secret};
-use crate::service::{Limits, Tls};
+use crate::run::Limits;
+use crate::service::Tls;
 
 /// A config value that is wrong, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,6 +10,7 @@ pub mod judge;
 pub mod model_source;
 pub mod nats;
 pub mod outcome_json;
+pub mod run;
 pub mod service;
 pub mod store;
 

@@ -227,6 +227,30 @@ async fn a_client_that_stopped_answering_does_not_keep_the_process_alive() {
     assert!(status.success(), "{status:?}");
 }
 
+/// SIGTERM the moment the address is printed, before any request: the handlers are in place
+/// by then, so the process drains and exits cleanly rather than dying by the signal's default
+/// action (the handlers used to be installed only when the server first polled them).
+#[test]
+fn sigterm_right_after_the_port_opens_drains_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("data");
+    for _ in 0..3 {
+        let mut served = serve(
+            &model,
+            data.to_str().expect("utf-8"),
+            &["--grace-secs", "0"],
+        );
+        let killed = Command::new("kill")
+            .args(["-TERM", &served.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let status = served.child.wait().expect("wait");
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 #[test]
 fn invalid_config_exits_non_zero_naming_the_field() {
     let dir = tempfile::tempdir().expect("temp dir");

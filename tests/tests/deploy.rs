@@ -26,6 +26,7 @@ use council_inference::{
     ModelInfo,
 };
 use council_runtime::cli::health::{self, HealthArgs};
+use council_runtime::cli::server::{self, CONNECTION_LINGER, Options, PULL_STOP_TIMEOUT};
 use council_runtime::cli::{Cli, Command};
 use council_runtime::config::{
     DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, RawConfig, ServeConfig, StoreChoice,
@@ -33,10 +34,8 @@ use council_runtime::config::{
 use council_runtime::dispatch::DispatchConfig;
 use council_runtime::model_source::VLLM_API_KEY_ENV;
 use council_runtime::nats::NatsAuth;
-use council_runtime::service::{
-    self, CONNECTION_LINGER, LIVENESS_SERVICE, Limits, Options, PULL_STOP_TIMEOUT,
-    READINESS_SERVICES,
-};
+use council_runtime::run::Limits;
+use council_runtime::service::{LIVENESS_SERVICE, READINESS_SERVICES};
 use council_runtime::store::{FileStore, apply_default_councils};
 use council_tests::deploy::dockerfile::{Dockerfile, Images};
 use council_tests::deploy::kustomize::*;
@@ -664,7 +663,7 @@ fn check_council(
                     metrics.port()
                 ));
             }
-            // The route of service::metrics_router.
+            // The route of cli::server::metrics_router.
             if a["prometheus.io/path"] != "/metrics" {
                 out.push(format!("{}: prometheus.io/path is not /metrics", id(s)));
             }
@@ -1956,7 +1955,7 @@ async fn liveness_stays_serving_while_readiness_follows_the_backend() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(service::serve(
+    let served = tokio::spawn(server::serve(
         listener,
         Arc::new(backend),
         Arc::new(store),

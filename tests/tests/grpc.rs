@@ -17,7 +17,9 @@ use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
-use council_runtime::service::{self, Limits, Options};
+use council_runtime::cli::server::{self, Options};
+use council_runtime::run::Limits;
+use council_runtime::service::LIVENESS_SERVICE;
 use council_runtime::store::{
     Claim, CouncilStore, Created, FileStore, StoreError, Versioned, apply_default_councils,
 };
@@ -252,7 +254,7 @@ async fn start_with(mut options: Options) -> Server {
     options.metrics = Some(metrics);
     let token = options.auth_token.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(service::serve(
+    let done = tokio::spawn(server::serve(
         listener,
         Arc::new(backend),
         Arc::new(store),
@@ -1229,7 +1231,7 @@ async fn liveness_fails_only_when_the_backend_is_gone_for_good() {
         let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
         health
             .check(tonic_health::pb::HealthCheckRequest {
-                service: service::LIVENESS_SERVICE.into(),
+                service: LIVENESS_SERVICE.into(),
             })
             .await
             .expect("health answers")

@@ -8,7 +8,9 @@ use council_inference::EngineConfig;
 use council_inference::tiny::TinyArch;
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
-use council_runtime::service::{self, Limits, Options, Tls};
+use council_runtime::cli::server::{self, Options};
+use council_runtime::run::Limits;
+use council_runtime::service::Tls;
 use council_runtime::store::{FileStore, apply_default_councils};
 use council_tests::{engine, tiny_model};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -70,7 +72,7 @@ async fn start(
     let mut options = Options::new(Limits::default());
     options.tls = Some(tls);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(service::serve(
+    tokio::spawn(server::serve(
         listener,
         Arc::new(backend),
         Arc::new(store),

@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 
 use super::bench_service::{drive, summary};
 use crate::model_source::ModelArgs;
-use crate::service::{convert, metrics::quantile};
+use crate::run::{convert, metrics::quantile};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchDispatchArgs {
@@ -185,7 +185,7 @@ pub fn run(args: BenchDispatchArgs) -> anyhow::Result<()> {
                     let task = convert::task(&req).map_err(anyhow::Error::msg)?;
                     let council = convert::council_for(default_council(&Role::Dev)?, &req)
                         .map_err(anyhow::Error::msg)?;
-                    let (deliberation, _) = crate::service::runs::deliberation(council, task);
+                    let (deliberation, _) = crate::run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;
                     Ok(())
                 }

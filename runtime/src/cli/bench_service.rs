@@ -11,8 +11,9 @@ use council_councils::personas::default_council;
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
 
+use super::server::{self, Options};
 use crate::model_source::ModelArgs;
-use crate::service::{self, Limits, Options, convert};
+use crate::run::{self, Limits, convert};
 use crate::store::{FileStore, apply_default_councils};
 
 #[derive(Debug, clap::Args)]
@@ -85,8 +86,8 @@ where
 
 pub(crate) fn summary(wall: Duration, latencies: &mut [f64]) -> (f64, f64, f64) {
     let rps = latencies.len() as f64 / wall.as_secs_f64();
-    let p50 = service::metrics::quantile(latencies, 0.50);
-    let p99 = service::metrics::quantile(latencies, 0.99);
+    let p50 = run::metrics::quantile(latencies, 0.50);
+    let p99 = run::metrics::quantile(latencies, 0.99);
     (rps, p50, p99)
 }
 
@@ -109,7 +110,7 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
             ..Limits::default()
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(service::serve(listener, backend.clone(), store, options, async {
+        let server = tokio::spawn(server::serve(listener, backend.clone(), store, options, async {
             let _ = stopped.await;
         }));
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
@@ -132,7 +133,7 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
                     let task = convert::task(&req).map_err(anyhow::Error::msg)?;
                     let council = convert::council_for(default_council(&Role::Dev)?, &req)
                         .map_err(anyhow::Error::msg)?;
-                    let (deliberation, _) = service::runs::deliberation(council, task);
+                    let (deliberation, _) = run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;
                     Ok(())
                 }

@@ -8,6 +8,7 @@ pub mod dev;
 pub mod generate;
 pub mod health;
 pub mod serve;
+pub mod server;
 
 use crate::eval;
 

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::server::{self, Options};
 use crate::config::{
     RawConfig, RawDispatch, RawLimits, RawModel, RawNats, RawServer, RawStore, ServeConfig,
     StoreChoice,
 };
 use crate::dispatch::Prepared;
-use crate::service::{self, Options};
 use crate::store::{CouncilStore, FileStore, KvStore, apply_default_councils};
 
 /// Flags of `council serve`. Each also reads its environment variable; both override the
@@ -245,28 +245,30 @@ impl ServeArgs {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed here, before the port
+/// opens: a signal that arrives while the service starts still drains it, rather than killing
+/// the process by the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        )
+    };
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested");
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -308,6 +310,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (backend, name, kind) = config.model.start_backend(&runtime)?;
     tracing::info!(model = %name, backend = kind, "backend ready");
     runtime.block_on(async move {
+        let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("server.listen {}", config.listen))?;
@@ -332,6 +335,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             metrics,
             dispatch,
         };
-        service::serve(listener, backend, store, options, shutdown_signal()).await
+        server::serve(listener, backend, store, options, shutdown).await
     })
 }

@@ -31,8 +31,8 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 
 use crate::nats::error_chain;
-use crate::service::runs::{Runner, Started};
-use crate::service::status::ServiceError;
+use crate::run::error::ServiceError;
+use crate::run::{Runner, Started};
 use crate::store::{StoreError, effective, is_finished, now_ms};
 use council_proto::council::store::v1::DeliberationRecord;
 use event::{DeadLetter, EventContext, Original};
@@ -1217,7 +1217,7 @@ impl Dispatcher {
 }
 
 #[tonic::async_trait]
-impl crate::service::grpc::ResultSink for Dispatcher {
+impl crate::run::ResultSink for Dispatcher {
     /// A background deliberation's terminal event, published as a dispatched task's is
     /// (`Nats-Msg-Id` = task id, on the completed or failed subject), and its record marked.
     async fn publish_result(

@@ -11,25 +11,12 @@ use council_proto::fleet::orchestrator::v1::orchestrator_service_server::Orchest
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::convert;
-use super::metrics::{by_role, quantile};
 use super::orchestrate;
-use super::runs::{Runner, Started, UpdateStream, grpc_timeout};
-use super::status::{ServiceError, invalid};
+use crate::run::convert;
+use crate::run::error::{ServiceError, invalid};
+use crate::run::metrics::{by_role, quantile};
+use crate::run::{ResultSink, Runner, Started, UpdateStream, grpc_timeout};
 use crate::store::{Created, StoreError, effective, now_ms};
-
-/// Where the result of a background deliberation (`DeliberateForBacklogReview`) is published:
-/// JetStream's events stream when dispatch runs. Implemented by the dispatcher, so the service
-/// does not depend on it.
-#[tonic::async_trait]
-pub trait ResultSink: Send + Sync + std::fmt::Debug {
-    /// Publishes the terminal event of `request`'s task (completed or failed).
-    async fn publish_result(
-        &self,
-        request: &pb::DeliberateRequest,
-        result: &Result<pb::DeliberateResponse, ServiceError>,
-    );
-}
 
 /// The service state shared by all handlers.
 #[derive(Debug)]
@@ -322,7 +309,7 @@ impl Orchestrator {
         let performance = want("performance").then(|| {
             let mut completed: Vec<f64> = finished
                 .iter()
-                .filter(|f| f.ending == super::metrics::Ending::Completed)
+                .filter(|f| f.ending == crate::run::metrics::Ending::Completed)
                 .map(|f| f.duration_ms)
                 .collect();
             let avg = mean(&completed);
@@ -612,7 +599,7 @@ impl OrchestratorService for Orchestrator {
         let mut req = request.into_inner();
         if req.task_id.is_empty() {
             // Made here, not by the runner: the background task publishes under it.
-            req.task_id = super::runs::new_task_id();
+            req.task_id = crate::run::new_task_id();
         }
         match self.runner.start(req.clone(), None, None).await? {
             // Completed before: its result is the answer.

@@ -11,10 +11,10 @@ use council_councils::personas::default_council;
 use council_councils::{CallSampling, Role, prompts, rng};
 use council_proto::fleet::orchestrator::v1 as pb;
 
-use super::convert;
-use super::runs::Runner;
-use super::status::{ServiceError, invalid};
 use crate::driver;
+use crate::run::Runner;
+use crate::run::convert;
+use crate::run::error::{ServiceError, invalid};
 
 /// Candidates the architect chooses among unless `options.custom_params["architect_k"]` says
 /// otherwise (upstream's `architect_rubric` k).

@@ -1,6 +1,13 @@
-//! Running deliberations for the service: validation before any LLM call, the persisted record
-//! of each accepted run, progress for streams, cancellation (client gone, shutdown) and the
-//! drain at shutdown. `Deliberate` and `StreamDeliberation` both go through [`Runner::start`].
+//! The run core both doors share (the gRPC service and NATS dispatch): validation before any
+//! LLM call, the persisted record of each accepted run (claim, resume from a checkpoint,
+//! heartbeats, the final record), progress for streams, cancellation (client gone, shutdown)
+//! and the drain at shutdown. `Deliberate`, `StreamDeliberation` and a dispatched task all go
+//! through [`Runner::start`]. [`error`] is the run error and the one place it becomes a
+//! `tonic::Status`; [`convert`] is proto ⇄ domain; [`metrics`] measures.
+
+pub mod convert;
+pub mod error;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,10 +24,8 @@ use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tonic::Status;
 
-use super::Limits;
-use super::convert;
-use super::metrics::{Ending, Finished, Metrics};
-use super::status::{ServiceError, invalid};
+use self::error::{ServiceError, invalid};
+use self::metrics::{Ending, Finished, Metrics};
 use crate::driver::{self, Event};
 use crate::store::{Claim, CouncilStore, effective, now_ms};
 
@@ -59,6 +64,44 @@ impl CancelCell {
             self.notify.notified().await;
         }
     }
+}
+
+/// Limits of the run core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deliberations running at once; beyond it `RESOURCE_EXHAUSTED` at once.
+    pub max_concurrent: usize,
+    /// Deadline of a deliberation whose request names none.
+    pub default_timeout: Duration,
+    /// Upper bound on a request's `timeout_seconds`.
+    pub max_timeout: Duration,
+    /// How often a running deliberation refreshes its record; one silent for three periods
+    /// belonged to a process that died and may be taken over.
+    pub heartbeat: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 16,
+            default_timeout: Duration::from_secs(600),
+            max_timeout: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the result of a background deliberation (`DeliberateForBacklogReview`) is published:
+/// JetStream's events stream when dispatch runs. Implemented by the dispatcher, so the service
+/// does not depend on it.
+#[tonic::async_trait]
+pub trait ResultSink: Send + Sync + std::fmt::Debug {
+    /// Publishes the terminal event of `request`'s task (completed or failed).
+    async fn publish_result(
+        &self,
+        request: &pb::DeliberateRequest,
+        result: &Result<pb::DeliberateResponse, ServiceError>,
+    );
 }
 
 /// Progress updates of a streamed run, then its final update or error.

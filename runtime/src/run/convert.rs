@@ -9,7 +9,7 @@ use council_councils::{CouncilSpec, Task, TaskId};
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 
-use super::status::{ServiceError, invalid};
+use super::error::{ServiceError, invalid};
 use crate::driver::Timeline;
 
 pub fn millis(t: SystemTime) -> i64 {
