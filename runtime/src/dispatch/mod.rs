@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 
 use crate::nats::error_chain;
-use crate::run::error::ServiceError;
+use crate::run::error::RunError;
 use crate::run::{Runner, Started};
 use crate::store::{StoreError, effective, is_finished, now_ms};
 use council_proto::council::store::v1::DeliberationRecord;
@@ -745,7 +745,7 @@ impl Dispatcher {
                 )
                 .await
             }
-            Err(ServiceError::ShuttingDown) => {
+            Err(RunError::ShuttingDown) => {
                 tracing::info!(task_id = %id, "shutting down: handing the task to another replica");
                 metrics.dispatched("handed_over");
                 Disposition::Retry {
@@ -754,16 +754,16 @@ impl Dispatcher {
                     reason: format!("replica {} shut down while running the task", self.instance),
                 }
             }
-            Err(e @ (ServiceError::AlreadyRunning(_) | ServiceError::TakenOver(_))) => {
+            Err(e @ (RunError::AlreadyRunning(_) | RunError::TakenOver(_))) => {
                 tracing::info!(task_id = %id, error = %e, "running elsewhere; waiting for that run");
                 return None;
             }
-            Err(e @ ServiceError::Overloaded { .. }) => {
+            Err(e @ RunError::Overloaded { .. }) => {
                 // gRPC callers hold every slot: wait for one rather than spend a delivery.
                 tracing::info!(task_id = %id, error = %e, "no free deliberation slot; waiting");
                 return None;
             }
-            Err(e @ ServiceError::Store(StoreError::Unavailable { .. })) => {
+            Err(e @ RunError::Store(StoreError::Unavailable { .. })) => {
                 tracing::warn!(task_id = %id, error = %e, "the store is unavailable; retrying later");
                 metrics.dispatched("retried");
                 self.io_retry(msg, e.to_string())
@@ -779,12 +779,7 @@ impl Dispatcher {
                 }
             }
             Err(e) => {
-                let class = match &e {
-                    ServiceError::UnknownRole(_) => "unknown_council",
-                    ServiceError::InvalidArgument { .. } => "invalid",
-                    _ => "failed",
-                };
-                self.dead_end(task, ctx, msg, class, e.to_string(), now_ms())
+                self.dead_end(task, ctx, msg, e.class(), e.to_string(), now_ms())
                     .await
             }
         };
@@ -1223,7 +1218,7 @@ impl crate::run::ResultSink for Dispatcher {
     async fn publish_result(
         &self,
         request: &pb::DeliberateRequest,
-        result: &Result<pb::DeliberateResponse, ServiceError>,
+        result: &Result<pb::DeliberateResponse, RunError>,
     ) {
         let correlation: std::collections::BTreeMap<String, String> = request
             .constraints

@@ -9,7 +9,7 @@ use council_councils::{CouncilSpec, Task, TaskId};
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 
-use super::error::{ServiceError, invalid};
+use super::error::{RunError, invalid};
 use crate::driver::Timeline;
 
 pub fn millis(t: SystemTime) -> i64 {
@@ -18,7 +18,7 @@ pub fn millis(t: SystemTime) -> i64 {
 }
 
 /// The task of a `DeliberateRequest`, validated.
-pub fn task(req: &pb::DeliberateRequest) -> Result<Task, ServiceError> {
+pub fn task(req: &pb::DeliberateRequest) -> Result<Task, RunError> {
     let id = TaskId::new(req.task_id.clone()).map_err(|e| invalid("task_id", e.to_string()))?;
     let mut task = Task::new(id, req.task_description.clone())
         .map_err(|e| invalid("task_description", e.to_string()))?;
@@ -42,7 +42,7 @@ pub fn task(req: &pb::DeliberateRequest) -> Result<Task, ServiceError> {
 pub fn council_for(
     mut council: CouncilSpec,
     req: &pb::DeliberateRequest,
-) -> Result<CouncilSpec, ServiceError> {
+) -> Result<CouncilSpec, RunError> {
     let size = council.agents.len();
     match req.num_agents {
         n if n < 0 => return Err(invalid("num_agents", format!("{n} is negative"))),
@@ -75,7 +75,7 @@ pub fn timeout(
     req: &pb::DeliberateRequest,
     default: Duration,
     max: Duration,
-) -> Result<Duration, ServiceError> {
+) -> Result<Duration, RunError> {
     match req.constraints.as_ref().map_or(0, |c| c.timeout_seconds) {
         s if s < 0 => Err(invalid(
             "constraints.timeout_seconds",

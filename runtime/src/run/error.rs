@@ -7,7 +7,7 @@ use crate::store::StoreError;
 
 /// Why a request was not served.
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
+pub enum RunError {
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
     #[error("no council for role {0}")]
@@ -48,39 +48,47 @@ pub enum ServiceError {
     Lost,
 }
 
-impl ServiceError {
+impl RunError {
     pub fn to_status(&self) -> Status {
         let message = self.to_string();
         match self {
-            ServiceError::InvalidArgument { .. } => Status::invalid_argument(message),
-            ServiceError::UnknownRole(_) | ServiceError::NotFound(_) => Status::not_found(message),
-            ServiceError::FailedPrecondition(_) => Status::failed_precondition(message),
-            ServiceError::AlreadyExists(_) => Status::already_exists(message),
-            ServiceError::Overloaded { .. } => Status::resource_exhausted(message),
-            ServiceError::AlreadyRunning(_) => Status::aborted(message),
-            ServiceError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-            ServiceError::ShuttingDown => Status::unavailable(message),
-            ServiceError::Cancelled => Status::cancelled(message),
-            ServiceError::Unauthenticated => Status::unauthenticated(message),
-            ServiceError::Store(StoreError::AlreadyExists { .. }) => {
-                Status::already_exists(message)
-            }
-            ServiceError::Store(StoreError::NotFound { .. }) => Status::not_found(message),
-            ServiceError::Store(StoreError::Conflict { .. }) => Status::aborted(message),
-            ServiceError::Store(StoreError::Unavailable { .. } | StoreError::Corrupt { .. }) => {
+            RunError::InvalidArgument { .. } => Status::invalid_argument(message),
+            RunError::UnknownRole(_) | RunError::NotFound(_) => Status::not_found(message),
+            RunError::FailedPrecondition(_) => Status::failed_precondition(message),
+            RunError::AlreadyExists(_) => Status::already_exists(message),
+            RunError::Overloaded { .. } => Status::resource_exhausted(message),
+            RunError::AlreadyRunning(_) => Status::aborted(message),
+            RunError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            RunError::ShuttingDown => Status::unavailable(message),
+            RunError::Cancelled => Status::cancelled(message),
+            RunError::Unauthenticated => Status::unauthenticated(message),
+            RunError::Store(StoreError::AlreadyExists { .. }) => Status::already_exists(message),
+            RunError::Store(StoreError::NotFound { .. }) => Status::not_found(message),
+            RunError::Store(StoreError::Conflict { .. }) => Status::aborted(message),
+            RunError::Store(StoreError::Unavailable { .. } | StoreError::Corrupt { .. }) => {
                 Status::unavailable(message)
             }
             // Too many agents failed: retrying can succeed when the backend was the cause.
-            ServiceError::DeliberationFailed {
+            RunError::DeliberationFailed {
                 retryable: true, ..
             } => Status::unavailable(message),
             // The model's replies were unusable: the same task would fail the same way.
-            ServiceError::DeliberationFailed {
+            RunError::DeliberationFailed {
                 retryable: false, ..
             } => Status::failed_precondition(message),
-            ServiceError::TakenOver(_) => Status::aborted(message),
+            RunError::TakenOver(_) => Status::aborted(message),
             // A protocol error between driver and state machine, or a lost run, is our bug.
-            ServiceError::Driver(_) | ServiceError::Lost => Status::internal(message),
+            RunError::Driver(_) | RunError::Lost => Status::internal(message),
+        }
+    }
+
+    /// The class a failure that is not retried carries in its failed event and dead letter:
+    /// `invalid` (the request), `unknown_council` (its role), `failed` (anything else).
+    pub fn class(&self) -> &'static str {
+        match self {
+            RunError::UnknownRole(_) => "unknown_council",
+            RunError::InvalidArgument { .. } => "invalid",
+            _ => "failed",
         }
     }
 
@@ -88,12 +96,12 @@ impl ServiceError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            ServiceError::InvalidArgument { .. }
-                | ServiceError::UnknownRole(_)
-                | ServiceError::Driver(_)
-                | ServiceError::Lost
-                | ServiceError::Store(StoreError::Corrupt { .. })
-                | ServiceError::DeliberationFailed {
+            RunError::InvalidArgument { .. }
+                | RunError::UnknownRole(_)
+                | RunError::Driver(_)
+                | RunError::Lost
+                | RunError::Store(StoreError::Corrupt { .. })
+                | RunError::DeliberationFailed {
                     retryable: false,
                     ..
                 }
@@ -101,14 +109,14 @@ impl ServiceError {
     }
 }
 
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
+impl From<RunError> for Status {
+    fn from(e: RunError) -> Self {
         e.to_status()
     }
 }
 
-pub fn invalid(field: &'static str, reason: impl Into<String>) -> ServiceError {
-    ServiceError::InvalidArgument {
+pub fn invalid(field: &'static str, reason: impl Into<String>) -> RunError {
+    RunError::InvalidArgument {
         field,
         reason: reason.into(),
     }
@@ -128,77 +136,83 @@ mod tests {
         };
         let cases = [
             (invalid("rounds", "11"), Code::InvalidArgument),
-            (ServiceError::UnknownRole("X".into()), Code::NotFound),
-            (ServiceError::NotFound("agent".into()), Code::NotFound),
+            (RunError::UnknownRole("X".into()), Code::NotFound),
+            (RunError::NotFound("agent".into()), Code::NotFound),
             (
-                ServiceError::FailedPrecondition("last".into()),
+                RunError::FailedPrecondition("last".into()),
                 Code::FailedPrecondition,
             ),
+            (RunError::AlreadyExists("agent".into()), Code::AlreadyExists),
+            (RunError::Overloaded { limit: 1 }, Code::ResourceExhausted),
+            (RunError::AlreadyRunning("t".into()), Code::Aborted),
             (
-                ServiceError::AlreadyExists("agent".into()),
-                Code::AlreadyExists,
-            ),
-            (
-                ServiceError::Overloaded { limit: 1 },
-                Code::ResourceExhausted,
-            ),
-            (ServiceError::AlreadyRunning("t".into()), Code::Aborted),
-            (
-                ServiceError::DeadlineExceeded(std::time::Duration::from_secs(1)),
+                RunError::DeadlineExceeded(std::time::Duration::from_secs(1)),
                 Code::DeadlineExceeded,
             ),
-            (ServiceError::ShuttingDown, Code::Unavailable),
-            (ServiceError::Cancelled, Code::Cancelled),
-            (ServiceError::Unauthenticated, Code::Unauthenticated),
+            (RunError::ShuttingDown, Code::Unavailable),
+            (RunError::Cancelled, Code::Cancelled),
+            (RunError::Unauthenticated, Code::Unauthenticated),
             (
-                ServiceError::Store(StoreError::AlreadyExists { role: Role::Dev }),
+                RunError::Store(StoreError::AlreadyExists { role: Role::Dev }),
                 Code::AlreadyExists,
             ),
             (
-                ServiceError::Store(StoreError::NotFound { role: Role::Dev }),
+                RunError::Store(StoreError::NotFound { role: Role::Dev }),
                 Code::NotFound,
             ),
             (
-                ServiceError::Store(StoreError::Conflict { role: Role::Dev }),
+                RunError::Store(StoreError::Conflict { role: Role::Dev }),
                 Code::Aborted,
             ),
-            (ServiceError::Store(store("down")), Code::Unavailable),
+            (RunError::Store(store("down")), Code::Unavailable),
             (
-                ServiceError::DeliberationFailed {
+                RunError::DeliberationFailed {
                     reason: "quorum".into(),
                     retryable: true,
                 },
                 Code::Unavailable,
             ),
             (
-                ServiceError::DeliberationFailed {
+                RunError::DeliberationFailed {
                     reason: "quorum".into(),
                     retryable: false,
                 },
                 Code::FailedPrecondition,
             ),
-            (ServiceError::TakenOver("t".into()), Code::Aborted),
-            (ServiceError::Lost, Code::Internal),
+            (RunError::TakenOver("t".into()), Code::Aborted),
+            (RunError::Lost, Code::Internal),
         ];
         for (e, code) in cases {
             let status = e.to_status();
             assert_eq!(status.code(), code, "{e}");
             assert_eq!(status.message(), e.to_string());
         }
-        assert!(ServiceError::ShuttingDown.is_retryable());
+        assert!(RunError::ShuttingDown.is_retryable());
         assert!(!invalid("x", "y").is_retryable());
         // Only what another try can change is retried.
-        let quorum = |retryable| ServiceError::DeliberationFailed {
+        let quorum = |retryable| RunError::DeliberationFailed {
             reason: "1 of 3 agents still working".into(),
             retryable,
         };
         assert!(quorum(true).is_retryable());
         assert!(!quorum(false).is_retryable());
-        assert!(ServiceError::Store(store("down")).is_retryable());
+        assert!(RunError::Store(store("down")).is_retryable());
         let corrupt = StoreError::Corrupt {
             store: "s".into(),
             reason: "not a record".into(),
         };
-        assert!(!ServiceError::Store(corrupt).is_retryable());
+        assert!(!RunError::Store(corrupt).is_retryable());
+    }
+
+    #[test]
+    fn failures_that_are_not_retried_carry_their_class() {
+        assert_eq!(invalid("rounds", "11").class(), "invalid");
+        assert_eq!(RunError::UnknownRole("X".into()).class(), "unknown_council");
+        let failed = RunError::DeliberationFailed {
+            reason: "0 of 3 agents still working".into(),
+            retryable: false,
+        };
+        assert_eq!(failed.class(), "failed");
+        assert_eq!(RunError::Lost.class(), "failed");
     }
 }

@@ -24,7 +24,7 @@ use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tonic::Status;
 
-use self::error::{ServiceError, invalid};
+use self::error::{RunError, invalid};
 use self::metrics::{Ending, Finished, Metrics};
 use crate::driver::{self, Event};
 use crate::store::{Claim, CouncilStore, effective, now_ms};
@@ -100,7 +100,7 @@ pub trait ResultSink: Send + Sync + std::fmt::Debug {
     async fn publish_result(
         &self,
         request: &pb::DeliberateRequest,
-        result: &Result<pb::DeliberateResponse, ServiceError>,
+        result: &Result<pb::DeliberateResponse, RunError>,
     );
 }
 
@@ -119,16 +119,16 @@ pub enum Started {
 /// A caller's hold on a run. Dropping it before the result arrived cancels the run.
 #[derive(Debug)]
 pub struct RunHandle {
-    result: oneshot::Receiver<Result<pb::DeliberateResponse, ServiceError>>,
+    result: oneshot::Receiver<Result<pb::DeliberateResponse, RunError>>,
     cancel: Arc<CancelCell>,
     finished: bool,
 }
 
 impl RunHandle {
-    pub async fn result(mut self) -> Result<pb::DeliberateResponse, ServiceError> {
+    pub async fn result(mut self) -> Result<pb::DeliberateResponse, RunError> {
         let result = (&mut self.result).await;
         self.finished = true;
-        result.unwrap_or(Err(ServiceError::Lost))
+        result.unwrap_or(Err(RunError::Lost))
     }
 }
 
@@ -181,7 +181,8 @@ pub struct Runner {
     busy: Mutex<HashMap<String, u64>>,
 }
 
-fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
+/// A role name of a request, or the invalid-argument error naming `field`.
+pub fn role(field: &'static str, s: &str) -> Result<Role, RunError> {
     s.parse()
         .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
 }
@@ -275,14 +276,14 @@ impl Runner {
         mut req: pb::DeliberateRequest,
         client_deadline: Option<Duration>,
         updates: Option<Updates>,
-    ) -> Result<Started, ServiceError> {
+    ) -> Result<Started, RunError> {
         if req.task_id.is_empty() {
             // Optional upstream (required only for backlog review); returned in the response.
             req.task_id = new_task_id();
         }
         if self.is_draining() {
             self.metrics.rejected("shutting_down");
-            return Err(ServiceError::ShuttingDown);
+            return Err(RunError::ShuttingDown);
         }
         let task = convert::task(&req)?;
         let role = role("role", &req.role)?;
@@ -290,7 +291,7 @@ impl Runner {
             .store
             .get(&role)
             .await?
-            .ok_or_else(|| ServiceError::UnknownRole(role.to_string()))?;
+            .ok_or_else(|| RunError::UnknownRole(role.to_string()))?;
         let council = convert::council_for(council, &req)?;
         let mut deadline =
             convert::timeout(&req, self.limits.default_timeout, self.limits.max_timeout)?;
@@ -302,7 +303,7 @@ impl Runner {
         }
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             self.metrics.rejected("overloaded");
-            ServiceError::Overloaded {
+            RunError::Overloaded {
                 limit: self.limits.max_concurrent,
             }
         })?;
@@ -344,7 +345,7 @@ impl Runner {
                     return Ok(Started::Done(Box::new(response)));
                 }
                 self.metrics.rejected("already_running");
-                return Err(ServiceError::AlreadyRunning(req.task_id));
+                return Err(RunError::AlreadyRunning(req.task_id));
             }
         };
 
@@ -396,7 +397,7 @@ impl Runner {
         }))
     }
 
-    async fn run(&self, input: RunInput) -> Result<pb::DeliberateResponse, ServiceError> {
+    async fn run(&self, input: RunInput) -> Result<pb::DeliberateResponse, RunError> {
         let RunInput {
             mut record,
             revision,
@@ -456,7 +457,7 @@ impl Runner {
                             duration,
                             seed,
                         )),
-                        OutcomeStatus::Failed { reason } => Err(ServiceError::DeliberationFailed {
+                        OutcomeStatus::Failed { reason } => Err(RunError::DeliberationFailed {
                             reason: reason.clone(),
                             // Only a backend error may go away on another try: the
                             // deliberation is deterministic for its task.
@@ -464,19 +465,19 @@ impl Runner {
                         }),
                     }
                 }
-                Err(e) => Err(ServiceError::Driver(e)),
+                Err(e) => Err(RunError::Driver(e)),
             },
-            Ended::TimedOut => Err(ServiceError::DeadlineExceeded(deadline)),
-            Ended::Cancelled(Cancel::Client) => Err(ServiceError::Cancelled),
-            Ended::Cancelled(Cancel::Shutdown) => Err(ServiceError::ShuttingDown),
-            Ended::TakenOver => Err(ServiceError::TakenOver(record.task_id.clone())),
+            Ended::TimedOut => Err(RunError::DeadlineExceeded(deadline)),
+            Ended::Cancelled(Cancel::Client) => Err(RunError::Cancelled),
+            Ended::Cancelled(Cancel::Shutdown) => Err(RunError::ShuttingDown),
+            Ended::TakenOver => Err(RunError::TakenOver(record.task_id.clone())),
         };
         let ending = match &result {
             Ok(_) => Ending::Completed,
-            Err(ServiceError::DeadlineExceeded(_)) => Ending::Timeout,
-            Err(
-                ServiceError::Cancelled | ServiceError::ShuttingDown | ServiceError::TakenOver(_),
-            ) => Ending::Cancelled,
+            Err(RunError::DeadlineExceeded(_)) => Ending::Timeout,
+            Err(RunError::Cancelled | RunError::ShuttingDown | RunError::TakenOver(_)) => {
+                Ending::Cancelled
+            }
             Err(_) => Ending::Failed,
         };
         record.updated_at_ms = now_ms();
@@ -500,7 +501,7 @@ impl Runner {
                 record.retryable = e.is_retryable();
             }
         }
-        if !matches!(result, Err(ServiceError::TakenOver(_))) {
+        if !matches!(result, Err(RunError::TakenOver(_))) {
             let revision = revision.lock().map_or(0, |r| *r);
             self.write_final(&record, revision).await;
         }

@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::orchestrate;
 use crate::run::convert;
-use crate::run::error::{ServiceError, invalid};
+use crate::run::error::{RunError, invalid};
 use crate::run::metrics::{by_role, quantile};
-use crate::run::{ResultSink, Runner, Started, UpdateStream, grpc_timeout};
+use crate::run::{ResultSink, Runner, Started, UpdateStream, grpc_timeout, role};
 use crate::store::{Created, StoreError, effective, now_ms};
 
 /// The service state shared by all handlers.
@@ -26,13 +26,8 @@ pub struct Orchestrator {
     results: Option<Arc<dyn ResultSink>>,
 }
 
-fn role(field: &'static str, s: &str) -> Result<Role, ServiceError> {
-    s.parse()
-        .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
-}
-
 /// The agent id and role of a Register/UnregisterAgent request, validated.
-fn agent_of(agent_id: &str, role_name: &str) -> Result<(AgentId, Role), ServiceError> {
+fn agent_of(agent_id: &str, role_name: &str) -> Result<(AgentId, Role), RunError> {
     let id = AgentId::new(agent_id).map_err(|e| invalid("agent_id", e.to_string()))?;
     Ok((id, role("role", role_name)?))
 }
@@ -53,7 +48,7 @@ impl Orchestrator {
         &self,
         req: pb::DeliberateRequest,
         client_deadline: Option<std::time::Duration>,
-    ) -> Result<pb::DeliberateResponse, ServiceError> {
+    ) -> Result<pb::DeliberateResponse, RunError> {
         match self.runner.start(req, client_deadline, None).await? {
             Started::Done(response) => Ok(*response),
             Started::Running(run) => run.result().await,
@@ -63,7 +58,7 @@ impl Orchestrator {
     async fn result_inner(
         &self,
         req: pb::GetDeliberationResultRequest,
-    ) -> Result<pb::GetDeliberationResultResponse, ServiceError> {
+    ) -> Result<pb::GetDeliberationResultResponse, RunError> {
         let task = TaskId::new(req.task_id).map_err(|e| invalid("task_id", e.to_string()))?;
         let record = self
             .runner
@@ -71,7 +66,7 @@ impl Orchestrator {
             .record(task.as_str())
             .await?
             .ok_or_else(|| {
-                ServiceError::NotFound(format!(
+                RunError::NotFound(format!(
                     "no deliberation of task {task} (never accepted here, or removed after its retention)"
                 ))
             })?;
@@ -82,14 +77,14 @@ impl Orchestrator {
     async fn change_council<T>(
         &self,
         role: &Role,
-        change: impl Fn(&CouncilSpec) -> Result<(CouncilSpec, T), ServiceError>,
-    ) -> Result<(CouncilSpec, T), ServiceError> {
+        change: impl Fn(&CouncilSpec) -> Result<(CouncilSpec, T), RunError>,
+    ) -> Result<(CouncilSpec, T), RunError> {
         let store = self.runner.store();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let current = store.get(role).await?.ok_or_else(|| {
-                ServiceError::NotFound(format!(
+                RunError::NotFound(format!(
                     "no council for role {role}; create it with CreateCouncil first"
                 ))
             })?;
@@ -108,7 +103,7 @@ impl Orchestrator {
     async fn register_inner(
         &self,
         req: pb::RegisterAgentRequest,
-    ) -> Result<pb::RegisterAgentResponse, ServiceError> {
+    ) -> Result<pb::RegisterAgentResponse, RunError> {
         let (id, role) = agent_of(&req.agent_id, &req.role)?;
         if !req.endpoint.is_empty() {
             return Err(invalid(
@@ -172,7 +167,7 @@ impl Orchestrator {
                     return if same {
                         Ok((current.clone(), false))
                     } else {
-                        Err(ServiceError::AlreadyExists(format!(
+                        Err(RunError::AlreadyExists(format!(
                             "agent {id} is already registered in council {} with other settings",
                             current.id
                         )))
@@ -207,17 +202,17 @@ impl Orchestrator {
     async fn unregister_inner(
         &self,
         req: pb::UnregisterAgentRequest,
-    ) -> Result<pb::UnregisterAgentResponse, ServiceError> {
+    ) -> Result<pb::UnregisterAgentResponse, RunError> {
         let (id, role) = agent_of(&req.agent_id, &req.role)?;
         let (council, ()) = self
             .change_council(&role, |current| {
                 if !current.agents.iter().any(|a| a.id == id) {
-                    return Err(ServiceError::NotFound(format!(
+                    return Err(RunError::NotFound(format!(
                         "no agent {id} in the council of role {role}"
                     )));
                 }
                 if current.agents.len() == 1 {
-                    return Err(ServiceError::FailedPrecondition(format!(
+                    return Err(RunError::FailedPrecondition(format!(
                         "agent {id} is the last member of council {}; delete the council instead",
                         current.id
                     )));
@@ -244,10 +239,7 @@ impl Orchestrator {
         })
     }
 
-    async fn status_inner(
-        &self,
-        include_stats: bool,
-    ) -> Result<pb::GetStatusResponse, ServiceError> {
+    async fn status_inner(&self, include_stats: bool) -> Result<pb::GetStatusResponse, RunError> {
         let councils = self.runner.store().list().await?;
         let status = if self.runner.is_draining() {
             "DRAINING".to_owned()
@@ -286,7 +278,7 @@ impl Orchestrator {
     async fn metrics_inner(
         &self,
         req: pb::GetMetricsRequest,
-    ) -> Result<pb::GetMetricsResponse, ServiceError> {
+    ) -> Result<pb::GetMetricsResponse, RunError> {
         let kind = req.metric_type.to_ascii_lowercase();
         let want = |k: &str| kind.is_empty() || kind == "all" || kind == k;
         if !["", "all", "performance", "agents", "councils"].contains(&kind.as_str()) {
@@ -381,7 +373,7 @@ impl Orchestrator {
     async fn create_inner(
         &self,
         req: pb::CreateCouncilRequest,
-    ) -> Result<pb::CreateCouncilResponse, ServiceError> {
+    ) -> Result<pb::CreateCouncilResponse, RunError> {
         let role = role("role", &req.role)?;
         let size = match req.num_agents {
             0 => 3,
@@ -506,7 +498,7 @@ impl OrchestratorService for Orchestrator {
             .store()
             .list()
             .await
-            .map_err(ServiceError::from)?
+            .map_err(RunError::from)?
             .iter()
             .filter(|c| filter.as_ref().is_none_or(|r| *r == c.role))
             .map(|c| {
@@ -527,7 +519,7 @@ impl OrchestratorService for Orchestrator {
             .store()
             .delete(&role)
             .await
-            .map_err(ServiceError::from)?;
+            .map_err(RunError::from)?;
         Ok(Response::new(pb::DeleteCouncilResponse {
             success: true,
             message: format!("deleted council {} of role {role}", removed.id),

@@ -90,7 +90,7 @@ impl Auth {
         if bool::from(presented.as_bytes().ct_eq(token)) {
             Ok(request)
         } else {
-            Err(crate::run::error::ServiceError::Unauthenticated.to_status())
+            Err(crate::run::error::RunError::Unauthenticated.to_status())
         }
     }
 }

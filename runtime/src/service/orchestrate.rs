@@ -14,7 +14,7 @@ use council_proto::fleet::orchestrator::v1 as pb;
 use crate::driver;
 use crate::run::Runner;
 use crate::run::convert;
-use crate::run::error::{ServiceError, invalid};
+use crate::run::error::{RunError, invalid};
 
 /// Candidates the architect chooses among unless `options.custom_params["architect_k"]` says
 /// otherwise (upstream's `architect_rubric` k).
@@ -26,7 +26,7 @@ const MAX_REASONS: usize = 2000;
 /// The deliberation an `OrchestrateRequest` asks for, and its `k`.
 pub fn deliberation_request(
     req: &pb::OrchestrateRequest,
-) -> Result<(pb::DeliberateRequest, usize), ServiceError> {
+) -> Result<(pb::DeliberateRequest, usize), RunError> {
     let options = req.options.clone().unwrap_or_default();
     let k = match options.custom_params.get("architect_k") {
         None => DEFAULT_K,
@@ -75,7 +75,7 @@ pub async fn choose(
     response: pb::DeliberateResponse,
     k: usize,
     started: Instant,
-) -> Result<pb::OrchestrateResponse, ServiceError> {
+) -> Result<pb::OrchestrateResponse, RunError> {
     let mut candidates: Vec<pb::DeliberationResult> =
         response.results.into_iter().take(k).collect();
     let mut tags: HashMap<String, String> = response
@@ -155,12 +155,10 @@ pub async fn choose(
         c.rank = i as i32 + 1;
     }
     let mut rest = candidates.into_iter();
-    let winner = rest
-        .next()
-        .ok_or_else(|| ServiceError::DeliberationFailed {
-            reason: "the council produced no proposal".into(),
-            retryable: false,
-        })?;
+    let winner = rest.next().ok_or_else(|| RunError::DeliberationFailed {
+        reason: "the council produced no proposal".into(),
+        retryable: false,
+    })?;
     let duration = started.elapsed();
     runner.metrics().orchestrated(duration);
     let mut metadata = response.metadata.unwrap_or_default();
@@ -175,14 +173,15 @@ pub async fn choose(
 }
 
 /// The first agent of the ARCHITECT council (the default architect when there is none).
-async fn architect(runner: &Runner) -> Result<council_councils::AgentSpec, ServiceError> {
+async fn architect(runner: &Runner) -> Result<council_councils::AgentSpec, RunError> {
     let council = match runner.store().get(&Role::Architect).await? {
         Some(c) => c,
-        None => default_council(&Role::Architect).map_err(|e| {
-            ServiceError::FailedPrecondition(format!("no architect to choose: {e}"))
-        })?,
+        None => default_council(&Role::Architect)
+            .map_err(|e| RunError::FailedPrecondition(format!("no architect to choose: {e}")))?,
     };
-    council.agents.into_iter().next().ok_or_else(|| {
-        ServiceError::FailedPrecondition("the ARCHITECT council has no agent".into())
-    })
+    council
+        .agents
+        .into_iter()
+        .next()
+        .ok_or_else(|| RunError::FailedPrecondition("the ARCHITECT council has no agent".into()))
 }
