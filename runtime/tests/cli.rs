@@ -398,3 +398,66 @@ fn vllm_url_is_honoured_or_refused_by_name() {
         );
     }
 }
+
+/// `council dev gpu-check` runs every check where no GPU is, with the q8_0 CPU engine standing
+/// in for the device: six PASS lines; with no tolerance left the inexact comparisons FAIL and
+/// the exit status says so; a GPU this build cannot use, or nothing to compare, is refused.
+#[test]
+fn gpu_check_passes_on_the_cpu_stand_in_and_fails_when_it_should() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let work = dir.path().to_str().expect("utf-8 path");
+    let out = council(&["dev", "gpu-check", "--work-dir", work]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", stderr(&out));
+    for check in ["logits", "batch invariance", "scoring"] {
+        for arch in ["qwen2", "qwen3"] {
+            let line = format!("PASS {arch} {check} (cpu q8_0");
+            assert!(stdout.contains(&line), "no {line:?} in {stdout}");
+        }
+    }
+    assert!(
+        stdout.contains("gpu-check: 6 of 6 checks passed on cpu q8_0"),
+        "{stdout}"
+    );
+
+    let strict = council(&[
+        "dev",
+        "gpu-check",
+        "--work-dir",
+        work,
+        "--tolerance-scale",
+        "0",
+    ]);
+    let stdout = String::from_utf8_lossy(&strict.stdout).into_owned();
+    assert!(!strict.status.success(), "{stdout}");
+    // Logits and scores move under q8_0; greedy tokens batched and alone stay equal.
+    assert_eq!(stdout.matches("FAIL ").count(), 4, "{stdout}");
+    assert_eq!(
+        stdout.matches("PASS ").count(),
+        2,
+        "batch invariance is exact: {stdout}"
+    );
+    assert!(
+        stderr(&strict).contains("4 check(s) failed"),
+        "{}",
+        stderr(&strict)
+    );
+
+    let itself = council(&["dev", "gpu-check", "--quantize", "none"]);
+    assert!(!itself.status.success());
+    assert!(
+        stderr(&itself).contains("compares f32 with itself"),
+        "{}",
+        stderr(&itself)
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let gpu = council(&["dev", "gpu-check", "--cuda", "0", "--work-dir", work]);
+        assert!(!gpu.status.success());
+        assert!(
+            stderr(&gpu).to_lowercase().contains("cuda"),
+            "{}",
+            stderr(&gpu)
+        );
+    }
+}

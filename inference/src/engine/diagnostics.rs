@@ -5,7 +5,7 @@
 use candle_core::DType;
 
 use super::cache::KvPool;
-use super::loader::{ModelFiles, load_as};
+use super::loader::{DeviceChoice, ModelFiles, load_as};
 use super::model::{Logits, QwenModel, SeqChunk};
 use super::quant::Quantization;
 use super::sampler::argmax;
@@ -35,6 +35,33 @@ pub fn sequence_logits(model: &QwenModel, tokens: &[u32]) -> candle_core::Result
     model
         .forward(tokens, &[chunk], Logits::All, &pool)?
         .to_vec2::<f32>()
+}
+
+/// The logits at every position of each of `prompts`, one row per position, prompt after
+/// prompt, of the model of `files` loaded as the engine loads it on `device` (bf16 on a GPU,
+/// f32 on the CPU) with `quantization` (`council dev gpu-check` compares devices with it).
+pub fn logits_on(
+    files: &ModelFiles,
+    device: DeviceChoice,
+    quantization: Quantization,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<Vec<f32>>, LoadError> {
+    let device = device.open()?;
+    let loaded = load_as(
+        files,
+        "compared",
+        &device,
+        super::dtype_on(&device),
+        quantization,
+    )?;
+    let mut rows = Vec::new();
+    for prompt in prompts {
+        rows.extend(
+            sequence_logits(&loaded.model, prompt)
+                .map_err(|e| LoadError::Device(format!("forward on {device:?}: {e}")))?,
+        );
+    }
+    Ok(rows)
 }
 
 /// A quantized model measured against its f32 self: see [`compare_with_f32`].

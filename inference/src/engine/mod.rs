@@ -241,6 +241,16 @@ pub struct EngineStats {
     pub prefix_evictions: u64,
 }
 
+/// The type the engine computes in on `device`: bf16 on a GPU (its tensor cores' type, half
+/// the memory), f32 on the CPU.
+pub fn dtype_on(device: &candle_core::Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
 /// The in-process engine.
 #[derive(Debug)]
 pub struct Engine;
@@ -260,13 +270,7 @@ impl Engine {
     ) -> Result<EngineHandle, LoadError> {
         config.validate()?;
         let device = config.device.open()?;
-        // GPUs run in bf16 (their tensor cores' type, half the memory); CPUs in f32.
-        let dtype = if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
-        let loaded = loader::load_as(files, name, &device, dtype, config.quantization)?;
+        let loaded = loader::load_as(files, name, &device, dtype_on(&device), config.quantization)?;
         Self::start(loaded, config)
     }
 

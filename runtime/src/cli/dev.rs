@@ -26,6 +26,9 @@ pub enum DevCommand {
     /// Measure how far a quantized model's logits are from f32's over one prompt, and the
     /// memory its weights take.
     QuantError(QuantErrorArgs),
+    /// Check the engine on a GPU (or the quantized CPU engine) against the CPU f32 engine:
+    /// logits, batch invariance and scoring on generated models; one PASS/FAIL line each.
+    GpuCheck(super::gpu_check::GpuCheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +94,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
         DevCommand::BenchDispatch(args) => super::bench_dispatch::run(args),
         DevCommand::BenchBatching(args) => super::bench_batching::run(args),
         DevCommand::QuantError(args) => quant_error(args),
+        DevCommand::GpuCheck(args) => super::gpu_check::run(args),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bench_service;
 pub mod deliberate;
 pub mod dev;
 pub mod generate;
+pub mod gpu_check;
 pub mod health;
 pub mod serve;
 pub mod server;
