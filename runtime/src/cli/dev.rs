@@ -8,6 +8,7 @@ use council_inference::engine::diagnostics::compare_with_f32;
 use council_inference::tiny::{self, TinyArch, TinyModelSpec, TinyShape};
 use council_inference::{Backend, GenerateRequest, Quantization};
 
+use super::bench_prompt;
 use crate::model_source::{ModelArgs, resolve_model};
 
 #[derive(Debug, clap::Subcommand)]
@@ -123,13 +124,6 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
-}
-
-/// A prompt of exactly `n` token ids that stays inside the tokenizer's ordinary vocabulary.
-fn bench_prompt(n: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32)
-        .collect()
 }
 
 fn bench(mut args: BenchArgs) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::bench_prompt;
 use council_inference::engine::diagnostics::{LogitDrift, logit_drift, logits_on};
 use council_inference::engine::loader::{DeviceChoice, ModelFiles};
 use council_inference::tiny::{self, TinyArch, TinyModelSpec, TinyShape};
@@ -75,12 +76,11 @@ impl UnderTest {
 
 /// Three prompts of different lengths inside the tiny tokenizer's ordinary vocabulary.
 fn prompts() -> [Vec<u32>; 3] {
-    let prompt = |n: usize, salt: usize| -> Vec<u32> {
-        (0..n)
-            .map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32)
-            .collect()
-    };
-    [prompt(7, 1), prompt(33, 2), prompt(100, 3)]
+    [
+        bench_prompt(7, 1),
+        bench_prompt(33, 2),
+        bench_prompt(100, 3),
+    ]
 }
 
 /// A directory of our own, removed when the check ends however it ends.

@@ -70,3 +70,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(command) => dev::run(command),
     }
 }
+
+/// A prompt of exactly `n` token ids that stays inside the tokenizer's ordinary vocabulary.
+pub fn bench_prompt(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7 + salt * 13) % 200 + 32) as u32)
+        .collect()
+}
