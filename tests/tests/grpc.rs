@@ -187,15 +187,18 @@ impl Server {
         task: &str,
         done: impl Fn(&pb::GetDeliberationResultResponse) -> bool,
     ) -> pb::GetDeliberationResultResponse {
+        let mut last = None;
         for _ in 0..600 {
-            if let Ok(r) = self.record(task).await
-                && done(&r)
-            {
-                return r;
+            match self.record(task).await {
+                Ok(r) if done(&r) => return r,
+                Ok(r) => last = Some(format!("{:?} {:?}", r.status(), r.error_message)),
+                Err(e) => last = Some(format!("no record: {e}")),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("the record of {task} never reached the expected state");
+        panic!(
+            "the record of {task} never reached the expected state in 30 s; last seen: {last:?}"
+        );
     }
 
     async fn health(&self) -> ServingStatus {
