@@ -1,10 +1,13 @@
 //! `--judge`: how judges give their verdicts, the flag of `deliberate`, `eval` and
-//! `dev bench-batching`.
+//! `dev bench-batching`, and the `councils.judge` key of `council serve`.
 
 use council_councils::spec::JudgeMode;
 
 /// `--judge`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Judge {
     Text,
     Logprob,

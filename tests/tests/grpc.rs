@@ -4,9 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use council_councils::spec::JudgeMode;
 use council_councils::{CouncilSpec, Role};
 use council_inference::tiny::TinyArch;
 use council_inference::{
@@ -36,6 +37,8 @@ struct Switchable {
     sick: Arc<AtomicBool>,
     /// Reports the backend stopped for good.
     gone: Arc<AtomicBool>,
+    /// Choice-scoring (log-prob judging) requests seen.
+    scored: Arc<AtomicUsize>,
 }
 
 impl Backend for Switchable {
@@ -43,6 +46,7 @@ impl Backend for Switchable {
         self.inner.generate(request)
     }
     fn score(&self, request: council_inference::ScoreRequest) -> council_inference::ScoreFuture {
+        self.scored.fetch_add(1, Ordering::SeqCst);
         self.inner.score(request)
     }
     fn health(&self) -> Health {
@@ -150,6 +154,7 @@ struct Server {
     sick: Arc<AtomicBool>,
     gone: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    scored: Arc<AtomicUsize>,
     metrics: SocketAddr,
     _model: tempfile::TempDir,
     _data: tempfile::TempDir,
@@ -241,10 +246,12 @@ async fn start_with(mut options: Options) -> Server {
     let engine_handle = engine(model.path(), EngineConfig::default());
     let sick = Arc::new(AtomicBool::new(false));
     let gone = Arc::new(AtomicBool::new(false));
+    let scored = Arc::new(AtomicUsize::new(0));
     let backend = Switchable {
         inner: engine_handle.clone(),
         sick: sick.clone(),
         gone: gone.clone(),
+        scored: scored.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -281,6 +288,7 @@ async fn start_with(mut options: Options) -> Server {
         sick,
         gone,
         down,
+        scored,
         metrics: metrics_addr,
         _model: model,
         _data: data,
@@ -1260,6 +1268,35 @@ async fn liveness_fails_only_when_the_backend_is_gone_for_good() {
     assert_eq!(alive, ServingStatus::NotServing);
     assert_eq!(s.health().await, ServingStatus::NotServing);
     assert_eq!(http_get(s.metrics, "/healthz").await.0, 503);
+}
+
+/// `councils.judge`: log-prob judging by default (the judgements a small model can give), text
+/// when configured; either way the deliberation completes with every proposal ranked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_judge_decides_how_verdicts_are_given() {
+    for (judge, scores) in [(None, true), (Some(JudgeMode::Text), false)] {
+        let mut options = Options::new(Limits::default());
+        if let Some(judge) = judge {
+            options.judge = judge;
+        }
+        let mut server = start_with(options).await;
+        let response = server
+            .client
+            .clone()
+            .deliberate(request(&format!("task-judge-{scores}"), "DEV", 1))
+            .await
+            .expect("deliberates")
+            .into_inner();
+        assert_eq!(response.results.len(), 3, "{judge:?}");
+        assert!(!response.winner_id.is_empty(), "{judge:?}");
+        let scored = server.scored.load(Ordering::SeqCst);
+        assert_eq!(
+            scored > 0,
+            scores,
+            "{judge:?}: {scored} choice-scoring calls"
+        );
+        server.stopped().await;
+    }
 }
 
 /// Upstream's defaults: `task_id` is optional (one of upstream's form, `task-<uuid>`, is made

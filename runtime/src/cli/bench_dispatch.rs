@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 
 use super::bench_service::{drive, summary};
 use crate::model_source::ModelArgs;
-use crate::run::{convert, metrics::quantile};
+use crate::run::metrics::quantile;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchDispatchArgs {
@@ -181,10 +181,14 @@ pub fn run(args: BenchDispatchArgs) -> anyhow::Result<()> {
                 let req = crate::dispatch::task::parse(&body, "direct.DEV", "direct", 1 << 20, |_| true)
                     .map(|t| t.request());
                 async move {
-                    let req = req?;
-                    let task = convert::task(&req).map_err(anyhow::Error::msg)?;
-                    let council = convert::council_for(default_council(&Role::Dev)?, &req)
-                        .map_err(anyhow::Error::msg)?;
+                    let req = req?.map_err(anyhow::Error::msg)?;
+                    let council = crate::run::council_for(
+                        default_council(&Role::Dev)?,
+                        req.num_agents,
+                        req.rounds,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    let task = req.task;
                     let (deliberation, _) = crate::run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;
                     Ok(())

@@ -13,7 +13,7 @@ use council_proto::fleet::orchestrator::v1::orchestrator_service_client::Orchest
 
 use super::server::{self, Options};
 use crate::model_source::ModelArgs;
-use crate::run::{self, Limits, convert};
+use crate::run::{self, Limits};
 use crate::store::{FileStore, apply_default_councils};
 
 #[derive(Debug, clap::Args)]
@@ -130,9 +130,15 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
             let (wall, mut lat) = drive(args.requests, c, move |i| {
                 let (b, req) = (b.clone(), request(&a, level, i));
                 async move {
-                    let task = convert::task(&req).map_err(anyhow::Error::msg)?;
-                    let council = convert::council_for(default_council(&Role::Dev)?, &req)
+                    let req = crate::service::wire::run_request(&req)
                         .map_err(anyhow::Error::msg)?;
+                    let council = crate::run::council_for(
+                        default_council(&Role::Dev)?,
+                        req.num_agents,
+                        req.rounds,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    let task = req.task;
                     let (deliberation, _) = run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;
                     Ok(())

@@ -17,7 +17,7 @@ use crate::store::{CouncilStore, FileStore, KvStore, apply_default_councils};
 /// reads its environment variable; both override the file, whose keys are named in brackets).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
-    /// A TOML config file (sections model, server, limits, store, nats, dispatch).
+    /// A TOML config file (sections model, server, limits, councils, store, nats, dispatch).
     #[arg(long, env = "COUNCIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -117,6 +117,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {}", listener.local_addr()?);
         let options = Options {
             limits: config.limits,
+            judge: config.judge,
             grace: config.grace,
             retention: config.retention,
             auth_token: config.auth_token,

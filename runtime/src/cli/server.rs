@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use council_councils::spec::JudgeMode;
 use council_inference::{Backend, Health};
 use council_proto::fleet::orchestrator::v1::orchestrator_service_server::OrchestratorServiceServer;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::dispatch::{Dispatcher, Prepared};
+use crate::model_source::servable_judge;
 use crate::run::{Limits, ResultSink, Runner, metrics};
 use crate::service::{Auth, LIVENESS_SERVICE, Tls, grpc, set_health};
 use crate::store::CouncilStore;
@@ -22,6 +24,9 @@ use crate::store::CouncilStore;
 #[derive(Debug)]
 pub struct Options {
     pub limits: Limits,
+    /// How every deliberation's judges give verdicts (`councils.judge`); a log-prob judge
+    /// becomes a text judge on a backend that cannot score choices.
+    pub judge: JudgeMode,
     /// How long in-flight deliberations may take to finish after shutdown begins.
     pub grace: Duration,
     /// Finished records are deleted this long after they finished.
@@ -41,6 +46,7 @@ impl Options {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
+            judge: JudgeMode::LogProb,
             grace: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
             auth_token: None,
@@ -73,6 +79,7 @@ pub async fn serve(
         backend.clone(),
         store.clone(),
         options.limits,
+        servable_judge(backend.as_ref(), options.judge),
         metrics.clone(),
     ));
     let addr: SocketAddr = listener.local_addr()?;

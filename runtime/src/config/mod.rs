@@ -4,7 +4,7 @@
 //! rendered with secrets redacted for the log.
 //!
 //! Each section (`model.rs`, `server.rs` with `[limits]`, `store.rs` with `[nats]`,
-//! `dispatch.rs`) is declared once: every field is at the same time a `council serve` flag,
+//! `dispatch.rs`; `server.rs` also holds `[councils]`) is declared once: every field is at the same time a `council serve` flag,
 //! its `COUNCIL_*` variable (clap), the TOML key (serde) and a line of the layering; each
 //! section validates itself, and [`RawConfig::validate`] checks the relations between them.
 
@@ -17,11 +17,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use council_councils::spec::JudgeMode;
 use serde::{Deserialize, Serialize};
 
 pub use self::dispatch::RawDispatch;
 pub use self::model::RawModel;
-pub use self::server::{RawLimits, RawServer};
+pub use self::server::{RawCouncils, RawLimits, RawServer};
 pub use self::store::{RawNats, RawStore};
 use crate::dispatch::DispatchConfig;
 use crate::model_source::ModelArgs;
@@ -96,6 +97,8 @@ pub struct RawConfig {
     #[command(flatten)]
     pub limits: RawLimits,
     #[command(flatten)]
+    pub councils: RawCouncils,
+    #[command(flatten)]
     pub store: RawStore,
     #[command(flatten)]
     pub nats: RawNats,
@@ -116,6 +119,7 @@ impl RawConfig {
         self.model.overlay(top.model);
         self.server.overlay(top.server);
         self.limits.overlay(top.limits);
+        self.councils.overlay(top.councils);
         self.store.overlay(top.store);
         self.nats.overlay(top.nats);
         self.dispatch.overlay(top.dispatch);
@@ -127,6 +131,7 @@ impl RawConfig {
         let model = self.model.validate()?;
         let server = self.server.validate()?;
         let limits = self.limits.validate()?;
+        let judge = self.councils.validate();
         let dispatch = dispatch::dispatch(self.dispatch, limits.max_concurrent)?;
         let (store, retention, nats) = store::store_and_nats(
             self.store,
@@ -143,6 +148,7 @@ impl RawConfig {
             auth_token: server.auth_token,
             tls: server.tls,
             limits,
+            judge: judge.into(),
             store,
             retention,
             nats,
@@ -193,6 +199,8 @@ pub struct ServeConfig {
     pub auth_token: Option<String>,
     pub tls: Option<Tls>,
     pub limits: Limits,
+    /// `councils.judge`: how the judges of every deliberation give verdicts.
+    pub judge: JudgeMode,
     pub store: StoreChoice,
     pub retention: Duration,
     /// The NATS connection, when the store or dispatch needs one.
@@ -240,6 +248,12 @@ impl ServeConfig {
                 "default_timeout_secs": self.limits.default_timeout.as_secs(),
                 "max_timeout_secs": self.limits.max_timeout.as_secs(),
                 "heartbeat_secs": self.limits.heartbeat.as_secs(),
+            },
+            "councils": {
+                "judge": match self.judge {
+                    JudgeMode::Text => "text",
+                    JudgeMode::LogProb => "logprob",
+                },
             },
             "store": match &self.store {
                 StoreChoice::File { data_dir } => serde_json::json!({
@@ -515,15 +529,16 @@ mod tests {
                 env.as_deref().is_some_and(|e| e.starts_with("COUNCIL_")),
                 "--{long} reads no COUNCIL_* variable"
             );
-            let value = if arg
-                .get_possible_values()
-                .iter()
-                .any(|v| v.get_name() == "true")
-            {
-                "true"
+            // A bool flag takes "true", a choice its first value, anything else a number.
+            let possible = arg.get_possible_values();
+            let value = if possible.iter().any(|v| v.get_name() == "true") {
+                "true".to_owned()
             } else {
-                "1"
+                possible
+                    .first()
+                    .map_or_else(|| "1".to_owned(), |v| v.get_name().to_owned())
             };
+            let value = value.as_str();
             let matches = command
                 .clone()
                 .try_get_matches_from(["serve", &format!("--{long}"), value])
@@ -551,6 +566,33 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 40, "only {seen} flags");
+    }
+
+    #[test]
+    fn the_judge_is_logprob_unless_a_layer_says_text() {
+        let c = RawConfig::default().validate().expect("defaults");
+        assert_eq!(c.judge, JudgeMode::LogProb);
+        assert_eq!(c.redacted()["councils"]["judge"], "logprob");
+        let file = parse("[councils]\njudge = \"text\"").expect("parses");
+        assert_eq!(
+            file.clone().validate().expect("valid").judge,
+            JudgeMode::Text
+        );
+        let flags = RawConfig {
+            councils: RawCouncils {
+                judge: Some(crate::judge::Judge::Logprob),
+            },
+            ..Default::default()
+        };
+        let c = file.overlay(flags).validate().expect("valid");
+        assert_eq!(c.judge, JudgeMode::LogProb, "flags win over the file");
+        let bad = parse("[councils]\njudge = \"vibes\"").expect_err("unknown judge");
+        assert!(
+            bad.reason.contains("vibes") && bad.reason.contains("logprob"),
+            "{bad}"
+        );
+        let unknown = parse("[councils]\nrounds = 2").expect_err("unknown key");
+        assert!(unknown.reason.contains("rounds"), "{unknown}");
     }
 
     #[test]

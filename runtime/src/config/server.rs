@@ -1,5 +1,5 @@
-//! `[server]` (the gRPC port, its metrics port, TLS, auth, the drain) and `[limits]` (what the
-//! run core accepts).
+//! `[server]` (the gRPC port, its metrics port, TLS, auth, the drain), `[limits]` (what the
+//! run core accepts) and `[councils]` (how the councils it runs judge).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ConfigError, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, address, err, positive, read, token,
 };
+use crate::judge::Judge;
 use crate::run::Limits;
 use crate::service::Tls;
 
@@ -195,5 +196,25 @@ impl RawLimits {
             max_timeout: Duration::from_secs(max_timeout),
             heartbeat: Duration::from_secs(heartbeat_secs),
         })
+    }
+}
+
+super::section! {
+    /// `[councils]`: each field is a flag, its `COUNCIL_*` variable and its TOML key.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct RawCouncils {
+        /// [councils.judge] How judges give verdicts in every deliberation: logprob (scores and
+        /// rankings read off log-probabilities; text on a backend that cannot score choices) or
+        /// text (written and parsed). Default logprob.
+        #[arg(long, env = "COUNCIL_JUDGE", value_enum)]
+        pub judge: Option<Judge>,
+    }
+}
+
+impl RawCouncils {
+    /// Nothing to relate: every value of `judge` is valid.
+    pub fn validate(self) -> Judge {
+        self.judge.unwrap_or(Judge::Logprob)
     }
 }

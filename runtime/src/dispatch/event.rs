@@ -8,6 +8,8 @@ use base64::Engine;
 use council_proto::fleet::orchestrator::v1 as pb;
 use serde::Serialize;
 
+use crate::run::RunProgress;
+
 pub const EVENT_SCHEMA: &str = "council.event.v1";
 pub const DLQ_SCHEMA: &str = "council.dlq.v1";
 
@@ -289,16 +291,16 @@ impl EventContext {
         e
     }
 
-    pub fn progress(&self, u: &pb::DeliberationUpdate) -> ProgressEvent {
+    pub fn progress(&self, u: &RunProgress) -> ProgressEvent {
         ProgressEvent {
             schema: EVENT_SCHEMA,
             event_type: "deliberation.progress",
             task_id: self.task_id.clone(),
             story_id: self.story_id.clone(),
-            status: u.status.clone(),
-            progress_percent: u.progress_percent,
-            current_step: u.current_step.clone(),
-            current_agent: u.current_agent.clone(),
+            status: u.status.to_owned(),
+            progress_percent: u.percent,
+            current_step: u.step.clone(),
+            current_agent: u.agent.clone(),
             timestamp: iso8601(crate::store::now_ms()),
         }
     }

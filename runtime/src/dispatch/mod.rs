@@ -27,7 +27,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{AckKind, Context};
 use bytes::Bytes;
-use council_proto::fleet::orchestrator::v1 as pb;
+
 use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -35,7 +35,7 @@ use tokio_stream::StreamExt;
 
 use crate::nats::error_chain;
 use crate::run::error::RunError;
-use crate::run::{Runner, Started};
+use crate::run::{RunProgress, Runner, Started};
 use crate::store::{StoreError, effective, is_finished, now_ms};
 use event::EventContext;
 use publish::Target;
@@ -572,15 +572,11 @@ impl Dispatcher {
         let id = task.id();
         let metrics = self.runner.metrics().clone();
         let updates = self.config.progress_subject.clone().map(|subject| {
-            let (tx, mut rx) =
-                mpsc::unbounded_channel::<Result<pb::DeliberationUpdate, tonic::Status>>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<RunProgress>();
             let js = self.js.clone();
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                while let Some(Ok(u)) = rx.recv().await {
-                    if u.response.is_some() {
-                        continue;
-                    }
+                while let Some(u) = rx.recv().await {
                     let body = serde_json::to_vec(&ctx.progress(&u)).unwrap_or_default();
                     // Progress is best effort: not awaited, not retried.
                     let _ = js.publish(subject.clone(), body.into()).await;
@@ -588,7 +584,11 @@ impl Dispatcher {
             });
             tx
         });
-        let result = match self.runner.start(task.request(), None, updates).await {
+        let started = match task.request() {
+            Ok(request) => self.runner.start(request, None, updates).await,
+            Err(e) => Err(e),
+        };
+        let result = match started {
             Ok(Started::Done(response)) => Ok(*response),
             Ok(Started::Running(handle)) => handle.result().await,
             Err(e) => Err(e),

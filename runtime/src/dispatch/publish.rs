@@ -13,6 +13,7 @@ use tokio_stream::StreamExt;
 use super::event::EventContext;
 use super::task::Task;
 use crate::nats::error_chain;
+use crate::run::RunRequest;
 use crate::run::error::RunError;
 use crate::store::now_ms;
 use council_proto::council::store::v1::DeliberationRecord;
@@ -300,23 +301,17 @@ impl crate::run::ResultSink for Dispatcher {
     /// (`Nats-Msg-Id` = task id, on the completed or failed subject), and its record marked.
     async fn publish_result(
         &self,
-        request: &pb::DeliberateRequest,
+        request: &RunRequest,
         result: &Result<pb::DeliberateResponse, RunError>,
     ) {
-        let correlation: std::collections::BTreeMap<String, String> = request
-            .constraints
-            .as_ref()
-            .map(|c| {
-                c.metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let correlation: std::collections::BTreeMap<String, String> =
+            request.task.metadata.iter().cloned().collect();
+        let task_id = request.task_id();
+        let role = request.role.to_string();
         let ctx = EventContext {
-            task_id: request.task_id.clone(),
+            task_id: task_id.to_owned(),
             story_id: correlation.get("story_id").cloned().unwrap_or_default(),
-            role: request.role.clone(),
+            role: role.clone(),
             correlation,
             delivery: 0,
         };
@@ -328,13 +323,12 @@ impl crate::run::ResultSink for Dispatcher {
             ),
         };
         let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
-        match self.publish(subject, &request.task_id, body).await {
+        match self.publish(subject, task_id, body).await {
             Ok(ack) => {
-                self.mark_published(&request.task_id, &request.role, ack.sequence, 0)
-                    .await;
+                self.mark_published(task_id, &role, ack.sequence, 0).await;
             }
             Err(e) => {
-                tracing::error!(task_id = %request.task_id, error = %e.reason, "could not publish a background deliberation's result; GetDeliberationResult still serves it");
+                tracing::error!(task_id = %task_id, error = %e.reason, "could not publish a background deliberation's result; GetDeliberationResult still serves it");
             }
         }
     }

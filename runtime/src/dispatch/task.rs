@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 
 use council_councils::TaskId;
-use council_proto::fleet::orchestrator::v1 as pb;
 use serde::Deserialize;
+
+use crate::run::error::RunError;
+use crate::run::{RequestParts, RunRequest};
 
 /// The only schema version this build reads.
 pub const TASK_SCHEMA: &str = "council.task.v1";
@@ -101,29 +103,26 @@ impl Task {
         self.message.correlation.get("story_id").map(String::as_str)
     }
 
-    /// The same request a gRPC caller would send (validated again by the runner).
-    pub fn request(&self) -> pb::DeliberateRequest {
+    /// The run request, checked by the rules (and with the field names) a gRPC caller's is.
+    pub fn request(&self) -> Result<RunRequest, RunError> {
         let m = &self.message;
-        pb::DeliberateRequest {
+        RequestParts {
             task_id: m.task_id.clone(),
-            task_description: m.description.clone(),
+            description: m.description.clone(),
             role: self.role.clone(),
-            constraints: Some(pb::TaskConstraints {
-                rubric: m.constraints.rubric.clone(),
-                requirements: m.constraints.requirements.clone(),
-                metadata: m
-                    .constraints
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                max_iterations: 0,
-                timeout_seconds: m.constraints.timeout_seconds,
-            }),
-            rounds: 0,
-            review_rounds: m.options.rounds,
+            rubric: m.constraints.rubric.clone(),
+            requirements: m.constraints.requirements.clone(),
+            metadata: m
+                .constraints
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             num_agents: m.options.num_agents,
+            rounds: m.options.rounds.map(|r| ("review_rounds", r)),
+            timeout_seconds: m.constraints.timeout_seconds,
         }
+        .check()
     }
 }
 
@@ -292,33 +291,47 @@ mod tests {
         "options":{"rounds":1,"num_agents":2},"correlation":{"story_id":"S-9"}}"#;
 
     #[test]
-    fn a_full_task_becomes_the_grpc_request() {
+    fn a_full_task_becomes_the_run_request() {
         let t = p(OK, "council.tasks.DEV").expect("valid");
         assert_eq!(t.role, "DEV", "the role comes from the subject");
         assert_eq!(t.story_id(), Some("S-9"));
-        let r = t.request();
+        let r = t.request().expect("checks");
         assert_eq!(
-            (
-                r.task_id.as_str(),
-                r.role.as_str(),
-                r.review_rounds,
-                r.num_agents
-            ),
-            ("T-1", "DEV", Some(1), 2)
+            (r.task_id(), r.role.as_str(), r.rounds, r.num_agents),
+            ("T-1", "DEV", Some(1), Some(2))
         );
         // Rounds given (0 included) are exact; absent, the council's configured rounds.
         let zero = OK.replace("\"rounds\":1", "\"rounds\":0");
         let r = p(&zero, "council.tasks.DEV").expect("valid").request();
-        assert_eq!((r.rounds, r.review_rounds), (0, Some(0)));
+        assert_eq!(r.expect("checks").rounds, Some(0));
         let absent = OK.replace("\"rounds\":1,", "");
-        let r = p(&absent, "council.tasks.DEV").expect("valid").request();
-        assert_eq!((r.rounds, r.review_rounds), (0, None));
-        let c = r.constraints.expect("constraints");
+        let r = p(&absent, "council.tasks.DEV")
+            .expect("valid")
+            .request()
+            .expect("checks");
+        assert_eq!(r.rounds, None);
         assert_eq!(
-            (c.rubric.as_str(), c.timeout_seconds, c.requirements.len()),
-            ("correctness", 30, 1)
+            (r.task.rubric.as_str(), r.timeout, r.task.requirements.len()),
+            ("correctness", Some(std::time::Duration::from_secs(30)), 1)
         );
-        assert_eq!(c.metadata.get("k").map(String::as_str), Some("v"));
+        assert_eq!(r.task.metadata, vec![("k".to_owned(), "v".to_owned())]);
+        // What the schema lets through but a run cannot take is the run core's error, with
+        // the field a gRPC caller would see.
+        let bad = OK.replace("\"rounds\":1", "\"rounds\":11");
+        let e = p(&bad, "council.tasks.DEV")
+            .expect("valid")
+            .request()
+            .expect_err("11 rounds");
+        assert!(
+            matches!(
+                e,
+                RunError::InvalidArgument {
+                    field: "review_rounds",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,89 +1,20 @@
-//! Conversions between wire messages and domain types. Proto types stop here.
+//! The outcome of a run as the stored (and answered) `DeliberateResponse`, and records as
+//! `GetDeliberationResult` answers.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use council_councils::CouncilSpec;
 use council_councils::checks::{CheckReport, CheckStatus};
 use council_councils::outcome::{Outcome, Phase, RankedProposal, StopReason};
-use council_councils::{CouncilSpec, Task, TaskId};
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 
-use super::error::{RunError, invalid};
 use crate::driver::Timeline;
 
 pub fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The task of a `DeliberateRequest`, validated.
-pub fn task(req: &pb::DeliberateRequest) -> Result<Task, RunError> {
-    let id = TaskId::new(req.task_id.clone()).map_err(|e| invalid("task_id", e.to_string()))?;
-    let mut task = Task::new(id, req.task_description.clone())
-        .map_err(|e| invalid("task_description", e.to_string()))?;
-    if let Some(c) = &req.constraints {
-        task.rubric = c.rubric.clone();
-        task.requirements = c.requirements.clone();
-        let mut metadata: Vec<(String, String)> = c
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        metadata.sort();
-        task.metadata = metadata;
-    }
-    task.validate()
-        .map_err(|e| invalid("constraints", e.to_string()))?;
-    Ok(task)
-}
-
-/// The council to deliberate with: the stored one, cut to `num_agents` when asked.
-pub fn council_for(
-    mut council: CouncilSpec,
-    req: &pb::DeliberateRequest,
-) -> Result<CouncilSpec, RunError> {
-    let size = council.agents.len();
-    match req.num_agents {
-        n if n < 0 => return Err(invalid("num_agents", format!("{n} is negative"))),
-        0 => {}
-        n if n as usize > size => {
-            return Err(invalid(
-                "num_agents",
-                format!("{n} exceeds the council's {size} agents"),
-            ));
-        }
-        n => council.agents.truncate(n as usize),
-    }
-    let max = council_councils::spec::DeliberationConfig::MAX_ROUNDS;
-    let (field, rounds) = match req.review_rounds {
-        Some(r) => ("review_rounds", r),
-        None => ("rounds", req.rounds),
-    };
-    if !(0..=i64::from(max)).contains(&i64::from(rounds)) {
-        return Err(invalid(field, format!("{rounds} is outside 0..={max}")));
-    }
-    // `review_rounds` exactly, 0 included; `rounds` when set; else the council's own.
-    if req.review_rounds.is_some() || req.rounds > 0 {
-        council.config.rounds = rounds as u32;
-    }
-    Ok(council)
-}
-
-/// The deadline a request asks for, bounded by `max`.
-pub fn timeout(
-    req: &pb::DeliberateRequest,
-    default: Duration,
-    max: Duration,
-) -> Result<Duration, RunError> {
-    match req.constraints.as_ref().map_or(0, |c| c.timeout_seconds) {
-        s if s < 0 => Err(invalid(
-            "constraints.timeout_seconds",
-            format!("{s} is negative"),
-        )),
-        0 => Ok(default),
-        s => Ok(Duration::from_secs(s as u64).min(max)),
-    }
 }
 
 fn stop_reason(r: StopReason) -> &'static str {

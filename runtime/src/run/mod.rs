@@ -1,14 +1,17 @@
-//! The run core both doors share (the gRPC service and NATS dispatch): validation before any
-//! LLM call, the persisted record of each accepted run (claim, resume from a checkpoint,
-//! heartbeats, the final record), progress for streams, cancellation (client gone, shutdown)
-//! and the drain at shutdown. `Deliberate`, `StreamDeliberation` and a dispatched task all go
-//! through [`Runner::start`]. [`error`] is the run error and the one place it becomes a
-//! `tonic::Status`; [`convert`] is proto ⇄ domain; [`metrics`] measures.
+//! The run core both doors share (the gRPC service and NATS dispatch): a domain
+//! [`RunRequest`] in ([`request`]; each door converts its own message at its edge), checks
+//! before any LLM call, the persisted record of each accepted run (claim, resume from a
+//! checkpoint, heartbeats, the final record), [`RunProgress`] for streams, cancellation (client
+//! gone, shutdown) and the drain at shutdown. `Deliberate`, `StreamDeliberation` and a
+//! dispatched task all go through [`Runner::start`]. [`error`] is the run error with its retry
+//! class (and the one place it becomes a `tonic::Status`); [`convert`] turns the outcome into
+//! the stored response and records into results; [`metrics`] measures.
 
 pub mod convert;
 pub mod error;
 pub mod metrics;
 mod progress;
+pub mod request;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,18 +20,18 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use council_councils::{CouncilSpec, Deliberation, LlmCall, OutcomeStatus, Role, Task};
+use council_councils::spec::JudgeMode;
+use council_councils::{CouncilSpec, Deliberation, LlmCall, OutcomeStatus, Task};
 use council_inference::Backend;
 use council_proto::council::store::v1::DeliberationRecord;
 use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
-use tonic::Status;
 
 use self::error::{RunError, invalid};
 use self::metrics::{Ending, Finished, Metrics};
 use self::progress::ProgressTracker;
-pub use self::progress::final_update;
+pub use self::request::{RequestParts, RunProgress, RunRequest, new_task_id, role};
 use crate::driver::{self, Event};
 use crate::store::{Claim, CouncilStore, effective, now_ms};
 
@@ -102,13 +105,14 @@ pub trait ResultSink: Send + Sync + std::fmt::Debug {
     /// Publishes the terminal event of `request`'s task (completed or failed).
     async fn publish_result(
         &self,
-        request: &pb::DeliberateRequest,
+        request: &RunRequest,
         result: &Result<pb::DeliberateResponse, RunError>,
     );
 }
 
-/// Progress updates of a streamed run, then its final update or error.
-pub type Updates = mpsc::UnboundedSender<Result<pb::DeliberationUpdate, Status>>;
+/// Where a run's progress goes while it runs; dropped when it ends (its result comes from
+/// the [`RunHandle`]).
+pub type Updates = mpsc::UnboundedSender<RunProgress>;
 
 /// What `start` did.
 #[derive(Debug)]
@@ -129,9 +133,17 @@ pub struct RunHandle {
 
 impl RunHandle {
     pub async fn result(mut self) -> Result<pb::DeliberateResponse, RunError> {
-        let result = (&mut self.result).await;
+        std::future::poll_fn(|cx| self.poll_result(cx)).await
+    }
+
+    /// The result once it is there (for a stream that ends with it).
+    pub fn poll_result(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<pb::DeliberateResponse, RunError>> {
+        let result = std::task::ready!(Pin::new(&mut self.result).poll(cx));
         self.finished = true;
-        result.unwrap_or(Err(RunError::Lost))
+        Poll::Ready(result.unwrap_or(Err(RunError::Lost)))
     }
 }
 
@@ -140,30 +152,6 @@ impl Drop for RunHandle {
         if !self.finished {
             self.cancel.cancel(Cancel::Client);
         }
-    }
-}
-
-/// The stream of a `StreamDeliberation` call; dropping it (client gone) cancels the run.
-#[derive(Debug)]
-pub struct UpdateStream {
-    rx: mpsc::UnboundedReceiver<Result<pb::DeliberationUpdate, Status>>,
-    _run: Option<RunHandle>,
-}
-
-impl UpdateStream {
-    pub fn new(
-        rx: mpsc::UnboundedReceiver<Result<pb::DeliberationUpdate, Status>>,
-        run: Option<RunHandle>,
-    ) -> Self {
-        Self { rx, _run: run }
-    }
-}
-
-impl tonic::codegen::tokio_stream::Stream for UpdateStream {
-    type Item = Result<pb::DeliberationUpdate, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
     }
 }
 
@@ -182,17 +170,9 @@ pub struct Runner {
     idle: Notify,
     /// Agents deliberating now, by role.
     busy: Mutex<HashMap<String, u64>>,
-}
-
-/// A role name of a request, or the invalid-argument error naming `field`.
-pub fn role(field: &'static str, s: &str) -> Result<Role, RunError> {
-    s.parse()
-        .map_err(|e: council_councils::RoleError| invalid(field, e.to_string()))
-}
-
-/// A task id of upstream's form, `task-<uuid v4>`, for a request that gave none.
-pub fn new_task_id() -> String {
-    format!("task-{}", uuid::Uuid::new_v4())
+    /// How every council this runner runs gives its verdicts (`councils.judge`, already
+    /// reduced to what the backend can serve).
+    judge: JudgeMode,
 }
 
 /// This process, for records: host, pid and start time.
@@ -211,9 +191,11 @@ impl Runner {
         backend: Arc<dyn Backend>,
         store: Arc<dyn CouncilStore>,
         limits: Limits,
+        judge: JudgeMode,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            judge,
             backend,
             store,
             permits: Arc::new(Semaphore::new(limits.max_concurrent)),
@@ -272,32 +254,35 @@ impl Runner {
         self.active.lock().map_or(0, |a| a.len())
     }
 
-    /// Validates `req`, records it and starts it; `client_deadline` is the call's own
-    /// `grpc-timeout`, if any.
+    /// Checks `req` against its council and the limits, records it and starts it;
+    /// `client_deadline` is the caller's own deadline (a call's `grpc-timeout`), if any.
     pub async fn start(
         self: &Arc<Self>,
-        mut req: pb::DeliberateRequest,
+        req: RunRequest,
         client_deadline: Option<Duration>,
         updates: Option<Updates>,
     ) -> Result<Started, RunError> {
-        if req.task_id.is_empty() {
-            // Optional upstream (required only for backlog review); returned in the response.
-            req.task_id = new_task_id();
-        }
         if self.is_draining() {
             self.metrics.rejected("shutting_down");
             return Err(RunError::ShuttingDown);
         }
-        let task = convert::task(&req)?;
-        let role = role("role", &req.role)?;
+        let RunRequest {
+            task,
+            role,
+            num_agents,
+            rounds,
+            timeout,
+        } = req;
         let council = self
             .store
             .get(&role)
             .await?
             .ok_or_else(|| RunError::UnknownRole(role.to_string()))?;
-        let council = convert::council_for(council, &req)?;
-        let mut deadline =
-            convert::timeout(&req, self.limits.default_timeout, self.limits.max_timeout)?;
+        let mut council = council_for(council, num_agents, rounds)?;
+        council.config.judge = self.judge;
+        let mut deadline = timeout
+            .unwrap_or(self.limits.default_timeout)
+            .min(self.limits.max_timeout);
         if let Some(client) = client_deadline {
             // Finish a little before the client gives up, so that the record says TIMEOUT and
             // the client hears DEADLINE_EXCEEDED from us.
@@ -312,7 +297,7 @@ impl Runner {
         })?;
         let now = now_ms();
         let record = DeliberationRecord {
-            task_id: req.task_id.clone(),
+            task_id: task.id.as_str().to_owned(),
             role: role.to_string(),
             status: DeliberationStatus::InProgress as i32,
             created_at_ms: now,
@@ -342,13 +327,10 @@ impl Runner {
                 if existing.status == DeliberationStatus::Completed as i32
                     && let Some(response) = existing.response
                 {
-                    if let Some(tx) = &updates {
-                        let _ = tx.send(Ok(final_update(&response)));
-                    }
                     return Ok(Started::Done(Box::new(response)));
                 }
                 self.metrics.rejected("already_running");
-                return Err(RunError::AlreadyRunning(req.task_id));
+                return Err(RunError::AlreadyRunning(existing.task_id));
             }
         };
 
@@ -376,15 +358,10 @@ impl Runner {
                     seed,
                     steps,
                     cancel: cell,
-                    updates: updates.clone(),
+                    updates,
                 })
                 .await;
-            if let Some(tx) = updates {
-                let _ = tx.send(match &result {
-                    Ok(response) => Ok(final_update(response)),
-                    Err(e) => Err(e.to_status()),
-                });
-            }
+            // The progress sender went with the run: a stream has every update before this.
             let _ = result_tx.send(result);
             runner.set_busy(role.as_str(), agents, false);
             drop(permit);
@@ -714,6 +691,30 @@ pub fn deliberation(council: CouncilSpec, task: Task) -> (Deliberation, u64) {
     (Deliberation::new(council, task, config, seed), seed)
 }
 
+/// The council to deliberate with: the stored one, cut to `num_agents` and set to `rounds`
+/// when asked.
+pub fn council_for(
+    mut council: CouncilSpec,
+    num_agents: Option<usize>,
+    rounds: Option<u32>,
+) -> Result<CouncilSpec, RunError> {
+    let size = council.agents.len();
+    match num_agents {
+        Some(n) if n > size => {
+            return Err(invalid(
+                "num_agents",
+                format!("{n} exceeds the council's {size} agents"),
+            ));
+        }
+        Some(n) => council.agents.truncate(n),
+        None => {}
+    }
+    if let Some(rounds) = rounds {
+        council.config.rounds = rounds;
+    }
+    Ok(council)
+}
+
 /// The deliberation of `task` by `council`, resumed from the checkpoint of `previous` (an
 /// interrupted or failed earlier run of the same task) when it has one that fits.
 fn resume_or_start(
@@ -748,28 +749,12 @@ fn resume_or_start(
     }
 }
 
-/// The call's own deadline from its `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
-pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn interrupted_run(task_id: &str) -> (CouncilSpec, Task, DeliberationRecord, Vec<LlmCall>) {
-        let role: Role = "DEV".parse().expect("role");
+        let role: council_councils::Role = "DEV".parse().expect("role");
         let mut council = council_councils::personas::council_of(&role, 2).expect("council");
         council.config.rounds = 1;
         let task = Task::new(
@@ -836,27 +821,6 @@ mod tests {
         for previous in [completed, live, empty, foreign, garbage] {
             let (_, _, pending) = resume_or_start(council.clone(), task.clone(), Some(previous), 1);
             assert!(pending.is_none());
-        }
-    }
-
-    #[test]
-    fn grpc_timeout_header_units() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(grpc_timeout(&m), None);
-        for (v, d) in [
-            ("2S", Duration::from_secs(2)),
-            ("1500m", Duration::from_millis(1500)),
-            ("3M", Duration::from_secs(180)),
-            ("1H", Duration::from_secs(3600)),
-            ("7u", Duration::from_micros(7)),
-            ("9n", Duration::from_nanos(9)),
-        ] {
-            m.insert("grpc-timeout", v.parse().expect("ascii"));
-            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
-        }
-        for bad in ["", "S", "10x", "-1S"] {
-            m.insert("grpc-timeout", bad.parse().expect("ascii"));
-            assert_eq!(grpc_timeout(&m), None, "{bad:?}");
         }
     }
 }

@@ -1,17 +1,17 @@
-//! Progress of a run as stream updates: driver events become `DeliberationUpdate`s with a
-//! percentage over the deliberation's phases, and the final update carries the response.
+//! Progress of a run: driver events become [`RunProgress`] updates with a percentage over the
+//! deliberation's phases.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use council_councils::Phase;
-use council_proto::fleet::orchestrator::v1 as pb;
 
 use super::Updates;
 use super::metrics::Metrics;
+use super::request::RunProgress;
 use crate::driver::Event;
 
-/// Turns driver events into `DeliberationUpdate`s with a progress percentage over the
+/// Turns driver events into [`RunProgress`] updates with a progress percentage over the
 /// deliberation's phases (propose, then critique and revise per round, then score).
 pub(super) struct ProgressTracker {
     steps: u32,
@@ -83,13 +83,11 @@ impl ProgressTracker {
             } => {
                 self.calls = calls;
                 self.done = 0;
-                pb::DeliberationUpdate {
-                    status: phase_status(phase).into(),
-                    progress_percent: self.percent(phase, round),
-                    current_step: format!("{} round {round}: {calls} calls", phase.as_str()),
-                    current_agent: String::new(),
-                    partial_result: None,
-                    response: None,
+                RunProgress {
+                    status: phase_status(phase),
+                    percent: self.percent(phase, round),
+                    step: format!("{} round {round}: {calls} calls", phase.as_str()),
+                    agent: String::new(),
                 }
             }
             Event::CallDone {
@@ -99,35 +97,21 @@ impl ProgressTracker {
                 ok,
             } => {
                 self.done += 1;
-                pb::DeliberationUpdate {
-                    status: phase_status(phase).into(),
-                    progress_percent: self.percent(phase, round),
-                    current_step: format!(
+                RunProgress {
+                    status: phase_status(phase),
+                    percent: self.percent(phase, round),
+                    step: format!(
                         "{} round {round}: {agent} {} ({}/{})",
                         phase.as_str(),
                         if ok { "answered" } else { "failed" },
                         self.done,
                         self.calls
                     ),
-                    current_agent: agent.to_string(),
-                    partial_result: None,
-                    response: None,
+                    agent: agent.to_string(),
                 }
             }
         };
-        let _ = tx.send(Ok(update));
-    }
-}
-
-/// The last update of a stream: complete, the winner as the partial result, the whole response.
-pub fn final_update(response: &pb::DeliberateResponse) -> pb::DeliberationUpdate {
-    pb::DeliberationUpdate {
-        status: "complete".into(),
-        progress_percent: 100,
-        current_step: "complete".into(),
-        current_agent: response.winner_id.clone(),
-        partial_result: response.results.first().cloned(),
-        response: Some(response.clone()),
+        let _ = tx.send(update);
     }
 }
 
@@ -163,15 +147,15 @@ mod tests {
                 });
             }
         }
-        while let Ok(Ok(u)) = rx.try_recv() {
-            seen.push((u.status, u.progress_percent));
+        while let Ok(u) = rx.try_recv() {
+            seen.push((u.status, u.percent));
         }
         let percents: Vec<i32> = seen.iter().map(|s| s.1).collect();
         assert_eq!(
             percents,
             vec![0, 12, 25, 25, 37, 50, 50, 62, 75, 75, 87, 99]
         );
-        let statuses: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+        let statuses: Vec<&str> = seen.iter().map(|s| s.0).collect();
         assert_eq!(&statuses[3..6], ["reviewing"; 3]);
         assert_eq!(&statuses[9..], ["scoring"; 3]);
     }

@@ -12,10 +12,11 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::orchestrate;
+use super::wire::{UpdateStream, grpc_timeout, run_request};
 use crate::run::convert;
 use crate::run::error::{RunError, invalid};
 use crate::run::metrics::{by_role, quantile};
-use crate::run::{ResultSink, Runner, Started, UpdateStream, grpc_timeout, role};
+use crate::run::{ResultSink, RunRequest, Runner, Started, role};
 use crate::store::{Created, StoreError, effective, now_ms};
 
 /// The service state shared by all handlers.
@@ -46,7 +47,7 @@ impl Orchestrator {
 
     async fn deliberate_inner(
         &self,
-        req: pb::DeliberateRequest,
+        req: RunRequest,
         client_deadline: Option<std::time::Duration>,
     ) -> Result<pb::DeliberateResponse, RunError> {
         match self.runner.start(req, client_deadline, None).await? {
@@ -439,7 +440,7 @@ impl OrchestratorService for Orchestrator {
     ) -> Result<Response<pb::DeliberateResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
         Ok(Response::new(
-            self.deliberate_inner(request.into_inner(), deadline)
+            self.deliberate_inner(run_request(request.get_ref())?, deadline)
                 .await?,
         ))
     }
@@ -451,16 +452,14 @@ impl OrchestratorService for Orchestrator {
         request: Request<pb::DeliberateRequest>,
     ) -> Result<Response<Self::StreamDeliberationStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let req = run_request(request.get_ref())?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let run = match self
-            .runner
-            .start(request.into_inner(), deadline, Some(tx))
-            .await?
-        {
-            Started::Done(_) => None,
-            Started::Running(run) => Some(run),
-        };
-        Ok(Response::new(UpdateStream::new(rx, run)))
+        Ok(Response::new(
+            match self.runner.start(req, deadline, Some(tx)).await? {
+                Started::Done(response) => UpdateStream::done(response),
+                Started::Running(run) => UpdateStream::running(rx, run),
+            },
+        ))
     }
 
     async fn get_deliberation_result(
@@ -572,11 +571,12 @@ impl OrchestratorService for Orchestrator {
         let req = request.into_inner();
         let started = Instant::now();
         let (deliberation, k) = orchestrate::deliberation_request(&req)?;
+        let deliberation = run_request(&deliberation)?;
         let response = self
             .deliberate_inner(deliberation.clone(), deadline)
             .await?;
         Ok(Response::new(
-            orchestrate::choose(&self.runner, &deliberation, response, k, started).await?,
+            orchestrate::choose(&self.runner, &deliberation.task, response, k, started).await?,
         ))
     }
 
@@ -588,23 +588,20 @@ impl OrchestratorService for Orchestrator {
         &self,
         request: Request<pb::DeliberateRequest>,
     ) -> Result<Response<pb::DeliberateResponse>, Status> {
-        let mut req = request.into_inner();
-        if req.task_id.is_empty() {
-            // Made here, not by the runner: the background task publishes under it.
-            req.task_id = crate::run::new_task_id();
-        }
+        // The id (made when empty) is in the request: the background task publishes under it.
+        let req = run_request(request.get_ref())?;
         match self.runner.start(req.clone(), None, None).await? {
             // Completed before: its result is the answer.
             Started::Done(response) => Ok(Response::new(*response)),
             Started::Running(run) => {
                 let answer = pb::DeliberateResponse {
-                    task_id: req.task_id.clone(),
+                    task_id: req.task_id().to_owned(),
                     metadata: Some(pb::OrchestratorMetadata {
                         orchestrator_version: env!("CARGO_PKG_VERSION").to_owned(),
                         timestamp_ms: now_ms(),
                         execution_id: String::new(),
                         tags: HashMap::from([
-                            ("deliberation_id".to_owned(), req.task_id.clone()),
+                            ("deliberation_id".to_owned(), req.task_id().to_owned()),
                             ("status".to_owned(), "IN_PROGRESS".to_owned()),
                         ]),
                     }),

@@ -1,10 +1,12 @@
 //! The gRPC door: the `fleet.orchestrator.v1` service orchestrators call. Thin handlers in
-//! [`grpc`] validate, convert, call the run core ([`crate::run`]) and convert back; the
+//! [`grpc`] convert at the edge ([`wire`]), call the run core ([`crate::run`]) and convert
+//! back; the
 //! health names, TLS and bearer auth of the port. The process that serves it is
 //! [`crate::cli::server`].
 
 pub mod grpc;
 pub mod orchestrate;
+pub mod wire;
 
 use std::sync::Arc;
 

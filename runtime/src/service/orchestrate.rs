@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use council_councils::parse::parse_ranking;
 use council_councils::personas::default_council;
-use council_councils::{CallSampling, Role, prompts, rng};
+use council_councils::{CallSampling, Role, Task, prompts, rng};
 use council_proto::fleet::orchestrator::v1 as pb;
 
 use crate::driver;
 use crate::run::Runner;
-use crate::run::convert;
 use crate::run::error::{RunError, invalid};
 
 /// Candidates the architect chooses among unless `options.custom_params["architect_k"]` says
@@ -68,10 +67,11 @@ pub fn deliberation_request(
     ))
 }
 
-/// Runs an orchestration: the `response` to `deliberation`, then the architect's choice.
+/// Runs an orchestration: the `response` to the deliberation of `task`, then the architect's
+/// choice.
 pub async fn choose(
     runner: &Runner,
-    deliberation: &pb::DeliberateRequest,
+    task: &Task,
     response: pb::DeliberateResponse,
     k: usize,
     started: Instant,
@@ -99,12 +99,7 @@ pub async fn choose(
             .cloned()
             .zip(texts.iter().map(String::as_str))
             .collect();
-        // The task as the council saw it (its id made by the runner when none was given).
-        let task = convert::task(&pb::DeliberateRequest {
-            task_id: response.task_id.clone(),
-            ..deliberation.clone()
-        })?;
-        let messages = prompts::select(&architect, &task, &quoted);
+        let messages = prompts::select(&architect, task, &quoted);
         let sampling = CallSampling {
             temperature: 0.2,
             top_p: 0.95,
