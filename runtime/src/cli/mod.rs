@@ -50,6 +50,7 @@ pub enum Command {
     /// Evaluate a council against single-agent, self-refine and majority-vote baselines.
     Eval(Box<eval::EvalArgs>),
     /// Serve the fleet.orchestrator.v1 gRPC API.
+    #[command(mut_args = crate::config::with_default)]
     Serve(Box<serve::ServeArgs>),
     /// Generate one chat completion with the in-process engine.
     Generate(generate::GenerateArgs),

@@ -16,7 +16,7 @@ super::section! {
     pub struct RawDispatch {
         /// [dispatch.enabled] Take deliberation tasks from JetStream (see docs/DISPATCH.md).
         #[arg(long = "dispatch", id = "dispatch", env = "COUNCIL_DISPATCH", value_name = "BOOL")]
-        pub enabled: Option<bool>,
+        pub enabled: Option<bool> = false,
         #[arg(skip)]
         pub tasks_stream: Option<String>,
         #[arg(skip)]
@@ -44,14 +44,15 @@ super::section! {
         pub ack_wait_secs: Option<u64>,
         #[arg(skip)]
         pub max_ack_pending: Option<i64>,
-        /// [dispatch.in_flight] Tasks this replica works on at once (default 4).
+        /// [dispatch.in_flight] Tasks this replica works on at once; unset, never more than
+        /// limits.max_concurrent.
         #[arg(
             long = "dispatch-in-flight",
             id = "dispatch_in_flight",
             value_name = "DISPATCH_IN_FLIGHT",
             env = "COUNCIL_DISPATCH_IN_FLIGHT"
         )]
-        pub in_flight: Option<usize>,
+        pub in_flight: Option<usize> = DispatchConfig::default().in_flight,
         #[arg(skip)]
         pub max_task_bytes: Option<usize>,
         #[arg(skip)]
@@ -114,7 +115,7 @@ pub fn dispatch(
     d: RawDispatch,
     max_concurrent: usize,
 ) -> Result<Option<DispatchConfig>, ConfigError> {
-    if !d.enabled.unwrap_or(false) {
+    if !d.enabled() {
         if d != (RawDispatch {
             enabled: d.enabled,
             ..Default::default()

