@@ -39,6 +39,8 @@ struct Switchable {
     gone: Arc<AtomicBool>,
     /// Choice-scoring (log-prob judging) requests seen.
     scored: Arc<AtomicUsize>,
+    /// Whether it says it can score choices (a server without any scoring form says no).
+    scores_choices: bool,
 }
 
 impl Backend for Switchable {
@@ -48,6 +50,9 @@ impl Backend for Switchable {
     fn score(&self, request: council_inference::ScoreRequest) -> council_inference::ScoreFuture {
         self.scored.fetch_add(1, Ordering::SeqCst);
         self.inner.score(request)
+    }
+    fn scores_choices(&self) -> bool {
+        self.scores_choices
     }
     fn health(&self) -> Health {
         if self.gone.load(Ordering::SeqCst) {
@@ -233,7 +238,11 @@ async fn start(limits: Limits) -> Server {
     start_with(Options::new(limits)).await
 }
 
-async fn start_with(mut options: Options) -> Server {
+async fn start_with(options: Options) -> Server {
+    start_scoring(options, true).await
+}
+
+async fn start_scoring(mut options: Options, scores_choices: bool) -> Server {
     let model = tiny_model(TinyArch::Qwen2);
     let data = tempfile::tempdir().expect("data dir");
     let store = FileStore::open(data.path()).expect("store");
@@ -252,6 +261,7 @@ async fn start_with(mut options: Options) -> Server {
         sick: sick.clone(),
         gone: gone.clone(),
         scored: scored.clone(),
+        scores_choices,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1271,29 +1281,38 @@ async fn liveness_fails_only_when_the_backend_is_gone_for_good() {
 }
 
 /// `councils.judge`: log-prob judging by default (the judgements a small model can give), text
-/// when configured; either way the deliberation completes with every proposal ranked.
+/// when configured or when the backend cannot score choices; either way the deliberation
+/// completes with every proposal ranked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configured_judge_decides_how_verdicts_are_given() {
-    for (judge, scores) in [(None, true), (Some(JudgeMode::Text), false)] {
+    for (judge, can_score, scores) in [
+        (None, true, true),
+        (Some(JudgeMode::Text), true, false),
+        (None, false, false),
+    ] {
         let mut options = Options::new(Limits::default());
         if let Some(judge) = judge {
             options.judge = judge;
         }
-        let mut server = start_with(options).await;
+        let mut server = start_scoring(options, can_score).await;
         let response = server
             .client
             .clone()
-            .deliberate(request(&format!("task-judge-{scores}"), "DEV", 1))
+            .deliberate(request(
+                &format!("task-judge-{can_score}-{scores}"),
+                "DEV",
+                1,
+            ))
             .await
             .expect("deliberates")
             .into_inner();
-        assert_eq!(response.results.len(), 3, "{judge:?}");
-        assert!(!response.winner_id.is_empty(), "{judge:?}");
+        assert_eq!(response.results.len(), 3, "{judge:?} {can_score}");
+        assert!(!response.winner_id.is_empty(), "{judge:?} {can_score}");
         let scored = server.scored.load(Ordering::SeqCst);
         assert_eq!(
             scored > 0,
             scores,
-            "{judge:?}: {scored} choice-scoring calls"
+            "{judge:?}, backend scores: {can_score}: {scored} choice-scoring calls"
         );
         server.stopped().await;
     }
