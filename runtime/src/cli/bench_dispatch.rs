@@ -188,6 +188,9 @@ pub fn run(args: BenchDispatchArgs) -> anyhow::Result<()> {
                         req.rounds,
                     )
                     .map_err(anyhow::Error::msg)?;
+                    // The judge the served path runs with (`councils.judge`'s default).
+                    let mut council = council;
+                    council.config.judge = crate::config::RawCouncils::default().judge().into();
                     let task = req.task;
                     let (deliberation, _) = crate::run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;

@@ -12,6 +12,7 @@ use council_proto::fleet::orchestrator::v1 as pb;
 use council_proto::fleet::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
 
 use super::server::{self, Options};
+use crate::judge::Judge;
 use crate::model_source::ModelArgs;
 use crate::run::{self, Limits};
 use crate::store::{FileStore, apply_default_councils};
@@ -32,6 +33,9 @@ pub struct BenchServiceArgs {
     /// Agents of each deliberation (from the DEV council).
     #[arg(long, default_value_t = 3)]
     pub agents: i32,
+    /// How judges give verdicts, on both paths (the service's `councils.judge`).
+    #[arg(long, value_enum, default_value_t = Judge::Logprob)]
+    pub judge: Judge,
 }
 
 /// The `i`-th deliberation of a level. Both paths run the same ids, hence the same seeds and the
@@ -105,10 +109,11 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let max = args.concurrency.iter().copied().max().unwrap_or(1);
-        let options = Options::new(Limits {
+        let mut options = Options::new(Limits {
             max_concurrent: max,
             ..Limits::default()
         });
+        options.judge = args.judge.into();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(server::serve(listener, backend.clone(), store, options, async {
             let _ = stopped.await;
@@ -128,7 +133,7 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
         for (level, &c) in args.concurrency.iter().enumerate() {
             let (b, a) = (backend.clone(), args.clone());
             let (wall, mut lat) = drive(args.requests, c, move |i| {
-                let (b, req) = (b.clone(), request(&a, level, i));
+                let (b, req, judge) = (b.clone(), request(&a, level, i), a.judge);
                 async move {
                     let req = crate::service::wire::run_request(&req)
                         .map_err(anyhow::Error::msg)?;
@@ -138,6 +143,8 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
                         req.rounds,
                     )
                     .map_err(anyhow::Error::msg)?;
+                    let mut council = council;
+                    council.config.judge = judge.into();
                     let task = req.task;
                     let (deliberation, _) = run::deliberation(council, task);
                     crate::driver::run(b.as_ref(), deliberation).await?;

@@ -46,7 +46,7 @@ impl Options {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            judge: JudgeMode::LogProb,
+            judge: crate::config::RawCouncils::default().judge().into(),
             grace: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
             auth_token: None,
