@@ -529,7 +529,7 @@ fn check_council(
     out: &mut Vec<String>,
 ) {
     let cfg = &e.config;
-    let grpc = cfg.listen.port();
+    let grpc = cfg.server.listen.port();
     let wid = id(w);
 
     // Variables: only names the code reads; none that silently overrides the config file.
@@ -554,13 +554,13 @@ fn check_council(
             "server.listen port {grpc} is not the code's default {DEFAULT_LISTEN}"
         ));
     }
-    if !cfg.listen.ip().is_unspecified() {
+    if !cfg.server.listen.ip().is_unspecified() {
         out.push(format!(
             "server.listen {} is not reachable from other pods",
-            cfg.listen
+            cfg.server.listen
         ));
     }
-    let Some(metrics) = cfg.metrics_listen else {
+    let Some(metrics) = cfg.server.metrics_listen else {
         out.push("server.metrics_listen is off, but the monitoring layer scrapes it".into());
         return;
     };
@@ -609,7 +609,7 @@ fn check_council(
     }
 
     // Probes: native gRPC on the listen port, the names the service registers.
-    if cfg.tls.is_some() {
+    if cfg.server.tls.is_some() {
         out.push("the gRPC port uses TLS: kubelet's gRPC probes cannot reach it".into());
     }
     for (probe, names) in [
@@ -736,18 +736,19 @@ fn check_council(
         return;
     };
     let tgps = as_u64(&pod_spec(w)["terminationGracePeriodSeconds"]).unwrap_or(30);
-    let needed = Duration::from_secs(sleep) + cfg.grace + CONNECTION_LINGER + PULL_STOP_TIMEOUT;
+    let needed =
+        Duration::from_secs(sleep) + cfg.server.grace + CONNECTION_LINGER + PULL_STOP_TIMEOUT;
     if Duration::from_secs(tgps) <= needed {
         out.push(format!(
             "{wid}: terminationGracePeriodSeconds {tgps} does not exceed preStop {sleep} s + server.grace_secs {} s + the drain's tail {} s",
-            cfg.grace.as_secs(),
+            cfg.server.grace.as_secs(),
             (CONNECTION_LINGER + PULL_STOP_TIMEOUT).as_secs()
         ));
     }
-    if cfg.grace < cfg.limits.max_timeout {
+    if cfg.server.grace < cfg.limits.max_timeout {
         out.push(format!(
             "server.grace_secs {} is shorter than limits.max_timeout_secs {}: a rollout would cut deliberations",
-            cfg.grace.as_secs(),
+            cfg.server.grace.as_secs(),
             cfg.limits.max_timeout.as_secs()
         ));
     }

@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use council_councils::Role;
-use council_councils::personas::default_council;
 use tokio_stream::StreamExt;
 
 use super::bench_service::{drive, summary};
@@ -182,19 +180,9 @@ pub fn run(args: BenchDispatchArgs) -> anyhow::Result<()> {
                     .map(|t| t.request());
                 async move {
                     let req = req?.map_err(anyhow::Error::msg)?;
-                    let council = crate::run::council_for(
-                        default_council(&Role::Dev)?,
-                        req.num_agents,
-                        req.rounds,
-                    )
-                    .map_err(anyhow::Error::msg)?;
-                    // The judge the served path runs with (`councils.judge`'s default).
-                    let mut council = council;
-                    council.config.judge = crate::config::RawCouncils::default().judge().into();
-                    let task = req.task;
-                    let (deliberation, _) = crate::run::deliberation(council, task);
-                    crate::driver::run(b.as_ref(), deliberation).await?;
-                    Ok(())
+                    // The judge the served workers run with (`councils.judge`'s default).
+                    let judge = crate::config::RawCouncils::default().judge().into();
+                    super::bench_service::direct(b.as_ref(), req, judge).await
                 }
             })
             .await?;

@@ -52,6 +52,25 @@ fn request(args: &BenchServiceArgs, level: usize, i: usize) -> pb::DeliberateReq
     }
 }
 
+/// The deliberation the run core would run for `req` with the default DEV council, driven on
+/// `backend` without the run core (the baseline both service benches compare against).
+pub(crate) async fn direct(
+    backend: &dyn council_inference::Backend,
+    req: crate::run::RunRequest,
+    judge: council_councils::spec::JudgeMode,
+) -> anyhow::Result<()> {
+    let council = run::council_for(
+        default_council(&Role::Dev)?,
+        req.num_agents,
+        req.rounds,
+        judge,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (deliberation, _) = run::deliberation(council, req.task);
+    crate::driver::run(backend, deliberation).await?;
+    Ok(())
+}
+
 /// (wall time, per-request latencies) of `n` requests, `concurrency` at a time.
 pub(crate) async fn drive<F, Fut>(
     n: usize,
@@ -137,18 +156,7 @@ pub fn run(args: BenchServiceArgs) -> anyhow::Result<()> {
                 async move {
                     let req = crate::service::wire::run_request(&req)
                         .map_err(anyhow::Error::msg)?;
-                    let council = crate::run::council_for(
-                        default_council(&Role::Dev)?,
-                        req.num_agents,
-                        req.rounds,
-                    )
-                    .map_err(anyhow::Error::msg)?;
-                    let mut council = council;
-                    council.config.judge = judge.into();
-                    let task = req.task;
-                    let (deliberation, _) = run::deliberation(council, task);
-                    crate::driver::run(b.as_ref(), deliberation).await?;
-                    Ok(())
+                    direct(b.as_ref(), req, judge.into()).await
                 }
             })
             .await?;

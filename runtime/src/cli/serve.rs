@@ -101,10 +101,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(model = %name, backend = kind, "backend ready");
     runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
-            .with_context(|| format!("server.listen {}", config.listen))?;
-        let metrics = match config.metrics_listen {
+            .with_context(|| format!("server.listen {}", config.server.listen))?;
+        let metrics = match config.server.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
                     .await
@@ -118,11 +118,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let options = Options {
             limits: config.limits,
             judge: config.judge,
-            grace: config.grace,
+            grace: config.server.grace,
             retention: config.retention,
-            auth_token: config.auth_token,
-            reflection: config.reflection,
-            tls: config.tls,
+            auth_token: config.server.auth_token,
+            reflection: config.server.reflection,
+            tls: config.server.tls,
             metrics,
             dispatch,
         };

@@ -22,13 +22,12 @@ use serde::{Deserialize, Serialize};
 
 pub use self::dispatch::RawDispatch;
 pub use self::model::RawModel;
-pub use self::server::{RawCouncils, RawLimits, RawServer};
+pub use self::server::{RawCouncils, RawLimits, RawServer, Server};
 pub use self::store::{RawNats, RawStore};
 use crate::dispatch::DispatchConfig;
 use crate::model_source::ModelArgs;
 use crate::nats::NatsConfig;
 use crate::run::Limits;
-use crate::service::Tls;
 
 /// A config value that is wrong, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,12 +233,7 @@ impl RawConfig {
         )?;
         Ok(ServeConfig {
             model,
-            listen: server.listen,
-            metrics_listen: server.metrics_listen,
-            reflection: server.reflection,
-            grace: server.grace,
-            auth_token: server.auth_token,
-            tls: server.tls,
+            server,
             limits,
             judge: judge.into(),
             store,
@@ -285,12 +279,7 @@ fn read(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
 #[derive(Debug)]
 pub struct ServeConfig {
     pub model: ModelArgs,
-    pub listen: SocketAddr,
-    pub metrics_listen: Option<SocketAddr>,
-    pub reflection: bool,
-    pub grace: Duration,
-    pub auth_token: Option<String>,
-    pub tls: Option<Tls>,
+    pub server: Server,
     pub limits: Limits,
     /// `councils.judge`: how the judges of every deliberation give verdicts.
     pub judge: JudgeMode,
@@ -329,12 +318,12 @@ impl ServeConfig {
                 "vllm_max_in_flight": self.model.vllm.max_in_flight,
             },
             "server": {
-                "listen": self.listen.to_string(),
-                "metrics_listen": self.metrics_listen.map_or("off".to_owned(), |a| a.to_string()),
-                "reflection": self.reflection,
-                "grace_secs": self.grace.as_secs(),
-                "auth_token": self.auth_token.as_ref().map(|_| "<redacted>"),
-                "tls": self.tls.as_ref().map(|t| if t.client_ca.is_some() { "mtls" } else { "tls" }),
+                "listen": self.server.listen.to_string(),
+                "metrics_listen": self.server.metrics_listen.map_or("off".to_owned(), |a| a.to_string()),
+                "reflection": self.server.reflection,
+                "grace_secs": self.server.grace.as_secs(),
+                "auth_token": self.server.auth_token.as_ref().map(|_| "<redacted>"),
+                "tls": self.server.tls.as_ref().map(|t| if t.client_ca.is_some() { "mtls" } else { "tls" }),
             },
             "limits": {
                 "max_concurrent": self.limits.max_concurrent,
@@ -395,9 +384,9 @@ mod tests {
     #[test]
     fn defaults_validate_and_layers_override_in_order() {
         let c = RawConfig::default().validate().expect("defaults are valid");
-        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(c.limits, Limits::default());
-        assert!(c.reflection && c.auth_token.is_none() && c.tls.is_none());
+        assert!(c.server.reflection && c.server.auth_token.is_none() && c.server.tls.is_none());
 
         let file = parse(
             "[server]\nlisten = \"0.0.0.0:7000\"\nreflection = false\n[limits]\nmax_concurrent = 4\n",
@@ -412,12 +401,12 @@ mod tests {
         };
         let c = file.overlay(flags).validate().expect("valid");
         assert_eq!(
-            c.listen.to_string(),
+            c.server.listen.to_string(),
             "0.0.0.0:7000",
             "the file's value stays"
         );
         assert_eq!(c.limits.max_concurrent, 9, "flags win over the file");
-        assert!(!c.reflection);
+        assert!(!c.server.reflection);
     }
 
     #[test]

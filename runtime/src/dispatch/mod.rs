@@ -27,7 +27,6 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{AckKind, Context};
 use bytes::Bytes;
-
 use council_proto::fleet::orchestrator::v1::DeliberationStatus;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;

@@ -278,8 +278,7 @@ impl Runner {
             .get(&role)
             .await?
             .ok_or_else(|| RunError::UnknownRole(role.to_string()))?;
-        let mut council = council_for(council, num_agents, rounds)?;
-        council.config.judge = self.judge;
+        let council = council_for(council, num_agents, rounds, self.judge)?;
         let mut deadline = timeout
             .unwrap_or(self.limits.default_timeout)
             .min(self.limits.max_timeout);
@@ -692,11 +691,12 @@ pub fn deliberation(council: CouncilSpec, task: Task) -> (Deliberation, u64) {
 }
 
 /// The council to deliberate with: the stored one, cut to `num_agents` and set to `rounds`
-/// when asked.
+/// when asked, judging by `judge`.
 pub fn council_for(
     mut council: CouncilSpec,
     num_agents: Option<usize>,
     rounds: Option<u32>,
+    judge: JudgeMode,
 ) -> Result<CouncilSpec, RunError> {
     let size = council.agents.len();
     match num_agents {
@@ -712,6 +712,7 @@ pub fn council_for(
     if let Some(rounds) = rounds {
         council.config.rounds = rounds;
     }
+    council.config.judge = judge;
     Ok(council)
 }
 

@@ -456,8 +456,8 @@ impl OrchestratorService for Orchestrator {
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Response::new(
             match self.runner.start(req, deadline, Some(tx)).await? {
-                Started::Done(response) => UpdateStream::done(response),
-                Started::Running(run) => UpdateStream::running(rx, run),
+                Started::Done(response) => UpdateStream::Done(response),
+                Started::Running(run) => UpdateStream::Running { progress: rx, run },
             },
         ))
     }

@@ -79,58 +79,35 @@ pub fn final_update(response: &pb::DeliberateResponse) -> pb::DeliberationUpdate
 /// The stream of a `StreamDeliberation` call: the run's progress, then its final update (or
 /// its error as the stream's status). Dropping it (client gone) cancels the run.
 #[derive(Debug)]
-pub struct UpdateStream {
-    progress: mpsc::UnboundedReceiver<RunProgress>,
-    end: End,
-}
-
-#[derive(Debug)]
-enum End {
-    Running(RunHandle),
+pub enum UpdateStream {
+    Running {
+        /// The run drops its sender when it ends: every update comes before the result.
+        progress: mpsc::UnboundedReceiver<RunProgress>,
+        run: RunHandle,
+    },
     /// Completed before this call: only the final update.
     Done(Box<pb::DeliberateResponse>),
-    Sent,
-}
-
-impl UpdateStream {
-    /// The updates of `run`, which reports its progress on the sender of `progress`.
-    pub fn running(progress: mpsc::UnboundedReceiver<RunProgress>, run: RunHandle) -> Self {
-        Self {
-            progress,
-            end: End::Running(run),
-        }
-    }
-
-    /// The one update of a task that completed before.
-    pub fn done(response: Box<pb::DeliberateResponse>) -> Self {
-        let (_, progress) = mpsc::unbounded_channel();
-        Self {
-            progress,
-            end: End::Done(response),
-        }
-    }
+    Ended,
 }
 
 impl tonic::codegen::tokio_stream::Stream for UpdateStream {
     type Item = Result<pb::DeliberationUpdate, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if let End::Running(_) = this.end {
-            // The run drops its progress sender when it ends: every update comes first.
-            if let Some(p) = std::task::ready!(this.progress.poll_recv(cx)) {
-                return Poll::Ready(Some(Ok(update(p))));
+        let last = match &mut *self {
+            UpdateStream::Ended => return Poll::Ready(None),
+            UpdateStream::Done(response) => Ok(final_update(response)),
+            UpdateStream::Running { progress, run } => {
+                if let Some(p) = std::task::ready!(progress.poll_recv(cx)) {
+                    return Poll::Ready(Some(Ok(update(p))));
+                }
+                match std::task::ready!(run.poll_result(cx)) {
+                    Ok(response) => Ok(final_update(&response)),
+                    Err(e) => Err(e.to_status()),
+                }
             }
-        }
-        let last = match &mut this.end {
-            End::Sent => return Poll::Ready(None),
-            End::Done(response) => Ok(final_update(response)),
-            End::Running(run) => match std::task::ready!(run.poll_result(cx)) {
-                Ok(response) => Ok(final_update(&response)),
-                Err(e) => Err(e.to_status()),
-            },
         };
-        this.end = End::Sent;
+        *self = UpdateStream::Ended;
         Poll::Ready(Some(last))
     }
 }
